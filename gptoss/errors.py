@@ -1,0 +1,9 @@
+"""The one exception type that the command line turns into a one-line message."""
+
+
+class GptOssError(Exception):
+    """A user-facing error: bad input, a missing file, a failed check.
+
+    The message names the file or tensor and what is wrong; the CLI prints it on one line
+    (no traceback) and exits with status 1.
+    """

@@ -1,0 +1,56 @@
+"""``gptoss download``: a pinned, resumable Hugging Face Hub snapshot of the files a conversion needs."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from gptoss.atomic import atomic_output
+from gptoss.errors import GptOssError
+
+log = logging.getLogger("gptoss.download")
+
+ALLOW_PATTERNS = [
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+]
+REVISION_FILE = "download.json"
+
+
+def download(repo_id: str, revision: str, output: Path, retries: int = 3) -> str:
+    """Snapshot ``repo_id@revision`` into ``output`` (resumable: files already there are kept).
+
+    The token comes from the environment (``HF_TOKEN``) through ``huggingface_hub`` and is never logged.
+    Returns the resolved commit hash, also written to ``output/download.json``.
+    """
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    last_error: Exception | None = None
+    for attempt in range(1, retries + 1):
+        try:
+            info = HfApi().model_info(repo_id, revision=revision)
+            commit = info.sha or revision
+            log.info("downloading %s@%s (commit %s) into %s, attempt %d", repo_id, revision, commit, output, attempt)
+            snapshot_download(
+                repo_id=repo_id, revision=commit, local_dir=str(output), allow_patterns=ALLOW_PATTERNS
+            )
+            break
+        except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as exc:
+            last_error = exc
+            log.warning("download attempt %d failed: %s", attempt, str(exc).splitlines()[0])
+    else:
+        raise GptOssError(
+            f"could not download {repo_id}@{revision} after {retries} attempts "
+            f"({str(last_error).splitlines()[0] if last_error else 'unknown error'}); offline? "
+            "try the synthetic toy workflow: --configfile config/toy.yaml"
+        )
+    with atomic_output(output / REVISION_FILE) as tmp:
+        tmp.write_text(json.dumps({"repo_id": repo_id, "revision": revision, "commit": commit}, indent=2) + "\n")
+    return commit

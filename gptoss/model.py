@@ -1,0 +1,315 @@
+"""GPT-OSS in Flax NNX, faithful to Hugging Face ``GptOssForCausalLM`` (DESIGN §3).
+
+Parameter layout (our names; every linear kernel is ``[in, out]``)::
+
+    embed.embedding                       [vocab, hidden]
+    layers.{i}.attn_norm.scale            [hidden]
+    layers.{i}.attn.{q,k,v,o}_proj.kernel / .bias
+    layers.{i}.attn.sinks                 [heads]
+    layers.{i}.mlp_norm.scale             [hidden]
+    layers.{i}.mlp.router.kernel / .bias  [hidden, experts] / [experts]
+    layers.{i}.mlp.gate_up_kernel         [experts, hidden, 2*intermediate]   (columns interleaved gate/linear)
+    layers.{i}.mlp.gate_up_bias           [experts, 2*intermediate]
+    layers.{i}.mlp.down_kernel            [experts, intermediate, hidden]
+    layers.{i}.mlp.down_bias              [experts, hidden]
+    norm.scale                            [hidden]
+    unembed.kernel                        [hidden, vocab]                     (not tied to the embedding)
+
+The forward pass returns a dict of named outputs (``logits`` and, on request, ``hidden_state_{i}`` and
+``block_{i}_{tap}``); those names become the ONNX output names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from gptoss.config import SLIDING, GptOssConfig
+from gptoss.errors import GptOssError
+from gptoss.rope import apply_rope, rope_tables
+
+# Per-block debug taps, in forward order (the order `parity` uses to localise a discrepancy).
+BLOCK_TAPS = (
+    "input",
+    "attn_norm",
+    "q",
+    "k",
+    "v",
+    "attn_output",
+    "post_attn_residual",
+    "mlp_norm",
+    "router_logits",
+    "expert_indices",
+    "expert_weights",
+    "expert_preact",
+    "expert_act",
+    "expert_out",
+    "moe_output",
+    "output",
+)
+
+Outputs = dict[str, jax.Array]
+
+
+def _param(shape: tuple[int, ...], dtype: jnp.dtype) -> nnx.Param:
+    # Parameters are always replaced by checkpoint values; zeros keep construction cheap and deterministic.
+    return nnx.Param(jnp.zeros(shape, dtype))
+
+
+class Linear(nnx.Module):
+    """``x @ kernel + bias`` with a ``[in, out]`` kernel."""
+
+    def __init__(self, fan_in: int, fan_out: int, dtype: jnp.dtype, bias: bool = True) -> None:
+        self.kernel = _param((fan_in, fan_out), dtype)
+        self.bias = _param((fan_out,), dtype) if bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = x @ self.kernel[...]
+        return y + self.bias[...] if self.bias is not None else y
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm, trap: computed in float32 with eps 1e-5, gain applied in float32, then cast back."""
+
+    def __init__(self, size: int, eps: float) -> None:
+        self.scale = _param((size,), jnp.float32)
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (normed * self.scale[...].astype(jnp.float32)).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """GQA attention with biases, YaRN RoPE, learned sinks and an optional sliding window."""
+
+    def __init__(self, cfg: GptOssConfig, layer: int, dtype: jnp.dtype) -> None:
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.cfg = cfg
+        self.q_proj = Linear(h, cfg.num_attention_heads * d, dtype)
+        self.k_proj = Linear(h, cfg.num_key_value_heads * d, dtype)
+        self.v_proj = Linear(h, cfg.num_key_value_heads * d, dtype)
+        self.o_proj = Linear(cfg.num_attention_heads * d, h, dtype)
+        self.sinks = _param((cfg.num_attention_heads,), dtype)
+        # Trap: sliding window only on the layers `layer_types` names (even layers in gpt-oss).
+        self.window = cfg.sliding_window if cfg.layer_types[layer] == SLIDING else None
+
+    def __call__(self, x: jax.Array, positions: jax.Array, taps: Outputs | None) -> jax.Array:
+        cfg = self.cfg
+        batch, seq = x.shape[0], x.shape[1]
+        n_kv, d = cfg.num_key_value_heads, cfg.head_dim
+        group = cfg.num_attention_heads // n_kv
+        q = self.q_proj(x).reshape(batch, seq, cfg.num_attention_heads, d)
+        k = self.k_proj(x).reshape(batch, seq, n_kv, d)
+        v = self.v_proj(x).reshape(batch, seq, n_kv, d)
+        cos, sin = rope_tables(cfg, positions)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if taps is not None:
+            taps.update(q=q, k=k, v=v)
+
+        # Trap: GQA — query head h uses kv head h // group, i.e. heads are [kv, group] in that order.
+        q = q.reshape(batch, seq, n_kv, group, d).astype(jnp.float32)
+        scores = jnp.einsum("bqngd,bsnd->bngqs", q, k.astype(jnp.float32)) * np.float32(d**-0.5)
+
+        # Masks come from the positions (no arange over a symbolic axis). Causal: k <= q.
+        # Trap: sliding keeps `q - window < k <= q`, exactly `window` keys including the current one.
+        q_pos, k_pos = positions[:, :, None], positions[:, None, :]
+        allowed = k_pos <= q_pos
+        if self.window is not None:
+            allowed = allowed & (q_pos - k_pos < self.window)
+        scores = jnp.where(allowed[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+
+        # Trap: sinks are one learned logit per query head, appended as an extra softmax column —
+        # not scaled, never masked — and dropped after the softmax without renormalising.
+        sinks = self.sinks[...].astype(jnp.float32).reshape(1, n_kv, group, 1, 1)
+        sinks = jnp.broadcast_to(sinks, (*scores.shape[:-1], 1))
+        probs = jax.nn.softmax(jnp.concatenate([scores, sinks], axis=-1), axis=-1)[..., :-1]
+
+        out = jnp.einsum("bngqs,bsnd->bqngd", probs, v.astype(jnp.float32))
+        out = out.reshape(batch, seq, cfg.num_attention_heads * d).astype(x.dtype)
+        return self.o_proj(out)
+
+
+class MoE(nnx.Module):
+    """Router (linear with bias) → top-k on raw logits → softmax over the k selected → clamped swiglu experts.
+
+    Experts are computed **dense over experts** (every token through every expert, then a weighted sum
+    with zero weight for unselected experts). Trade-off: for prefill of a few dozen tokens this reads
+    each expert weight once and never materialises per-token weight copies (the seed's gather built
+    ``[tokens, k, 2I, H]``: 8.5 GB per 20b layer at 32 tokens); the cost is ``experts/k`` (8×) more FLOPs
+    than a grouped-by-expert prefill, which only pays off for long prompts, and it exports to plain
+    MatMul/Einsum ops with static shapes in ONNX.
+    """
+
+    def __init__(self, cfg: GptOssConfig, dtype: jnp.dtype) -> None:
+        h, i, e = cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts
+        self.cfg = cfg
+        self.router = Linear(h, e, dtype)
+        self.gate_up_kernel = _param((e, h, 2 * i), dtype)
+        self.gate_up_bias = _param((e, 2 * i), dtype)
+        self.down_kernel = _param((e, i, h), dtype)
+        self.down_bias = _param((e, h), dtype)
+
+    def __call__(self, x: jax.Array, taps: Outputs | None) -> jax.Array:
+        cfg = self.cfg
+        e, k, inter = cfg.num_local_experts, cfg.num_experts_per_tok, cfg.intermediate_size
+        router_logits = self.router(x)
+        # Trap: top-k on the raw logits, softmax over the k selected logits only.
+        top_logits, top_idx = jax.lax.top_k(router_logits, k)
+        top_weights = jax.nn.softmax(top_logits.astype(jnp.float32), axis=-1).astype(x.dtype)
+
+        gate_up = jnp.einsum("bth,ehf->btef", x, self.gate_up_kernel[...]) + self.gate_up_bias[...]
+        # Trap: gate_up columns are interleaved — even columns gate, odd columns linear.
+        pairs = gate_up.reshape(*gate_up.shape[:-1], inter, 2)
+        gate, linear = pairs[..., 0], pairs[..., 1]
+        # Trap: the gate is clamped from above only, the linear part on both sides; then +1 on linear.
+        limit = cfg.swiglu_limit
+        gate = jnp.minimum(gate, limit)
+        linear = jnp.clip(linear, -limit, limit)
+        act = gate * jax.nn.sigmoid(cfg.swiglu_alpha * gate) * (linear + 1)
+        expert_out = jnp.einsum("btei,eih->bteh", act, self.down_kernel[...]) + self.down_bias[...]
+
+        dense_weights = jnp.sum(jax.nn.one_hot(top_idx, e, dtype=x.dtype) * top_weights[..., None], axis=-2)
+        out = jnp.einsum("bte,bteh->bth", dense_weights, expert_out)
+        if taps is not None:
+
+            def per_slot(t: jax.Array) -> jax.Array:
+                return jnp.take_along_axis(t, top_idx[..., None], axis=2)
+
+            taps.update(
+                router_logits=router_logits,
+                expert_indices=top_idx.astype(jnp.int32),
+                expert_weights=top_weights,
+                expert_preact=per_slot(gate_up),
+                expert_act=per_slot(act),
+                expert_out=per_slot(expert_out),
+                moe_output=out,
+            )
+        return out
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block: attention, then MoE."""
+
+    def __init__(self, cfg: GptOssConfig, layer: int, dtype: jnp.dtype) -> None:
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = Attention(cfg, layer, dtype)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MoE(cfg, dtype)
+
+    def __call__(self, x: jax.Array, positions: jax.Array, taps: Outputs | None) -> jax.Array:
+        normed = self.attn_norm(x)
+        attn_out = self.attn(normed, positions, taps)
+        residual = x + attn_out
+        mlp_normed = self.mlp_norm(residual)
+        out = residual + self.mlp(mlp_normed, taps)
+        if taps is not None:
+            taps.update(
+                input=x,
+                attn_norm=normed,
+                attn_output=attn_out,
+                post_attn_residual=residual,
+                mlp_norm=mlp_normed,
+                output=out,
+            )
+        return out
+
+
+class Embed(nnx.Module):
+    def __init__(self, vocab: int, hidden: int, dtype: jnp.dtype) -> None:
+        self.embedding = _param((vocab, hidden), dtype)
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], ids, axis=0)
+
+
+class GptOss(nnx.Module):
+    """The full causal LM. ``__call__(input_ids [batch, seq]) -> {"logits": [batch, seq, vocab] float32, ...}``."""
+
+    def __init__(self, cfg: GptOssConfig, dtype: jnp.dtype = jnp.float32) -> None:
+        self.cfg = cfg
+        self.embed = Embed(cfg.vocab_size, cfg.hidden_size, dtype)
+        self.layers = nnx.List([Block(cfg, i, dtype) for i in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.unembed = Linear(cfg.hidden_size, cfg.vocab_size, dtype, bias=False)
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        position_offset: jax.Array | int = 0,
+        emit_hidden_states: bool = False,
+        emit_block_debug: bool = False,
+    ) -> Outputs:
+        # Positions derive from the input itself (cumsum of ones), never arange over a symbolic size,
+        # so the graph exports with symbolic batch/sequence axes and takes an offset for a KV cache.
+        positions = jnp.cumsum(jnp.ones_like(input_ids, dtype=jnp.int32), axis=1) - 1 + position_offset
+        x = self.embed(input_ids)
+        outputs: Outputs = {}
+        for i, block in enumerate(self.layers):
+            taps: Outputs | None = {} if emit_block_debug else None
+            x = block(x, positions, taps)
+            if emit_hidden_states:
+                outputs[f"hidden_state_{i}"] = x.astype(jnp.float32)
+            if taps is not None:
+                for tap in BLOCK_TAPS:
+                    value = taps[tap]
+                    outputs[f"block_{i}_{tap}"] = value if value.dtype == jnp.int32 else value.astype(jnp.float32)
+        logits = self.unembed(self.norm(x)).astype(jnp.float32)
+        return {"logits": logits, **outputs}
+
+
+def output_names(cfg: GptOssConfig, emit_hidden_states: bool, emit_block_debug: bool) -> list[str]:
+    """The forward pass's output names, in order."""
+    names = ["logits"]
+    for i in range(cfg.num_hidden_layers):
+        if emit_hidden_states:
+            names.append(f"hidden_state_{i}")
+        if emit_block_debug:
+            names.extend(f"block_{i}_{tap}" for tap in BLOCK_TAPS)
+    return names
+
+
+def _path_to_name(path: tuple) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def param_specs(cfg: GptOssConfig, dtype: jnp.dtype = jnp.float32) -> dict[str, jax.ShapeDtypeStruct]:
+    """Expected name → shape/dtype of every parameter, without allocating any."""
+    abstract = nnx.eval_shape(lambda: GptOss(cfg, dtype))
+    return {_path_to_name(path): var.get_value() for path, var in nnx.to_flat_state(nnx.state(abstract))}
+
+
+def build_model(cfg: GptOssConfig, params: Mapping[str, np.ndarray | jax.Array]) -> GptOss:
+    """A model holding ``params`` (flat dotted names, see the module docstring), checked name by name."""
+    dtype = jnp.dtype(params["embed.embedding"].dtype) if "embed.embedding" in params else jnp.float32
+    abstract = nnx.eval_shape(lambda: GptOss(cfg, dtype))
+    graphdef, state = nnx.split(abstract)
+    specs = param_specs(cfg, dtype)
+    missing = sorted(set(specs) - set(params))
+    extra = sorted(set(params) - set(specs))
+    if missing or extra:
+        raise GptOssError(f"params do not match the config: missing {missing[:3]}, unexpected {extra[:3]}")
+    pure: dict = {}
+    for name, spec in specs.items():
+        value = params[name]
+        if tuple(value.shape) != tuple(spec.shape):
+            raise GptOssError(
+                f"param {name!r} has shape {list(value.shape)} but the config expects {list(spec.shape)}"
+            )
+        node = pure
+        *parents, leaf = [int(p) if p.isdigit() else p for p in name.split(".")]
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = jnp.asarray(value, dtype=spec.dtype)
+    state.replace_by_pure_dict(pure)
+    return nnx.merge(graphdef, state)
+
+
+def model_params(model: GptOss) -> dict[str, jax.Array]:
+    """The model's parameters as flat dotted names (inverse of ``build_model``)."""
+    return {_path_to_name(path): var.get_value() for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}

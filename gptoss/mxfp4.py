@@ -1,0 +1,64 @@
+"""MXFP4 (OCP microscaling FP4) decoding and encoding, in NumPy.
+
+Layout (DESIGN §4): ``blocks`` ``[..., G, 16]`` uint8 hold 32 FP4 E2M1 codes per group; the **low nibble is
+element 2i, the high nibble element 2i+1**. Bit 3 of a code is the sign, bits 0-2 index
+``[0, .5, 1, 1.5, 2, 3, 4, 6]``. ``scales`` ``[..., G]`` uint8 are E8M0: the group's factor is ``2^(s-127)``
+(255 is NaN). Decoding gives ``[..., G·32]``: for GPT-OSS experts that is ``[E, out, in]``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+FP4_VALUES = np.array(
+    [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], dtype=np.float32
+)
+GROUP = 32
+E8M0_BIAS = 127
+E8M0_NAN = 255
+
+
+def decode(blocks: np.ndarray, scales: np.ndarray, rows_per_chunk: int = 1 << 16) -> np.ndarray:
+    """Dequantize MXFP4 ``blocks [..., G, 16]`` with ``scales [..., G]`` to float32 ``[..., G*32]``.
+
+    Works in row chunks so that the temporaries stay small next to the float32 result.
+    """
+    if blocks.shape[-1] != GROUP // 2 or blocks.shape[:-1] != scales.shape:
+        raise ValueError(f"MXFP4 blocks {blocks.shape} and scales {scales.shape} do not match ([..., G, 16] / [..., G])")
+    *prefix, groups, _ = blocks.shape
+    flat_blocks = np.asarray(blocks, dtype=np.uint8).reshape(-1, GROUP // 2)
+    flat_scales = np.asarray(scales, dtype=np.uint8).reshape(-1)
+    out = np.empty((flat_blocks.shape[0], GROUP), dtype=np.float32)
+    for start in range(0, flat_blocks.shape[0], rows_per_chunk):
+        stop = start + rows_per_chunk
+        chunk = flat_blocks[start:stop]
+        out[start:stop, 0::2] = FP4_VALUES[chunk & 0x0F]  # low nibble: even element
+        out[start:stop, 1::2] = FP4_VALUES[chunk >> 4]  # high nibble: odd element
+        exponent = flat_scales[start:stop].astype(np.int32) - E8M0_BIAS
+        factor = np.ldexp(np.float32(1.0), exponent).astype(np.float32)
+        factor[flat_scales[start:stop] == E8M0_NAN] = np.nan
+        out[start:stop] *= factor[:, None]
+    return out.reshape(*prefix, groups * GROUP)
+
+
+def encode(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Quantize float ``[..., K]`` (K a multiple of 32) to MXFP4 ``(blocks [..., K/32, 16], scales [..., K/32])``.
+
+    The shared exponent is ``floor(log2(amax)) - 2`` (E2M1's largest exponent), codes round to the nearest
+    representable value (clipped at ±6). ``decode(*encode(x)) == x`` wherever ``x`` is representable.
+    """
+    x = np.asarray(values, dtype=np.float32)
+    if x.shape[-1] % GROUP:
+        raise ValueError(f"last dimension {x.shape[-1]} is not a multiple of {GROUP}")
+    grouped = x.reshape(*x.shape[:-1], x.shape[-1] // GROUP, GROUP)
+    amax = np.abs(grouped).max(axis=-1)
+    with np.errstate(divide="ignore"):
+        exponent = np.where(amax > 0, np.floor(np.log2(np.where(amax > 0, amax, 1.0))) - 2, -E8M0_BIAS)
+    exponent = np.clip(exponent, -E8M0_BIAS, 127).astype(np.int32)
+    scaled = grouped / np.ldexp(np.float32(1.0), exponent)[..., None]
+    magnitudes = FP4_VALUES[:8]
+    idx = np.abs(np.abs(scaled)[..., None] - magnitudes).argmin(axis=-1).astype(np.uint8)
+    codes = idx | np.where(np.signbit(scaled) & (idx > 0), 8, 0).astype(np.uint8)
+    blocks = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+    scales = (exponent + E8M0_BIAS).astype(np.uint8)
+    return blocks, scales

@@ -1,0 +1,191 @@
+"""Flax-compatible msgpack params files, written and read one tensor at a time.
+
+The file is exactly what ``flax.serialization.msgpack_serialize`` makes of the nested params dict
+(``{"embed": {"embedding": array}, "layers": {"0": {...}}, ...}``): arrays are msgpack ext type 1 holding
+``(shape, dtype name, raw bytes)``; arrays over 1 GiB use flax's chunked form. So
+``flax.serialization.msgpack_restore`` reads it — but a 2-layer gpt-oss-20b is 11 GB in float32, so we never
+build the file as one ``bytes`` object: the writer streams each array's buffer straight to disk and the reader
+parses the stream and reads each array straight into its final buffer.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import IO, Any
+
+import ml_dtypes
+import msgpack
+import numpy as np
+
+from gptoss.atomic import atomic_output
+from gptoss.errors import GptOssError
+
+EXT_NDARRAY = 1
+MAX_CHUNK_BYTES = 2**30  # flax.serialization.MAX_CHUNK_SIZE
+CHUNKED_KEY = "__msgpack_chunked_array__"
+
+
+def _build_tree(names: Iterable[str]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for name in names:
+        *parents, leaf = name.split(".")
+        node = tree
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = name
+    return tree
+
+
+def _write_array(fh: IO[bytes], packer: msgpack.Packer, arr: np.ndarray) -> None:
+    arr = np.ascontiguousarray(arr)
+    if arr.nbytes > MAX_CHUNK_BYTES:
+        _write_chunked(fh, packer, arr)
+        return
+    head = packer.pack(list(arr.shape)) + packer.pack(arr.dtype.name)
+    inner = b"\x93" + head + b"\xc6" + struct.pack(">I", arr.nbytes)
+    fh.write(b"\xc9" + struct.pack(">Ib", len(inner) + arr.nbytes, EXT_NDARRAY) + inner)
+    fh.write(memoryview(arr.reshape(-1)).cast("B"))
+
+
+def _write_chunked(fh: IO[bytes], packer: msgpack.Packer, arr: np.ndarray) -> None:
+    # flax's chunked form: {"__msgpack_chunked_array__": True, "shape": {"0": d0, ...}, "chunks": {"0": a0, ...}}
+    flat = arr.reshape(-1)
+    per_chunk = max(1, MAX_CHUNK_BYTES // arr.dtype.itemsize)
+    starts = range(0, flat.size, per_chunk)
+    fh.write(packer.pack_map_header(3) + packer.pack(CHUNKED_KEY) + packer.pack(True))
+    fh.write(packer.pack("shape") + packer.pack({str(i): d for i, d in enumerate(arr.shape)}))
+    fh.write(packer.pack("chunks") + packer.pack_map_header(len(starts)))
+    for i, start in enumerate(starts):
+        fh.write(packer.pack(str(i)))
+        _write_array(fh, packer, flat[start : start + per_chunk])
+
+
+def write_params(
+    path: Path, names: Iterable[str], get_array: Callable[[str], np.ndarray], progress: Callable[[str], None] | None = None
+) -> None:
+    """Write params to ``path`` atomically; ``get_array(name)`` is called once per name, in tree order."""
+    tree = _build_tree(names)
+    packer = msgpack.Packer(use_bin_type=True)
+
+    def write_node(fh: IO[bytes], node: dict[str, Any]) -> None:
+        fh.write(packer.pack_map_header(len(node)))
+        for key, value in node.items():
+            fh.write(packer.pack(key))
+            if isinstance(value, dict):
+                write_node(fh, value)
+            else:
+                arr = get_array(value)
+                _write_array(fh, packer, arr)
+                if progress:
+                    progress(value)
+                del arr
+
+    with atomic_output(path) as tmp, open(tmp, "wb") as fh:
+        write_node(fh, tree)
+
+
+class _Reader:
+    """A minimal msgpack reader for the subset ``write_params`` and flax produce."""
+
+    def __init__(self, fh: IO[bytes], path: Path) -> None:
+        self.fh, self.path = fh, path
+
+    def _read(self, n: int) -> bytes:
+        data = self.fh.read(n)
+        if len(data) != n:
+            raise GptOssError(f"{self.path}: truncated params file")
+        return data
+
+    def _uint(self, n: int) -> int:
+        return int.from_bytes(self._read(n), "big")
+
+    def value(self) -> Any:
+        b = self._read(1)[0]
+        if b <= 0x7F:
+            return b
+        if 0x80 <= b <= 0x8F:
+            return self._map(b & 0x0F)
+        if 0x90 <= b <= 0x9F:
+            return [self.value() for _ in range(b & 0x0F)]
+        if 0xA0 <= b <= 0xBF:
+            return self._read(b & 0x1F).decode()
+        simple = {0xC0: None, 0xC2: False, 0xC3: True}
+        if b in simple:
+            return simple[b]
+        sized = {0xC4: 1, 0xC5: 2, 0xC6: 4, 0xD9: 1, 0xDA: 2, 0xDB: 4}
+        if b in sized:
+            raw = self._read(self._uint(sized[b]))
+            return raw if b <= 0xC6 else raw.decode()
+        if b in (0xCC, 0xCD, 0xCE, 0xCF):
+            return self._uint(1 << (b - 0xCC))
+        if b in (0xDC, 0xDD):
+            return [self.value() for _ in range(self._uint(2 if b == 0xDC else 4))]
+        if b in (0xDE, 0xDF):
+            return self._map(self._uint(2 if b == 0xDE else 4))
+        if b in (0xC7, 0xC8, 0xC9) or 0xD4 <= b <= 0xD8:
+            length = self._uint({0xC7: 1, 0xC8: 2, 0xC9: 4}[b]) if b <= 0xC9 else 1 << (b - 0xD4)
+            code = struct.unpack("b", self._read(1))[0]
+            if code != EXT_NDARRAY:
+                raise GptOssError(f"{self.path}: unsupported msgpack ext type {code}")
+            return self._ndarray(length)
+        raise GptOssError(f"{self.path}: not a params msgpack file (unexpected byte 0x{b:02x})")
+
+    def _map(self, n: int) -> dict[str, Any]:
+        return {str(self.value()): self.value() for _ in range(n)}
+
+    def _ndarray(self, length: int) -> np.ndarray:
+        start = self.fh.tell()
+        if self._read(1)[0] != 0x93:
+            raise GptOssError(f"{self.path}: malformed array entry")
+        shape = self.value()
+        dtype_name = self.value()
+        dtype_name = dtype_name.decode() if isinstance(dtype_name, bytes) else dtype_name
+        b = self._read(1)[0]
+        nbytes = self._uint({0xC4: 1, 0xC5: 2, 0xC6: 4}[b])
+        dtype = np.dtype(ml_dtypes.bfloat16) if dtype_name == "bfloat16" else np.dtype(dtype_name)
+        arr = np.empty(shape, dtype=dtype)
+        if arr.nbytes != nbytes or self.fh.tell() - start + nbytes != length:
+            raise GptOssError(f"{self.path}: array entry size does not match its shape {shape} {dtype_name}")
+        if self.fh.readinto(memoryview(arr.reshape(-1)).cast("B")) != nbytes:
+            raise GptOssError(f"{self.path}: truncated params file")
+        return arr
+
+
+def _unchunk(node: Any) -> Any:
+    if isinstance(node, dict):
+        if node.get(CHUNKED_KEY) is True:
+            shape = tuple(node["shape"][str(i)] for i in range(len(node["shape"])))
+            chunks = [node["chunks"][str(i)] for i in range(len(node["chunks"]))]
+            out = np.concatenate(chunks) if len(chunks) > 1 else chunks[0]
+            return out.reshape(shape)
+        return {k: _unchunk(v) for k, v in node.items()}
+    return node
+
+
+def _flatten(node: dict[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
+    flat: dict[str, np.ndarray] = {}
+    for key, value in node.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name + "."))
+        elif isinstance(value, np.ndarray):
+            flat[name] = value
+        else:
+            raise GptOssError(f"params entry {name!r} is not an array")
+    return flat
+
+
+def read_params(path: Path) -> dict[str, np.ndarray]:
+    """Read a params msgpack into flat dotted names → arrays."""
+    if not path.is_file():
+        raise GptOssError(f"{path}: params file not found")
+    with open(path, "rb") as fh:
+        tree = _Reader(fh, path).value()
+        if fh.read(1):
+            raise GptOssError(f"{path}: trailing bytes after the params map")
+    if not isinstance(tree, dict):
+        raise GptOssError(f"{path}: not a params msgpack file (top level is not a map)")
+    return _flatten(_unchunk(tree))
+
