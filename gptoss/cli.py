@@ -28,8 +28,13 @@ def _synth(args: argparse.Namespace) -> None:
     from gptoss.synth import synthesize
 
     cfg = synthesize(args.output, args.preset, args.layers, args.seed, args.layout)
-    log.info("wrote %s checkpoint (%d layers, %.3f B params) to %s", args.preset, cfg.num_hidden_layers,
-             cfg.param_count() / 1e9, args.output)
+    log.info(
+        "wrote %s checkpoint (%d layers, %.3f B params) to %s",
+        args.preset,
+        cfg.num_hidden_layers,
+        cfg.param_count() / 1e9,
+        args.output,
+    )
 
 
 @command("download")

@@ -67,12 +67,8 @@ class GptOssConfig:
     def truncated(self, num_layers: int) -> GptOssConfig:
         """The same architecture with only the first ``num_layers`` blocks."""
         if not 1 <= num_layers <= self.num_hidden_layers:
-            raise GptOssError(
-                f"--layers {num_layers} is outside the checkpoint's 1..{self.num_hidden_layers} layers"
-            )
-        return dataclasses.replace(
-            self, num_hidden_layers=num_layers, layer_types=self.layer_types[:num_layers]
-        )
+            raise GptOssError(f"--layers {num_layers} is outside the checkpoint's 1..{self.num_hidden_layers} layers")
+        return dataclasses.replace(self, num_hidden_layers=num_layers, layer_types=self.layer_types[:num_layers])
 
     def param_count(self) -> int:
         """Number of parameters (experts counted dequantized)."""
@@ -116,18 +112,14 @@ class GptOssConfig:
         arch = raw.get("architectures") or []
         model_type = raw.get("model_type")
         if model_type != "gpt_oss" and "GptOssForCausalLM" not in arch:
-            raise GptOssError(
-                f"{source}: not a GPT-OSS config (model_type={model_type!r}, architectures={arch!r})"
-            )
+            raise GptOssError(f"{source}: not a GPT-OSS config (model_type={model_type!r}, architectures={arch!r})")
         rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
         theta = raw.get("rope_theta", rope.get("rope_theta", 150000.0))
         rope_type = rope.get("rope_type", rope.get("type", "yarn"))
         if rope_type != "yarn":
             raise GptOssError(f"{source}: rope type {rope_type!r} is not supported (GPT-OSS uses 'yarn')")
         num_layers = _require(raw, "num_hidden_layers", source)
-        layer_types = raw.get("layer_types") or [
-            SLIDING if i % 2 == 0 else FULL for i in range(num_layers)
-        ]
+        layer_types = raw.get("layer_types") or [SLIDING if i % 2 == 0 else FULL for i in range(num_layers)]
         defaults = RopeScaling()
         return cls(
             vocab_size=_require(raw, "vocab_size", source),

@@ -28,8 +28,14 @@ def convert(checkpoint: Path, output: Path, num_layers: int | None = None, dtype
     specs = param_specs(cfg, DTYPES[dtype])
     total = sum(s.size * s.dtype.itemsize for s in specs.values())
     require_free_space(output.parent, int(total * 1.02), f"{output.name}")
-    log.info("converting %s: %d layers, %d params, %.2f GB as %s", checkpoint, cfg.num_hidden_layers,
-             cfg.param_count(), total / 1e9, dtype)
+    log.info(
+        "converting %s: %d layers, %d params, %.2f GB as %s",
+        checkpoint,
+        cfg.num_hidden_layers,
+        cfg.param_count(),
+        total / 1e9,
+        dtype,
+    )
     done = [0]
 
     def progress(name: str) -> None:

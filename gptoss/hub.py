@@ -38,9 +38,7 @@ def download(repo_id: str, revision: str, output: Path, retries: int = 3) -> str
             info = HfApi().model_info(repo_id, revision=revision)
             commit = info.sha or revision
             log.info("downloading %s@%s (commit %s) into %s, attempt %d", repo_id, revision, commit, output, attempt)
-            snapshot_download(
-                repo_id=repo_id, revision=commit, local_dir=str(output), allow_patterns=ALLOW_PATTERNS
-            )
+            snapshot_download(repo_id=repo_id, revision=commit, local_dir=str(output), allow_patterns=ALLOW_PATTERNS)
             break
         except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as exc:
             last_error = exc

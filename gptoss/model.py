@@ -298,9 +298,7 @@ def build_model(cfg: GptOssConfig, params: Mapping[str, np.ndarray | jax.Array])
     for name, spec in specs.items():
         value = params[name]
         if tuple(value.shape) != tuple(spec.shape):
-            raise GptOssError(
-                f"param {name!r} has shape {list(value.shape)} but the config expects {list(spec.shape)}"
-            )
+            raise GptOssError(f"param {name!r} has shape {list(value.shape)} but the config expects {list(spec.shape)}")
         node = pure
         *parents, leaf = [int(p) if p.isdigit() else p for p in name.split(".")]
         for p in parents:

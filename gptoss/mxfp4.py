@@ -24,7 +24,9 @@ def decode(blocks: np.ndarray, scales: np.ndarray, rows_per_chunk: int = 1 << 16
     Works in row chunks so that the temporaries stay small next to the float32 result.
     """
     if blocks.shape[-1] != GROUP // 2 or blocks.shape[:-1] != scales.shape:
-        raise ValueError(f"MXFP4 blocks {blocks.shape} and scales {scales.shape} do not match ([..., G, 16] / [..., G])")
+        raise ValueError(
+            f"MXFP4 blocks {blocks.shape} and scales {scales.shape} do not match ([..., G, 16] / [..., G])"
+        )
     *prefix, groups, _ = blocks.shape
     flat_blocks = np.asarray(blocks, dtype=np.uint8).reshape(-1, GROUP // 2)
     flat_scales = np.asarray(scales, dtype=np.uint8).reshape(-1)

@@ -63,7 +63,10 @@ def _write_chunked(fh: IO[bytes], packer: msgpack.Packer, arr: np.ndarray) -> No
 
 
 def write_params(
-    path: Path, names: Iterable[str], get_array: Callable[[str], np.ndarray], progress: Callable[[str], None] | None = None
+    path: Path,
+    names: Iterable[str],
+    get_array: Callable[[str], np.ndarray],
+    progress: Callable[[str], None] | None = None,
 ) -> None:
     """Write params to ``path`` atomically; ``get_array(name)`` is called once per name, in tree order."""
     tree = _build_tree(names)
@@ -188,4 +191,3 @@ def read_params(path: Path) -> dict[str, np.ndarray]:
     if not isinstance(tree, dict):
         raise GptOssError(f"{path}: not a params msgpack file (top level is not a map)")
     return _flatten(_unchunk(tree))
-

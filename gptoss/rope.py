@@ -24,8 +24,8 @@ def yarn_inv_freq(cfg: GptOssConfig) -> np.ndarray:
     interpolation = 1.0 / (rs.factor * pos_freqs)
 
     def correction_dim(num_rotations: float) -> float:
-        return dim * math.log(rs.original_max_position_embeddings / (num_rotations * 2 * math.pi)) / (
-            2 * math.log(base)
+        return (
+            dim * math.log(rs.original_max_position_embeddings / (num_rotations * 2 * math.pi)) / (2 * math.log(base))
         )
 
     low, high = correction_dim(rs.beta_fast), correction_dim(rs.beta_slow)

@@ -22,7 +22,7 @@ from gptoss.mxfp4 import GROUP
 from gptoss.tokenizer import train_synthetic_tokenizer
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
-FP4_RMS = math.sqrt(np.mean(np.array([0, 0.25, 1, 2.25, 4, 9, 16, 36]) ))  # RMS of a uniformly random E2M1 code
+FP4_RMS = math.sqrt(np.mean(np.array([0, 0.25, 1, 2.25, 4, 9, 16, 36])))  # RMS of a uniformly random E2M1 code
 EXPERT_PREACT_STD = 4.0  # target std of expert pre-activations: clamps at 7 engage in the tails
 
 

@@ -32,9 +32,15 @@ class OracleCase:
 
     def config(self) -> GptOssConfig:
         return GptOssConfig(
-            vocab_size=self.vocab, hidden_size=self.hidden, intermediate_size=self.intermediate,
-            num_hidden_layers=self.layers, num_attention_heads=self.heads, num_key_value_heads=self.kv_heads,
-            head_dim=self.head_dim, num_local_experts=self.experts, num_experts_per_tok=self.top_k,
+            vocab_size=self.vocab,
+            hidden_size=self.hidden,
+            intermediate_size=self.intermediate,
+            num_hidden_layers=self.layers,
+            num_attention_heads=self.heads,
+            num_key_value_heads=self.kv_heads,
+            head_dim=self.head_dim,
+            num_local_experts=self.experts,
+            num_experts_per_tok=self.top_k,
             sliding_window=self.window,
             layer_types=tuple(SLIDING if i % 2 == 0 else FULL for i in range(self.layers)),
         )
@@ -91,6 +97,11 @@ def hf_tensors(model, case: OracleCase):
 
 
 def write_case(model, case: OracleCase, folder: Path) -> Path:
-    write_checkpoint(folder, case.config(), hf_tensors(model, case),
-                     layout="original" if case.layout == "original" else "hf", shard_bytes=200_000)
+    write_checkpoint(
+        folder,
+        case.config(),
+        hf_tensors(model, case),
+        layout="original" if case.layout == "original" else "hf",
+        shard_bytes=200_000,
+    )
     return folder / "original" if case.layout == "original" else folder
