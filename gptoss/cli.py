@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from gptoss.errors import GptOssError
+from gptoss.tolerances import Tolerances
 
 log = logging.getLogger("gptoss")
 COMMANDS: dict[str, Callable[[argparse.Namespace], int | None]] = {}
@@ -51,6 +53,52 @@ def _convert(args: argparse.Namespace) -> None:
     convert(args.checkpoint, args.output, args.layers, args.dtype)
 
 
+@command("export")
+def _export(args: argparse.Namespace) -> None:
+    from gptoss.export import ExportSpec, export
+
+    spec = ExportSpec(args.sequence_length, args.emit_hidden_states, args.emit_block_debug, args.opset)
+    export(args.params, args.output, spec, args.config, args.skip_validation)
+
+
+@command("parity")
+def _parity(args: argparse.Namespace) -> int:
+    from gptoss.parity import parity
+
+    rows = parity(
+        args.params,
+        args.onnx,
+        args.csv,
+        args.sequence_length,
+        args.prompt,
+        args.token_ids,
+        args.tokenizer,
+        args.config,
+        args.compare_hidden_states,
+        args.compare_block_debug,
+        args.stage,
+        Tolerances.from_args(args),
+    )
+    failed = sum(not r["passed"] for r in rows)
+    if failed:
+        log.warning("%d of %d rows exceed their tolerance (the gate decides)", failed, len(rows))
+    return 0
+
+
+@command("gate")
+def _gate(args: argparse.Namespace) -> int:
+    from gptoss.gate import gate
+
+    return gate(args.csv, Tolerances.from_args(args), args.verdict, args.summary, args.expect_stage)
+
+
+@command("promote")
+def _promote(args: argparse.Namespace) -> None:
+    from gptoss.promote import promote
+
+    promote(args.onnx, args.verdict, args.dest, args.tag, args.config, args.sequence_length)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gptoss", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -75,25 +123,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=None, help="keep only the first N layers")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
 
-    for register in _EXTRA_PARSERS:
-        register(sub)
+    p = sub.add_parser("export", help="Flax params -> ONNX (canonical, or debug with --emit-* flags)")
+    p.add_argument("--params", type=Path, required=True, help="X.msgpack from `gptoss convert`")
+    p.add_argument("--config", type=Path, default=None, help="default: X.config.json next to --params")
+    p.add_argument("--output", type=Path, required=True, help="model.onnx (model.onnx.data is written next to it)")
+    p.add_argument("--sequence-length", type=int, default=32, help="validation length; fixed in debug graphs")
+    p.add_argument("--emit-hidden-states", action="store_true", help="add hidden_state_{i} outputs")
+    p.add_argument("--emit-block-debug", action="store_true", help="add block_{i}_{tap} outputs")
+    p.add_argument("--skip-validation", action="store_true", help="skip the JAX vs ONNX Runtime check")
+    p.add_argument("--opset", type=int, default=21)
+
+    p = sub.add_parser("parity", help="JAX vs ONNX Runtime on real prompts -> CSV")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--token-ids", action="append", default=[], help="comma-separated token ids (repeatable)")
+    p.add_argument("--tokenizer", type=Path, default=None, help="default: the one recorded in the params config")
+    p.add_argument("--params", type=Path, required=True)
+    p.add_argument("--config", type=Path, default=None)
+    p.add_argument("--onnx", type=Path, required=True)
+    p.add_argument("--sequence-length", type=int, default=32)
+    p.add_argument("--compare-hidden-states", action="store_true")
+    p.add_argument("--compare-block-debug", action="store_true")
+    p.add_argument("--stage", choices=["debug", "canonical"], default=None, help="default: from the compare flags")
+    p.add_argument("--csv", type=Path, required=True)
+    Tolerances.add_arguments(p)
+
+    p = sub.add_parser("gate", help="parity CSVs + tolerances -> verdict JSON + summary; exit 1 on any breach")
+    p.add_argument("--csv", type=Path, nargs="+", required=True)
+    p.add_argument("--expect-stage", nargs="*", default=[], help="stages that must have rows")
+    p.add_argument("--verdict", type=Path, required=True, help="verdict JSON to write")
+    p.add_argument("--summary", type=Path, default=None, help="Markdown summary (default: next to the verdict)")
+    Tolerances.add_arguments(p)
+
+    p = sub.add_parser("promote", help="copy a gated graph with a manifest; refuses without a passing verdict")
+    p.add_argument("--onnx", type=Path, required=True)
+    p.add_argument("--verdict", type=Path, required=True)
+    p.add_argument("--dest", type=Path, required=True, help="folder to create (replaced if it exists)")
+    p.add_argument("--tag", required=True, help="e.g. baseline2")
+    p.add_argument("--config", type=Path, default=None, help="params config (.config.json) to describe in the manifest")
+    p.add_argument("--sequence-length", type=int, default=None, help="recorded in the manifest")
     return parser
-
-
-# Later stages (export, parity, gate, promote) register their parsers here.
-_EXTRA_PARSERS: list[Callable[[argparse._SubParsersAction], None]] = []
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one subcommand; a ``GptOssError`` becomes one line on stderr and exit status 1."""
-    _load_stage_commands()
     args = build_parser().parse_args(argv)
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.WARNING,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
+    # Our progress at INFO; third-party chatter (jax2onnx, onnx_ir serialisation notes) only when it matters.
+    logging.getLogger("gptoss").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    logging.getLogger("onnx_ir").setLevel(logging.ERROR)
     start = time.perf_counter()
     try:
         status = COMMANDS[args.command](args) or 0
@@ -105,18 +188,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     log.info("%s finished in %.1f s", args.command, time.perf_counter() - start)
     return status
-
-
-def _load_stage_commands() -> None:
-    """Import the modules that add subcommands beyond synth/download/convert, if present."""
-    import importlib
-
-    for module in ("gptoss.export_cli", "gptoss.parity_cli", "gptoss.gate_cli", "gptoss.promote_cli"):
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
 
 
 if __name__ == "__main__":

@@ -240,6 +240,11 @@ class ParamsConfig:
     source_checkpoint: str
     tokenizer: str | None
     source_layers: int
+    download: dict[str, Any] | None = None  # repo_id / revision / resolved commit, when from the hub
+
+    def checkpoint_info(self) -> dict[str, Any]:
+        """Where the params came from: the folder and, for hub checkpoints, repo and resolved commit."""
+        return {"path": self.source_checkpoint, **(self.download or {})}
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -250,6 +255,7 @@ class ParamsConfig:
                 "source_checkpoint": self.source_checkpoint,
                 "source_layers": self.source_layers,
                 "tokenizer": self.tokenizer,
+                "download": self.download,
             },
         }
 
@@ -266,6 +272,7 @@ class ParamsConfig:
             source_checkpoint=meta.get("source_checkpoint", ""),
             tokenizer=meta.get("tokenizer"),
             source_layers=int(meta.get("source_layers", model.num_hidden_layers)),
+            download=meta.get("download"),
         )
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from gptoss.atomic import atomic_output, require_free_space
 from gptoss.checkpoint import DTYPES, load_params
-from gptoss.config import ParamsConfig, params_config_path
+from gptoss.config import ParamsConfig, params_config_path, read_json
+from gptoss.hub import REVISION_FILE
 from gptoss.model import param_specs
 from gptoss.params_io import write_params
 
@@ -52,6 +53,7 @@ def convert(checkpoint: Path, output: Path, num_layers: int | None = None, dtype
         source_checkpoint=str(Path(checkpoint).resolve()),
         tokenizer=str(tokenizer) if tokenizer else None,
         source_layers=full_cfg.num_hidden_layers,
+        download=read_json(download_json) if (download_json := Path(checkpoint) / REVISION_FILE).is_file() else None,
     )
     config_path = params_config_path(output)
     try:

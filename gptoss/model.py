@@ -21,6 +21,7 @@ The forward pass returns a dict of named outputs (``logits`` and, on request, ``
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 import jax
@@ -124,11 +125,13 @@ class Attention(nnx.Module):
             allowed = allowed & (q_pos - k_pos < self.window)
         scores = jnp.where(allowed[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
 
-        # Trap: sinks are one learned logit per query head, appended as an extra softmax column —
-        # not scaled, never masked — and dropped after the softmax without renormalising.
+        # Trap: sinks are one learned logit per query head, an extra softmax column — not scaled, never
+        # masked — dropped after the softmax without renormalising. Written as the softmax over
+        # [scores, sink] restricted to the score columns: exp(s - m) / (sum exp(s - m) + exp(sink - m)).
         sinks = self.sinks[...].astype(jnp.float32).reshape(1, n_kv, group, 1, 1)
-        sinks = jnp.broadcast_to(sinks, (*scores.shape[:-1], 1))
-        probs = jax.nn.softmax(jnp.concatenate([scores, sinks], axis=-1), axis=-1)[..., :-1]
+        row_max = jnp.maximum(jnp.max(scores, axis=-1, keepdims=True), sinks)
+        weights = jnp.exp(scores - row_max)
+        probs = weights / (jnp.sum(weights, axis=-1, keepdims=True) + jnp.exp(sinks - row_max))
 
         out = jnp.einsum("bngqs,bsnd->bqngd", probs, v.astype(jnp.float32))
         out = out.reshape(batch, seq, cfg.num_attention_heads * d).astype(x.dtype)
@@ -261,6 +264,15 @@ class GptOss(nnx.Module):
                     outputs[f"block_{i}_{tap}"] = value if value.dtype == jnp.int32 else value.astype(jnp.float32)
         logits = self.unembed(self.norm(x)).astype(jnp.float32)
         return {"logits": logits, **outputs}
+
+
+@functools.partial(nnx.jit, static_argnames=("emit_hidden_states", "emit_block_debug"))
+def forward(
+    model: GptOss, input_ids: jax.Array, emit_hidden_states: bool = False, emit_block_debug: bool = False
+) -> Outputs:
+    """The jitted forward pass. ``nnx.jit`` passes the weights as arguments (never captured as constants,
+    which would copy every weight into the compiled program)."""
+    return model(input_ids, emit_hidden_states=emit_hidden_states, emit_block_debug=emit_block_debug)
 
 
 def output_names(cfg: GptOssConfig, emit_hidden_states: bool, emit_block_debug: bool) -> list[str]:

@@ -1,0 +1,195 @@
+"""``gptoss gate``: parity CSVs + tolerances → a JSON verdict and a Markdown summary; exit 1 on any breach.
+
+The gate re-applies the tolerances it is given (it does not trust the ``passed`` column), fails on any
+NaN/Inf, on a routing disagreement outside near ties, and on an expected stage without rows. When debug
+rows fail it names the first block and tap in forward order whose difference exceeds its tolerance.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+from gptoss.atomic import atomic_output
+from gptoss.errors import GptOssError
+from gptoss.model import BLOCK_TAPS
+from gptoss.ort import sha256
+from gptoss.tolerances import GROUPS, Tolerances
+
+log = logging.getLogger("gptoss.gate")
+
+NUMERIC = ("max_abs_diff", "mean_abs_diff", "max_rel_diff", "cosine", "ref_abs_max", "atol")
+
+
+def read_rows(paths: Sequence[Path]) -> list[dict]:
+    rows: list[dict] = []
+    for path in paths:
+        if not path.is_file():
+            raise GptOssError(f"{path}: parity CSV not found")
+        with open(path, newline="") as fh:
+            reader = csv.DictReader(fh)
+            missing = {"stage", "tensor", "group", "max_abs_diff", "nonfinite"} - set(reader.fieldnames or [])
+            if missing:
+                raise GptOssError(f"{path}: not a parity CSV (missing columns {sorted(missing)})")
+            for row in reader:
+                for key in NUMERIC:
+                    row[key] = float(row[key]) if row.get(key) not in (None, "") else math.nan
+                row["nonfinite"] = int(row["nonfinite"])
+                row["block"] = int(row["block"]) if row.get("block") not in (None, "") else None
+                row["source"] = str(path)
+                rows.append(row)
+    return rows
+
+
+def breach(row: dict, tol: Tolerances) -> float:
+    """How far over its tolerance a row is (> 1 fails; inf for NaN/Inf or a routing disagreement)."""
+    if row["nonfinite"] > 0 or math.isnan(row["max_abs_diff"]):
+        return math.inf
+    if row["group"] == "routing":
+        return math.inf if row["max_abs_diff"] > 0 else 0.0
+    atol = tol.atol(row["group"])
+    return row["max_abs_diff"] / atol if atol > 0 else (math.inf if row["max_abs_diff"] > 0 else 0.0)
+
+
+def forward_order(row: dict) -> tuple[int, int]:
+    """Position of a row in the forward pass: (block, tap index); hidden states close their block."""
+    block = row["block"] if row["block"] is not None else 1 << 30
+    tap = row.get("tap") or ""
+    index = BLOCK_TAPS.index(tap) if tap in BLOCK_TAPS else len(BLOCK_TAPS)
+    return block, index
+
+
+def first_failure(rows: list[dict], tol: Tolerances) -> dict | None:
+    """The first tap in forward order that exceeds its tolerance, and the step from the tap before it."""
+    ordered = sorted((r for r in rows if r["block"] is not None), key=forward_order)
+    worst_at: dict[tuple[int, int], dict] = {}
+    for r in ordered:
+        key = forward_order(r)
+        if key not in worst_at or breach(r, tol) > breach(worst_at[key], tol):
+            worst_at[key] = r
+    previous = None
+    for key in sorted(worst_at):
+        r = worst_at[key]
+        if breach(r, tol) > 1:
+            return {
+                "stage": r["stage"],
+                "block": r["block"],
+                "tap": r["tap"],
+                "tensor": r["tensor"],
+                "max_abs_diff": r["max_abs_diff"],
+                "atol": tol.atol(r["group"]),
+                "previous_tensor": previous["tensor"] if previous else None,
+                "previous_max_abs_diff": previous["max_abs_diff"] if previous else None,
+            }
+        previous = r
+    return None
+
+
+def _describe(row: dict, tol: Tolerances) -> str:
+    where = f" (block {row['block']})" if row["block"] is not None else ""
+    if row["nonfinite"] > 0:
+        return f"{row['stage']} {row['tensor']}{where} has {row['nonfinite']} NaN/Inf values"
+    if row["group"] == "routing":
+        return f"{row['stage']} {row['tensor']}{where}: {int(row['max_abs_diff'])} tokens route to other experts"
+    return (
+        f"{row['stage']} {row['tensor']}{where} max |diff| {row['max_abs_diff']:.3g} > atol "
+        f"{tol.atol(row['group']):.3g} (prompt {row.get('prompt_id')})"
+    )
+
+
+def evaluate(rows: list[dict], tol: Tolerances, expect_stages: Sequence[str]) -> dict:
+    """The verdict as a dict (deterministic: no timestamps)."""
+    problems: list[str] = []
+    stages = sorted({r["stage"] for r in rows})
+    for stage in expect_stages:
+        if stage not in stages:
+            problems.append(f"expected stage {stage!r} has no rows")
+    if not rows:
+        problems.append("no parity rows at all")
+    worst: dict[str, dict] = {}
+    for stage in stages:
+        for group in GROUPS:
+            members = [r for r in rows if r["stage"] == stage and r["group"] == group]
+            if members:
+                w = max(members, key=lambda r: breach(r, tol))
+                worst[f"{stage}/{group}"] = {
+                    "tensor": w["tensor"],
+                    "block": w["block"],
+                    "prompt_id": w.get("prompt_id"),
+                    "max_abs_diff": w["max_abs_diff"],
+                    "atol": tol.atol(group),
+                    "rows": len(members),
+                    "passed": all(breach(r, tol) <= 1 for r in members),
+                }
+    failing = sorted((r for r in rows if breach(r, tol) > 1), key=lambda r: -breach(r, tol))
+    problems += [_describe(r, tol) for r in failing[:20]]
+    graphs = sorted(
+        {(r["stage"], r.get("onnx_sha256", ""), r.get("data_sha256", "")) for r in rows if r.get("onnx_sha256")}
+    )
+    return {
+        "passed": not problems,
+        "problems": problems,
+        "failing_rows": len(failing),
+        "worst_failure": _describe(failing[0], tol) if failing else None,
+        "first_failure": first_failure([r for r in rows if r["stage"] == "debug"], tol),
+        "tolerances": {g: tol.atol(g) for g in GROUPS} | {"near_tie_margin": tol.near_tie_margin},
+        "stages": {s: sum(r["stage"] == s for r in rows) for s in stages},
+        "worst": worst,
+        "graphs": [{"stage": s, "onnx_sha256": o, "data_sha256": d} for s, o, d in graphs],
+        "csv_files": [{"path": str(p), "sha256": sha256(Path(p))} for p in sorted({r["source"] for r in rows})],
+    }
+
+
+def summary_markdown(verdict: dict) -> str:
+    lines = [f"# Parity gate: {'PASSED' if verdict['passed'] else 'FAILED'}", ""]
+    lines += ["| stage/group | worst tensor | block | max abs diff | atol | ok |", "|---|---|---|---|---|---|"]
+    for key, w in verdict["worst"].items():
+        block = "" if w["block"] is None else w["block"]
+        ok = "yes" if w["passed"] else "**NO**"
+        lines.append(f"| {key} | {w['tensor']} | {block} | {w['max_abs_diff']:.3g} | {w['atol']:.3g} | {ok} |")
+    if verdict["first_failure"]:
+        f = verdict["first_failure"]
+        lines += [
+            "",
+            f"First failing tap in forward order: block {f['block']} `{f['tap']}` "
+            f"(max |diff| {f['max_abs_diff']:.3g}, atol {f['atol']:.3g}; previous tap "
+            f"`{f['previous_tensor']}` {f['previous_max_abs_diff']}).",
+        ]
+    if verdict["problems"]:
+        lines += ["", "## Problems", ""] + [f"- {p}" for p in verdict["problems"]]
+    return "\n".join(lines) + "\n"
+
+
+def gate(
+    csv_paths: Sequence[Path],
+    tol: Tolerances,
+    verdict_path: Path,
+    summary_path: Path | None = None,
+    expect_stages: Sequence[str] = (),
+) -> int:
+    """Write the verdict and summary; raise ``GptOssError`` (exit 1) naming the worst breach if it failed."""
+    verdict = evaluate(read_rows(csv_paths), tol, expect_stages)
+    summary_path = summary_path or verdict_path.with_suffix(".md")
+    with atomic_output(verdict_path) as tmp:
+        tmp.write_text(json.dumps(verdict, indent=2, sort_keys=True) + "\n")
+    with atomic_output(summary_path) as tmp:
+        tmp.write_text(summary_markdown(verdict))
+    for key, w in verdict["worst"].items():
+        log.info(
+            "%-26s %-34s max|diff| %.3g (atol %.3g) %s",
+            key,
+            w["tensor"],
+            w["max_abs_diff"],
+            w["atol"],
+            "ok" if w["passed"] else "FAIL",
+        )
+    if not verdict["passed"]:
+        first = verdict["first_failure"]
+        where = f"; first failing tap in forward order: block {first['block']} {first['tap']}" if first else ""
+        raise GptOssError(f"gate failed: {verdict['problems'][0]}{where}")
+    log.info("gate passed: %s", ", ".join(f"{s}={n} rows" for s, n in verdict["stages"].items()))
+    return 0

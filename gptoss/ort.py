@@ -1,0 +1,34 @@
+"""ONNX Runtime sessions and file hashes for the graphs we run."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import onnxruntime as ort
+
+from gptoss.errors import GptOssError
+
+
+def ort_session(onnx_path: Path, threads: int | None = None) -> ort.InferenceSession:
+    """A CPU session; full graph optimisations (what a deployment would use)."""
+    if not Path(onnx_path).is_file():
+        raise GptOssError(f"{onnx_path}: ONNX file not found")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise GptOssError(f"{onnx_path}: ONNX Runtime cannot load the graph ({str(exc).splitlines()[0]})") from None
+
+
+def sha256(path: Path, chunk: int = 16 * 1024 * 1024) -> str:
+    """Hex sha256 of a file, streamed."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,176 @@
+"""``gptoss promote``: copy a gated graph to its destination with a manifest of what was verified.
+
+Refuses unless the verdict passed **and** the sha256 of the ``.onnx`` and ``.onnx.data`` being promoted
+equal those a parity run verified. The destination is assembled in a temporary folder and renamed into
+place, so it either holds a complete, verified artifact or is left as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import shutil
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+import onnx
+
+from gptoss import __version__
+from gptoss.atomic import temporary_name
+from gptoss.config import ParamsConfig, read_json
+from gptoss.errors import GptOssError
+from gptoss.export import data_path
+from gptoss.ort import sha256
+
+log = logging.getLogger("gptoss.promote")
+
+PACKAGES = ("jax", "jaxlib", "flax", "jax2onnx", "onnx", "onnxruntime", "numpy")
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version(), "gptoss": __version__}
+    for name in PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def git_commit() -> str:
+    """The project's git commit (with ``-dirty`` if the tree has changes), or ``unknown``."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def verified_stage(verdict: dict, onnx_sha: str, data_sha: str) -> str:
+    for graph in verdict.get("graphs", []):
+        if graph["onnx_sha256"] == onnx_sha and graph["data_sha256"] == data_sha:
+            return graph["stage"]
+    raise GptOssError(
+        f"the files to promote (onnx sha256 {onnx_sha[:12]}…, data {data_sha[:12]}…) are not the ones the parity "
+        "run verified; re-run parity and the gate on them"
+    )
+
+
+def manifest(
+    tag: str,
+    onnx_path: Path,
+    files: list[dict],
+    verdict: dict,
+    params_cfg: ParamsConfig | None,
+    sequence_length: int | None,
+    stage: str,
+) -> dict:
+    opset = next(
+        (
+            o.version
+            for o in onnx.load(str(onnx_path), load_external_data=False).opset_import
+            if o.domain in ("", "ai.onnx")
+        ),
+        None,
+    )
+    model = None
+    if params_cfg is not None:
+        model = {
+            "layers": params_cfg.model.num_hidden_layers,
+            "source_layers": params_cfg.source_layers,
+            "dtype": params_cfg.dtype,
+            "config": params_cfg.model.to_hf_dict(),
+        }
+    return {
+        "tag": tag,
+        "files": files,
+        "verified_by_stage": stage,
+        "checkpoint": params_cfg.checkpoint_info() if params_cfg else None,
+        "model": model,
+        "sequence_length": sequence_length,
+        "opset": opset,
+        "tolerances": verdict["tolerances"],
+        "worst_differences": verdict["worst"],
+        "parity_stages": verdict["stages"],
+        "versions": versions(),
+        "project_commit": git_commit(),
+    }
+
+
+def readme(m: dict) -> str:
+    lines = [f"# {m['tag']}", "", "ONNX graph promoted by `gptoss promote` after passing the parity gate.", ""]
+    if m["checkpoint"]:
+        lines.append(
+            f"- checkpoint: `{m['checkpoint'].get('repo_id') or m['checkpoint'].get('path')}` "
+            f"(commit `{m['checkpoint'].get('commit', 'n/a')}`)"
+        )
+    if m["model"]:
+        lines.append(f"- layers: {m['model']['layers']} of {m['model']['source_layers']}, dtype {m['model']['dtype']}")
+    lines += [
+        f"- opset {m['opset']}, verified sequence length {m['sequence_length']}",
+        "",
+        "| stage/group | worst tensor | max abs diff | atol |",
+        "|---|---|---|---|",
+    ]
+    for key, w in m["worst_differences"].items():
+        lines.append(f"| {key} | {w['tensor']} | {w['max_abs_diff']:.3g} | {w['atol']:.3g} |")
+    lines += [
+        "",
+        "Files and sha256 are in `manifest.json`; inputs `input_ids [batch, sequence]` (int32), "
+        "output `logits [batch, sequence, vocab]` (float32).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def promote(
+    onnx_path: Path,
+    verdict_path: Path,
+    dest: Path,
+    tag: str,
+    config: Path | None = None,
+    sequence_length: int | None = None,
+) -> Path:
+    verdict = read_json(verdict_path)
+    if verdict.get("passed") is not True:
+        raise GptOssError(f"{verdict_path}: the gate did not pass; nothing promoted")
+    data = data_path(onnx_path)
+    for path in (onnx_path, data):
+        if not path.is_file():
+            raise GptOssError(f"{path}: file to promote not found")
+    onnx_sha, data_sha = sha256(onnx_path), sha256(data)
+    stage = verified_stage(verdict, onnx_sha, data_sha)
+    params_cfg = ParamsConfig.read(config) if config else None
+
+    staging = temporary_name(dest)
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        files = []
+        for path, expected in ((onnx_path, onnx_sha), (data, data_sha)):
+            copy = staging / path.name
+            shutil.copyfile(path, copy)
+            if sha256(copy) != expected:
+                raise GptOssError(f"{copy}: copy differs from {path} (disk problem?)")
+            files.append({"name": path.name, "bytes": copy.stat().st_size, "sha256": expected})
+        m = manifest(tag, onnx_path, files, verdict, params_cfg, sequence_length, stage)
+        m["verdict_sha256"] = sha256(verdict_path)
+        (staging / "manifest.json").write_text(json.dumps(m, indent=2, sort_keys=True) + "\n")
+        (staging / "README.md").write_text(readme(m))
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(staging, dest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("promoted %s as %s into %s", onnx_path.name, tag, dest)
+    return dest
