@@ -174,9 +174,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         datefmt="%H:%M:%S",
         stream=sys.stderr,
     )
-    # Our progress at INFO; third-party chatter (jax2onnx, onnx_ir serialisation notes) only when it matters.
+    # Our progress at INFO; third-party libraries only when they warn.
     logging.getLogger("gptoss").setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    logging.getLogger("onnx_ir").setLevel(logging.ERROR)
     start = time.perf_counter()
     try:
         status = COMMANDS[args.command](args) or 0

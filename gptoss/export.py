@@ -29,6 +29,8 @@ from gptoss.model import GptOss, build_model, forward, output_names
 from gptoss.params_io import read_params
 
 log = logging.getLogger("gptoss.export")
+# onnx_ir notes every shape-only value it serialises without a type: benign and very chatty.
+logging.getLogger("onnx_ir.serde").setLevel(logging.ERROR)
 
 INPUT_NAME = "input_ids"
 EXTERNAL_THRESHOLD_BYTES = 1024 * 1024

@@ -316,7 +316,7 @@ def build_model(cfg: GptOssConfig, params: Mapping[str, np.ndarray | jax.Array])
         for p in parents:
             node = node.setdefault(p, {})
         node[leaf] = jnp.asarray(value, dtype=spec.dtype)
-    state.replace_by_pure_dict(pure)
+    nnx.replace_by_pure_dict(state, pure)
     return nnx.merge(graphdef, state)
 
 

@@ -1,0 +1,298 @@
+"""Export → parity → gate → promote on the synthetic toy checkpoint (issue 3)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import onnx
+import pytest
+
+from gptoss.convert import convert
+from gptoss.errors import GptOssError
+from gptoss.export import ExportSpec, data_path, export, load_model
+from gptoss.gate import gate
+from gptoss.model import BLOCK_TAPS, forward, output_names
+from gptoss.ort import ort_session, sha256
+from gptoss.parity import COLUMNS, parity
+from gptoss.promote import promote
+from gptoss.synth import synthesize
+from gptoss.tolerances import Tolerances
+
+SEQ = 32
+PROMPTS = ["What is the capital of France?", "Sliding window attention looks at the most recent tokens only."]
+
+
+def gptoss_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gptoss", *args], capture_output=True, text=True, timeout=600)
+
+
+def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in proc.stderr.splitlines() if " error: " in line]
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory) -> dict[str, Path]:
+    """A toy checkpoint converted to params, with both graphs exported (once per module)."""
+    root = tmp_path_factory.mktemp("toy")
+    synthesize(root / "checkpoint", "toy", 2, seed=0)
+    params = root / "flax_params_2layers.msgpack"
+    convert(root / "checkpoint", params, 2)
+    canonical = root / "canonical" / "model.onnx"
+    debug = root / "debug" / "model.onnx"
+    export(params, canonical, ExportSpec(SEQ))
+    export(params, debug, ExportSpec(SEQ, emit_hidden_states=True, emit_block_debug=True))
+    return {"root": root, "params": params, "canonical": canonical, "debug": debug}
+
+
+@pytest.fixture(scope="module")
+def parity_csvs(toy) -> dict[str, Path]:
+    out = {}
+    for stage, graph, flags in (("debug", toy["debug"], True), ("canonical", toy["canonical"], False)):
+        out[stage] = toy["root"] / f"{stage}.csv"
+        parity(toy["params"], graph, out[stage], SEQ, PROMPTS, compare_hidden_states=flags, compare_block_debug=flags)
+    return out
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_canonical_graph_has_symbolic_axes_and_external_weights(toy):
+    model = onnx.load(str(toy["canonical"]), load_external_data=False)
+    (inp,) = model.graph.input
+    (out,) = model.graph.output
+    assert inp.name == "input_ids" and out.name == "logits"
+    assert [d.dim_param for d in inp.type.tensor_type.shape.dim] == ["batch", "sequence"]
+    dims = out.type.tensor_type.shape.dim
+    assert [dims[0].dim_param, dims[1].dim_param, dims[2].dim_value] == ["batch", "sequence", 8192]
+    assert out.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    external = [t.name for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert external, "weights over 1 MB must live in the .onnx.data file"
+    assert data_path(toy["canonical"]).stat().st_size >= 4 * 1024 * 1024  # embedding + unembedding
+    onnx.checker.check_model(str(toy["canonical"]))
+
+
+@pytest.mark.parametrize("shape", [(1, 7), (3, 19)])
+def test_canonical_logits_match_jax_for_several_shapes(toy, shape):
+    _, model = load_model(toy["params"])
+    session = ort_session(toy["canonical"])
+    ids = np.random.default_rng(sum(shape)).integers(0, model.cfg.vocab_size, size=shape).astype(np.int32)
+    (got,) = session.run(["logits"], {"input_ids": ids})
+    expected = np.asarray(forward(model, jnp.asarray(ids))["logits"])
+    assert got.shape == (*shape, model.cfg.vocab_size)
+    assert np.abs(got - expected).max() <= 1e-5
+    assert np.abs(expected).max() > 1.0  # real prompts give non-trivial logits
+
+
+def test_canonical_graph_is_causal(toy):
+    session = ort_session(toy["canonical"])
+    rng = np.random.default_rng(3)
+    ids = rng.integers(0, 8192, size=(1, 24)).astype(np.int32)
+    changed = ids.copy()
+    changed[0, 15:] = rng.integers(0, 8192, size=9)
+    (a,) = session.run(["logits"], {"input_ids": ids})
+    (b,) = session.run(["logits"], {"input_ids": changed})
+    np.testing.assert_array_equal(a[:, :15], b[:, :15])
+    assert np.abs(a[:, 15:] - b[:, 15:]).max() > 1e-3
+
+
+def test_debug_graph_has_every_tap(toy):
+    names = [o.name for o in onnx.load(str(toy["debug"]), load_external_data=False).graph.output]
+    expected = ["logits"] + [f"hidden_state_{i}" for i in range(2)]
+    expected += [f"block_{i}_{tap}" for i in range(2) for tap in BLOCK_TAPS]
+    assert sorted(names) == sorted(expected)
+    assert names == output_names(load_model(toy["params"])[0].model, True, True)
+
+
+def test_parity_csv_contract_and_quality_bars(parity_csvs):
+    rows = read_csv(parity_csvs["debug"]) + read_csv(parity_csvs["canonical"])
+    with open(parity_csvs["debug"], newline="") as fh:
+        assert set(COLUMNS) <= set(csv.DictReader(fh).fieldnames)
+    assert {r["stage"] for r in rows} == {"debug", "canonical"}
+    assert {r["prompt_id"] for r in rows} == {"p0", "p1"}
+    n_tokens = {int(r["positions"]) for r in rows}
+    assert len(n_tokens) == 2 and max(n_tokens) < SEQ, "only real (non-padding) positions count"
+
+    def worst(group: str) -> float:
+        return max(float(r["max_abs_diff"]) for r in rows if r["group"] == group)
+
+    assert worst("logits") <= 1e-5
+    assert worst("hidden_states") <= 5e-5
+    assert worst("block_taps") <= 1e-4
+    assert worst("routing") == 0
+    for r in rows:
+        assert r["passed"] == "True" and int(r["nonfinite"]) == 0
+        assert r["onnx_sha256"] and r["data_sha256"]
+        if r["group"] == "logits":
+            assert float(r["argmax_agreement"]) == 1.0 and float(r["topk_overlap"]) == 1.0
+        if r["group"] == "routing":
+            assert float(r["expert_agreement"]) == 1.0 and r["near_ties"] != ""
+
+
+def test_gate_passes_then_fails_on_tight_tolerance_and_nan(parity_csvs, tmp_path):
+    csvs = [parity_csvs["debug"], parity_csvs["canonical"]]
+    assert gate(csvs, Tolerances(), tmp_path / "ok.json", expect_stages=["debug", "canonical"]) == 0
+    verdict = json.loads((tmp_path / "ok.json").read_text())
+    assert verdict["passed"] and (tmp_path / "ok.md").read_text().startswith("# Parity gate: PASSED")
+
+    with pytest.raises(GptOssError, match=r"max \|diff\| .* > atol 1e-09"):
+        gate(csvs, Tolerances(logits=1e-9, hidden_states=1e-9, block_taps=1e-9), tmp_path / "tight.json")
+    assert json.loads((tmp_path / "tight.json").read_text())["passed"] is False
+
+    rows = read_csv(parity_csvs["canonical"])
+    rows[0]["max_abs_diff"], rows[0]["nonfinite"] = "nan", "3"
+    poisoned = tmp_path / "nan.csv"
+    with open(poisoned, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    with pytest.raises(GptOssError, match="NaN/Inf"):
+        gate([poisoned], Tolerances(), tmp_path / "nan.json")
+
+    with pytest.raises(GptOssError, match="expected stage 'reference' has no rows"):
+        gate(csvs, Tolerances(), tmp_path / "stage.json", expect_stages=["reference"])
+
+
+def test_corrupted_weights_are_caught_and_localised(toy, tmp_path):
+    """Perturb one expert of block 1 in the exported graph: parity + gate fail and name block 1's expert taps."""
+    graph_dir = tmp_path / "corrupt"
+    graph_dir.mkdir()
+    corrupt = graph_dir / "model.onnx"
+    shutil.copy(toy["debug"], corrupt)
+    shutil.copy(data_path(toy["debug"]), data_path(corrupt))
+    model = onnx.load(str(corrupt))
+    _, flax_model = load_model(toy["params"])
+    target = np.asarray(flax_model.layers[1].mlp.down_kernel[...])
+    for init in model.graph.initializer:
+        arr = onnx.numpy_helper.to_array(init)
+        if arr.shape == target.shape and np.array_equal(arr, target):
+            arr = arr.copy()
+            arr[:, :, :] *= 1.5  # every expert of block 1's down projection
+            init.CopyFrom(onnx.numpy_helper.from_array(arr, init.name))
+            break
+    else:
+        pytest.fail("block 1 down projection not found among the initializers")
+    onnx.save(model, str(corrupt), save_as_external_data=True, location=data_path(corrupt).name)
+
+    csv_path = tmp_path / "debug.csv"
+    parity(toy["params"], corrupt, csv_path, SEQ, PROMPTS, compare_hidden_states=True, compare_block_debug=True)
+    with pytest.raises(GptOssError, match="first failing tap in forward order: block 1 expert_out"):
+        gate([csv_path], Tolerances(), tmp_path / "verdict.json")
+    first = json.loads((tmp_path / "verdict.json").read_text())["first_failure"]
+    assert (first["block"], first["tap"]) == (1, "expert_out")
+    assert first["previous_tensor"] == "block_1_expert_act" and first["previous_max_abs_diff"] <= 1e-4
+
+
+def test_promote_copies_verified_files_with_manifest(toy, parity_csvs, tmp_path):
+    verdict = tmp_path / "verdict.json"
+    gate([parity_csvs["debug"], parity_csvs["canonical"]], Tolerances(), verdict)
+    dest = tmp_path / "promoted" / "baseline2"
+    config = toy["params"].with_name("flax_params_2layers.config.json")
+    promote(toy["canonical"], verdict, dest, "baseline2", config, SEQ)
+    manifest = json.loads((dest / "manifest.json").read_text())
+    files = {f["name"]: f for f in manifest["files"]}
+    assert set(files) == {"model.onnx", "model.onnx.data"}
+    assert files["model.onnx"]["sha256"] == sha256(toy["canonical"]) == sha256(dest / "model.onnx")
+    assert files["model.onnx.data"]["sha256"] == sha256(data_path(toy["canonical"]))
+    assert manifest["verified_by_stage"] == "canonical" and manifest["tag"] == "baseline2"
+    assert manifest["model"]["layers"] == 2 and manifest["model"]["dtype"] == "float32"
+    assert manifest["opset"] and manifest["sequence_length"] == SEQ
+    assert {"jax", "flax", "jax2onnx", "onnx", "onnxruntime", "python"} <= set(manifest["versions"])
+    assert manifest["worst_differences"]["canonical/logits"]["max_abs_diff"] <= 1e-5
+    # The promoted graph runs from its new home (external data found next to it).
+    (logits,) = ort_session(dest / "model.onnx").run(["logits"], {"input_ids": np.ones((1, 4), np.int32)})
+    assert logits.shape == (1, 4, 8192)
+
+
+def test_promote_refuses_failed_verdict_and_unverified_files(toy, parity_csvs, tmp_path):
+    failed = tmp_path / "failed.json"
+    with pytest.raises(GptOssError):
+        gate([parity_csvs["canonical"]], Tolerances(logits=1e-12), failed)
+    dest = tmp_path / "dest"
+    with pytest.raises(GptOssError, match="did not pass"):
+        promote(toy["canonical"], failed, dest, "baseline2")
+    assert not dest.exists()
+
+    passed = tmp_path / "passed.json"
+    gate([parity_csvs["canonical"]], Tolerances(), passed)
+    other = tmp_path / "other" / "model.onnx"
+    other.parent.mkdir()
+    shutil.copy(toy["canonical"], other)
+    data = bytearray(data_path(toy["canonical"]).read_bytes())
+    data[100] ^= 0xFF
+    data_path(other).write_bytes(bytes(data))
+    with pytest.raises(GptOssError, match="not the ones the parity run verified"):
+        promote(other, passed, dest, "baseline2")
+    assert not dest.exists() and not list(tmp_path.glob(".dest*"))
+
+
+def test_cli_bad_inputs_give_one_clear_line(toy, tmp_path):
+    # A prompt longer than the sequence length is an error, never a silent truncation.
+    proc = gptoss_cli(
+        "parity",
+        "--params",
+        str(toy["params"]),
+        "--onnx",
+        str(toy["canonical"]),
+        "--sequence-length",
+        "4",
+        "--prompt",
+        "What is the capital of France? " * 3,
+        "--csv",
+        str(tmp_path / "x.csv"),
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert len(error_lines(proc)) == 1 and "more than --sequence-length 4" in error_lines(proc)[0]
+    assert not (tmp_path / "x.csv").exists()
+
+    # Compare flags the graph cannot serve name the export flags needed.
+    proc = gptoss_cli(
+        "parity",
+        "--params",
+        str(toy["params"]),
+        "--onnx",
+        str(toy["canonical"]),
+        "--token-ids",
+        "1,2,3",
+        "--compare-block-debug",
+        "--csv",
+        str(tmp_path / "y.csv"),
+    )
+    assert proc.returncode == 1 and "--emit-block-debug" in error_lines(proc)[0]
+
+    # A missing params file.
+    proc = gptoss_cli(
+        "export",
+        "--params",
+        str(tmp_path / "nope.msgpack"),
+        "--config",
+        str(toy["params"].with_name("flax_params_2layers.config.json")),
+        "--output",
+        str(tmp_path / "m.onnx"),
+    )
+    assert proc.returncode == 1 and "nope.msgpack" in error_lines(proc)[0] and "Traceback" not in proc.stderr
+
+    # Params that do not match their config (a 1-layer model under a 2-layer config).
+    other = tmp_path / "other"
+    synthesize(other / "checkpoint", "toy", 1, seed=1)
+    convert(other / "checkpoint", other / "p.msgpack", 1)
+    proc = gptoss_cli(
+        "export",
+        "--params",
+        str(other / "p.msgpack"),
+        "--config",
+        str(toy["params"].with_name("flax_params_2layers.config.json")),
+        "--output",
+        str(tmp_path / "m.onnx"),
+    )
+    assert proc.returncode == 1 and len(error_lines(proc)) == 1
+    assert "does not match" in error_lines(proc)[0]
+    assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "m.onnx.data").exists()
