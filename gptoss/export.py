@@ -5,10 +5,16 @@ The canonical graph has input ``input_ids [batch, sequence]`` (int32, both axes 
 ``hidden_state_{i}`` and ``block_{i}_{tap}`` outputs. Weights over 1 MB go to one ``<name>.onnx.data``
 next to the graph (the file always exists, so workflows can declare it). Both files are written in a
 temporary folder beside the destination and renamed into place when complete.
+
+Memory: the graph is traced from an *abstract* model with the weights as graph inputs (no weight is ever
+materialised, nor captured as a constant by ``jax.jit``/jax2onnx). Those inputs then become initializers
+whose bytes are streamed from the params msgpack into ``.onnx.data`` one tensor at a time, so export needs
+about one tensor of memory whatever the model size. Validation runs JAX first, frees it, then ONNX Runtime.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import shutil
@@ -20,13 +26,15 @@ import jax.numpy as jnp
 import numpy as np
 import onnx
 import onnx_ir as ir
+from flax import nnx
 
 from gptoss import __version__
 from gptoss.atomic import temporary_name
+from gptoss.checkpoint import DTYPES
 from gptoss.config import ParamsConfig, params_config_path
 from gptoss.errors import GptOssError
 from gptoss.model import GptOss, build_model, forward, output_names
-from gptoss.params_io import read_params
+from gptoss.params_io import iter_params
 
 log = logging.getLogger("gptoss.export")
 # onnx_ir notes every shape-only value it serialises without a type: benign and very chatty.
@@ -36,6 +44,7 @@ INPUT_NAME = "input_ids"
 EXTERNAL_THRESHOLD_BYTES = 1024 * 1024
 DEFAULT_OPSET = 21
 VALIDATION_ATOL = 1e-4
+DATA_ALIGNMENT = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -65,7 +74,8 @@ def load_model(params: Path, config: Path | None = None) -> tuple[ParamsConfig, 
     """Read params + config and build the Flax model; mismatches become one clear error."""
     config = config or params_config_path(params)
     params_cfg = ParamsConfig.read(config)
-    arrays = read_params(params)
+    # Each numpy array becomes a JAX array and is dropped at once: peak memory is the params plus one tensor.
+    arrays = {name: jnp.asarray(arr) for name, arr in iter_params(params)}
     try:
         model = build_model(params_cfg.model, arrays)
     except GptOssError as exc:
@@ -73,48 +83,67 @@ def load_model(params: Path, config: Path | None = None) -> tuple[ParamsConfig, 
     return params_cfg, model
 
 
-def _outputs(model: GptOss, spec: ExportSpec, input_ids: jax.Array) -> dict[str, jax.Array]:
-    return model(input_ids, emit_hidden_states=spec.emit_hidden_states, emit_block_debug=spec.emit_block_debug)
+def abstract_model(params_cfg: ParamsConfig) -> GptOss:
+    """The model's structure with shape-only parameters (nothing allocated)."""
+    dtype = jnp.dtype(DTYPES[params_cfg.dtype])
+    return nnx.eval_shape(lambda: GptOss(params_cfg.model, dtype))
 
 
-def _aliases(model: GptOss, spec: ExportSpec) -> dict[str, str]:
-    """Outputs that are the very same value as an earlier one (name → earlier name).
+class _Traceable:
+    """The model as a function of ``(input_ids, *weights)``: weights become graph inputs, never constants."""
 
-    ``hidden_state_{i}`` is ``block_{i}_output`` and ``block_{i+1}_input``; an ONNX value has one name, so
-    such duplicates become Identity nodes after export. Found by one abstract trace (no computation).
-    """
-    aliases: dict[str, str] = {}
+    def __init__(self, model: GptOss, spec: ExportSpec) -> None:
+        self.spec = spec
+        self.graphdef, state = nnx.split(model)
+        flat = list(nnx.to_flat_state(state))
+        self.paths = [path for path, _ in flat]
+        self.weight_names = [".".join(map(str, path)) for path in self.paths]
+        self.weight_specs = [jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype) for _, v in flat]
 
-    def probe(input_ids: jax.Array) -> jax.Array:
-        outputs = _outputs(model, spec, input_ids)
-        first_by_id: dict[int, str] = {}
-        for name, value in outputs.items():
-            if id(value) in first_by_id:
-                aliases[name] = first_by_id[id(value)]
-            else:
-                first_by_id[id(value)] = name
-        return outputs["logits"]
+    def outputs(self, input_ids: jax.Array, *weights: jax.Array) -> dict[str, jax.Array]:
+        live = nnx.merge(self.graphdef, nnx.from_flat_state(list(zip(self.paths, weights, strict=True))))
+        spec = self.spec
+        return live(input_ids, emit_hidden_states=spec.emit_hidden_states, emit_block_debug=spec.emit_block_debug)
 
-    jax.eval_shape(probe, jax.ShapeDtypeStruct((1, spec.sequence_length), jnp.int32))
-    return aliases
+    def aliases(self) -> dict[str, str]:
+        """Outputs that are the very same value as an earlier one (name → earlier name).
+
+        ``hidden_state_{i}`` is ``block_{i}_output`` and ``block_{i+1}_input``; an ONNX value has one name, so
+        such duplicates become Identity nodes after export. Found by one abstract trace (no computation).
+        """
+        aliases: dict[str, str] = {}
+
+        def probe(input_ids: jax.Array, *weights: jax.Array) -> jax.Array:
+            outputs = self.outputs(input_ids, *weights)
+            first_by_id: dict[int, str] = {}
+            for name, value in outputs.items():
+                if id(value) in first_by_id:
+                    aliases[name] = first_by_id[id(value)]
+                else:
+                    first_by_id[id(value)] = name
+            return outputs["logits"]
+
+        jax.eval_shape(probe, jax.ShapeDtypeStruct((1, self.spec.sequence_length), jnp.int32), *self.weight_specs)
+        return aliases
 
 
 def build_onnx(model: GptOss, spec: ExportSpec) -> ir.Model:
-    """Trace the model with jax2onnx into an ONNX IR model with named inputs and outputs."""
+    """Trace ``model`` (usually abstract) with jax2onnx; every weight is a graph input named after the param."""
     from jax2onnx import to_onnx
 
+    traceable = _Traceable(model, spec)
     names = output_names(model.cfg, spec.emit_hidden_states, spec.emit_block_debug)
-    aliases = _aliases(model, spec)
+    aliases = traceable.aliases()
     unique = [name for name in names if name not in aliases]
 
-    def fn(input_ids: jax.Array) -> tuple[jax.Array, ...]:
-        outputs = _outputs(model, spec, input_ids)
+    def fn(input_ids: jax.Array, *weights: jax.Array) -> tuple[jax.Array, ...]:
+        outputs = traceable.outputs(input_ids, *weights)
         return tuple(outputs[name] for name in unique)
 
     onnx_model = to_onnx(
         fn,
-        [jax.ShapeDtypeStruct(spec.input_shape(), jnp.int32)],
-        input_names=[INPUT_NAME],
+        [jax.ShapeDtypeStruct(spec.input_shape(), jnp.int32), *traceable.weight_specs],
+        input_names=[INPUT_NAME, *traceable.weight_names],
         output_names=unique,
         opset=spec.opset,
         model_name="gpt_oss",
@@ -136,18 +165,68 @@ def build_onnx(model: GptOss, spec: ExportSpec) -> ir.Model:
     return onnx_model
 
 
-def save_onnx(onnx_model: ir.Model, output: Path, threshold: int = EXTERNAL_THRESHOLD_BYTES) -> None:
-    """Write ``output`` and ``output.data`` atomically (temporary folder, then two renames)."""
+def attach_weights(
+    onnx_model: ir.Model, params: Path, data_file: Path, threshold: int = EXTERNAL_THRESHOLD_BYTES
+) -> None:
+    """Turn the weight inputs into initializers, streaming tensors over ``threshold`` bytes into ``data_file``.
+
+    Large tensors start at 64 KiB-aligned offsets so ONNX Runtime can memory-map them.
+    """
+    graph = onnx_model.graph
+    weight_inputs = {v.name: v for v in graph.inputs if v.name != INPUT_NAME}
+    seen: set[str] = set()
+    with open(data_file, "wb") as fh:
+        for name, arr in iter_params(params):
+            value = weight_inputs.get(name)
+            if value is None:
+                raise GptOssError(f"{params}: tensor {name!r} is not a parameter of the configured model")
+            expected = tuple(d if isinstance(d, int) else -1 for d in value.shape)
+            if tuple(arr.shape) != expected:
+                raise GptOssError(
+                    f"{params} does not match its config: {name!r} has shape {list(arr.shape)}, "
+                    f"the config expects {list(expected)}"
+                )
+            arr = np.ascontiguousarray(arr, dtype=_numpy_dtype(value))
+            if arr.nbytes > threshold:
+                offset = -fh.tell() % DATA_ALIGNMENT
+                fh.write(b"\0" * offset)
+                start = fh.tell()
+                fh.write(memoryview(arr.reshape(-1).view(np.uint8)))
+                value.const_value = ir.ExternalTensor(
+                    data_file.name,
+                    start,
+                    arr.nbytes,
+                    value.dtype,
+                    shape=value.shape,
+                    name=name,
+                    base_dir=data_file.parent,
+                )
+            else:
+                value.const_value = ir.Tensor(arr, name=name)
+            seen.add(name)
+            del arr
+    missing = sorted(set(weight_inputs) - seen)
+    if missing:
+        raise GptOssError(f"{params} does not match its config: missing tensors {missing[:3]}")
+    graph.inputs[:] = [v for v in graph.inputs if v.name == INPUT_NAME]
+    for value in weight_inputs.values():
+        graph.register_initializer(value)
+
+
+def _numpy_dtype(value: ir.Value) -> np.dtype:
+    return np.dtype(DTYPES["bfloat16"]) if value.dtype == ir.DataType.BFLOAT16 else value.dtype.numpy()
+
+
+def write_onnx(onnx_model: ir.Model, params: Path, output: Path) -> None:
+    """Write ``output`` and ``output.data`` atomically: staged in a temporary folder, checked, then renamed."""
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = temporary_name(output)
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
-        staged = staging / output.name
-        ir.save(onnx_model, staged, external_data=data_path(output).name, size_threshold_bytes=threshold)
-        staged_data = data_path(staged)
-        if not staged_data.exists():
-            staged_data.touch()  # nothing over the threshold: an empty data file keeps the file pair stable
+        staged, staged_data = staging / output.name, staging / data_path(output).name
+        attach_weights(onnx_model, params, staged_data)
+        ir.save(onnx_model, staged)
         onnx.checker.check_model(str(staged), full_check=False)
         os.replace(staged_data, data_path(output))
         os.replace(staged, output)
@@ -157,15 +236,17 @@ def save_onnx(onnx_model: ir.Model, output: Path, threshold: int = EXTERNAL_THRE
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def validate(model: GptOss, onnx_path: Path, spec: ExportSpec, seed: int = 0) -> float:
-    """Random token ids (not zeros) through JAX and ONNX Runtime; fail if logits differ by more than 1e-4."""
+def validate(params: Path, config: Path | None, onnx_path: Path, spec: ExportSpec, seed: int = 0) -> float:
+    """Random token ids (not zeros) through JAX, then (JAX freed) ONNX Runtime; fail if logits differ > 1e-4."""
     from gptoss.ort import ort_session
 
+    _, model = load_model(params, config)
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, model.cfg.vocab_size, size=(2, spec.sequence_length)).astype(np.int32)
     expected = np.asarray(forward(model, jnp.asarray(ids))["logits"])
-    session = ort_session(onnx_path)
-    (actual,) = session.run(["logits"], {INPUT_NAME: ids})
+    del model
+    gc.collect()
+    (actual,) = ort_session(onnx_path).run(["logits"], {INPUT_NAME: ids})
     diff = float(np.abs(actual.astype(np.float64) - expected).max())
     if not np.isfinite(diff) or diff > VALIDATION_ATOL:
         raise GptOssError(
@@ -185,14 +266,16 @@ def export(
     """Export and (unless skipped) validate; returns the validation logits max |diff|."""
     if spec.sequence_length < 1:
         raise GptOssError(f"--sequence-length must be positive, got {spec.sequence_length}")
-    _, model = load_model(params, config)
-    log.info("tracing %s graph (%s)", "debug" if spec.debug else "canonical", spec.input_shape())
-    onnx_model = build_onnx(model, spec)
-    log.info("writing %s (+ %s)", output, data_path(output).name)
-    save_onnx(onnx_model, output)
+    if not params.is_file():
+        raise GptOssError(f"{params}: params file not found")
+    params_cfg = ParamsConfig.read(config or params_config_path(params))
+    log.info("tracing %s graph %s", "debug" if spec.debug else "canonical", spec.input_shape())
+    onnx_model = build_onnx(abstract_model(params_cfg), spec)
+    log.info("writing %s (+ %s), streaming weights from %s", output, data_path(output).name, params)
+    write_onnx(onnx_model, params, output)
     del onnx_model
     if skip_validation:
         return None
-    diff = validate(model, output, spec)
+    diff = validate(params, config, output, spec)
     log.info("validation: logits max |diff| JAX vs ONNX Runtime = %.3g", diff)
     return diff

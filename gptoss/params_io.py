@@ -11,7 +11,7 @@ parses the stream and reads each array straight into its final buffer.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -46,7 +46,7 @@ def _write_array(fh: IO[bytes], packer: msgpack.Packer, arr: np.ndarray) -> None
     head = packer.pack(list(arr.shape)) + packer.pack(arr.dtype.name)
     inner = b"\x93" + head + b"\xc6" + struct.pack(">I", arr.nbytes)
     fh.write(b"\xc9" + struct.pack(">Ib", len(inner) + arr.nbytes, EXT_NDARRAY) + inner)
-    fh.write(memoryview(arr.reshape(-1)).cast("B"))
+    fh.write(memoryview(arr.reshape(-1).view(np.uint8)))  # a uint8 view: bfloat16 has no buffer format
 
 
 def _write_chunked(fh: IO[bytes], packer: msgpack.Packer, arr: np.ndarray) -> None:
@@ -151,43 +151,68 @@ class _Reader:
         arr = np.empty(shape, dtype=dtype)
         if arr.nbytes != nbytes or self.fh.tell() - start + nbytes != length:
             raise GptOssError(f"{self.path}: array entry size does not match its shape {shape} {dtype_name}")
-        if self.fh.readinto(memoryview(arr.reshape(-1)).cast("B")) != nbytes:
+        if self.fh.readinto(memoryview(arr.reshape(-1).view(np.uint8))) != nbytes:
             raise GptOssError(f"{self.path}: truncated params file")
         return arr
 
 
-def _unchunk(node: Any) -> Any:
-    if isinstance(node, dict):
-        if node.get(CHUNKED_KEY) is True:
-            shape = tuple(node["shape"][str(i)] for i in range(len(node["shape"])))
-            chunks = [node["chunks"][str(i)] for i in range(len(node["chunks"]))]
-            out = np.concatenate(chunks) if len(chunks) > 1 else chunks[0]
-            return out.reshape(shape)
-        return {k: _unchunk(v) for k, v in node.items()}
-    return node
+    def _map_header(self) -> int | None:
+        """If the next value is a map, consume its header and return its size; otherwise consume nothing."""
+        b = self.fh.read(1)
+        if not b:
+            raise GptOssError(f"{self.path}: truncated params file")
+        if 0x80 <= b[0] <= 0x8F:
+            return b[0] & 0x0F
+        if b[0] in (0xDE, 0xDF):
+            return self._uint(2 if b[0] == 0xDE else 4)
+        self.fh.seek(-1, 1)
+        return None
+
+    def leaves(self, prefix: str = "") -> Iterator[tuple[str, np.ndarray]]:
+        """Walk the nested map, yielding ``(dotted name, array)`` one array at a time."""
+        size = self._map_header()
+        if size is None:
+            raise GptOssError(f"{self.path}: not a params msgpack file (expected a map at {prefix or 'the top'})")
+        for i in range(size):
+            key = str(self.value())
+            if i == 0 and key == CHUNKED_KEY:
+                rest = {key: self.value(), **{str(self.value()): self.value() for _ in range(size - 1)}}
+                yield prefix.rstrip("."), _unchunk(rest)
+                return
+            name = f"{prefix}{key}"
+            nested = self._map_header()
+            if nested is not None:
+                self.fh.seek(-_map_header_bytes(nested), 1)
+                yield from self.leaves(name + ".")
+                continue
+            value = self.value()
+            if not isinstance(value, np.ndarray):
+                raise GptOssError(f"{self.path}: params entry {name!r} is not an array")
+            yield name, value
 
 
-def _flatten(node: dict[str, Any], prefix: str = "") -> dict[str, np.ndarray]:
-    flat: dict[str, np.ndarray] = {}
-    for key, value in node.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flatten(value, name + "."))
-        elif isinstance(value, np.ndarray):
-            flat[name] = value
-        else:
-            raise GptOssError(f"params entry {name!r} is not an array")
-    return flat
+def _map_header_bytes(size: int) -> int:
+    return 1 if size <= 0x0F else 3 if size <= 0xFFFF else 5
 
 
-def read_params(path: Path) -> dict[str, np.ndarray]:
-    """Read a params msgpack into flat dotted names → arrays."""
+def _unchunk(node: dict[str, Any]) -> np.ndarray:
+    """flax's chunked form back into one array."""
+    shape = tuple(node["shape"][str(i)] for i in range(len(node["shape"])))
+    chunks = [node["chunks"][str(i)] for i in range(len(node["chunks"]))]
+    out = np.concatenate(chunks) if len(chunks) > 1 else chunks[0]
+    return out.reshape(shape)
+
+
+def iter_params(path: Path) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield ``(dotted name, array)`` from a params msgpack, reading one array at a time."""
     if not path.is_file():
         raise GptOssError(f"{path}: params file not found")
     with open(path, "rb") as fh:
-        tree = _Reader(fh, path).value()
+        yield from _Reader(fh, path).leaves()
         if fh.read(1):
             raise GptOssError(f"{path}: trailing bytes after the params map")
-    if not isinstance(tree, dict):
-        raise GptOssError(f"{path}: not a params msgpack file (top level is not a map)")
-    return _flatten(_unchunk(tree))
+
+
+def read_params(path: Path) -> dict[str, np.ndarray]:
+    """Read a whole params msgpack into flat dotted names → arrays."""
+    return dict(iter_params(path))
