@@ -71,10 +71,17 @@ class Checkpoint:
     def _get(self, name: str) -> np.ndarray:
         return self.store.get(name)
 
+    def _decode(self, blocks: str, scales: str) -> np.ndarray:
+        """MXFP4 ``blocks``/``scales`` → ``[E, out, in]``; mismatched shapes are a clear error naming both."""
+        try:
+            return mxfp4.decode(self._get(blocks), self._get(scales))
+        except ValueError as exc:
+            raise GptOssError(f"{self.store.file_of(blocks)}: tensors {blocks!r} and {scales!r}: {exc}") from None
+
     def _mxfp4_or_dense(self, prefix: str) -> Callable[[], np.ndarray]:
         """HF experts: MXFP4 ``{prefix}_blocks/_scales`` or the dequantized ``{prefix}`` (stored input-major)."""
         if f"{prefix}_blocks" in self.store:
-            return lambda: _experts_t(mxfp4.decode(self._get(f"{prefix}_blocks"), self._get(f"{prefix}_scales")))
+            return lambda: _experts_t(self._decode(f"{prefix}_blocks", f"{prefix}_scales"))
         # Trap: dequantized HF experts are already [E, in, out] (input-major): no transpose.
         return lambda: self._get(prefix)
 
@@ -118,7 +125,7 @@ class Checkpoint:
         }
 
         def mlp_weight(name: str) -> Callable[[], np.ndarray]:
-            return lambda: _experts_t(mxfp4.decode(g(f"{name}.blocks"), g(f"{name}.scales")))
+            return lambda: _experts_t(self._decode(f"{name}.blocks", f"{name}.scales"))
 
         for i in range(num_layers):
             p, ours = f"block.{i}", f"layers.{i}"
@@ -150,7 +157,7 @@ def load_params(
     if dtype not in DTYPES:
         raise GptOssError(f"--dtype {dtype!r} is not supported; choose one of {sorted(DTYPES)}")
     ckpt = Checkpoint.open(folder)
-    cfg = ckpt.config.truncated(num_layers or ckpt.config.num_hidden_layers)
+    cfg = ckpt.config.truncated(ckpt.config.num_hidden_layers if num_layers is None else num_layers)
     specs = param_specs(cfg, np.dtype(DTYPES[dtype]))
     sources = ckpt.sources(cfg.num_hidden_layers)
 

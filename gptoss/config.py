@@ -221,11 +221,12 @@ def read_json(path: Path) -> dict[str, Any]:
 
 def load_checkpoint_config(checkpoint_dir: Path) -> GptOssConfig:
     """The config of a checkpoint folder: ``config.json`` (HF) or ``original/config.json`` / ``config.json``
-    in OpenAI's form (recognised by ``experts_per_token``)."""
+    in OpenAI's form (recognised by ``experts_per_token`` without HF's ``model_type``/``architectures``: the real
+    HF ``config.json`` of gpt-oss carries ``experts_per_token`` too)."""
     for candidate in (checkpoint_dir / "config.json", checkpoint_dir / "original" / "config.json"):
         if candidate.is_file():
             raw = read_json(candidate)
-            if "experts_per_token" in raw:
+            if "experts_per_token" in raw and "model_type" not in raw and "architectures" not in raw:
                 return GptOssConfig.from_original_dict(raw, str(candidate))
             return GptOssConfig.from_hf_dict(raw, str(candidate))
     raise GptOssError(f"{checkpoint_dir}: no config.json (nor original/config.json) found")

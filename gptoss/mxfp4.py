@@ -37,7 +37,8 @@ def decode(blocks: np.ndarray, scales: np.ndarray, rows_per_chunk: int = 1 << 16
         out[start:stop, 0::2] = FP4_VALUES[chunk & 0x0F]  # low nibble: even element
         out[start:stop, 1::2] = FP4_VALUES[chunk >> 4]  # high nibble: odd element
         exponent = flat_scales[start:stop].astype(np.int32) - E8M0_BIAS
-        factor = np.ldexp(np.float32(1.0), exponent).astype(np.float32)
+        with np.errstate(over="ignore"):  # scale 255 (NaN) overflows to inf before it is set to NaN below
+            factor = np.ldexp(np.float32(1.0), exponent).astype(np.float32)
         factor[flat_scales[start:stop] == E8M0_NAN] = np.nan
         out[start:stop] *= factor[:, None]
     return out.reshape(*prefix, groups * GROUP)
