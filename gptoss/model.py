@@ -145,8 +145,9 @@ class MoE(nnx.Module):
     with zero weight for unselected experts). Trade-off: for prefill of a few dozen tokens this reads
     each expert weight once and never materialises per-token weight copies (the seed's gather built
     ``[tokens, k, 2I, H]``: 8.5 GB per 20b layer at 32 tokens); the cost is ``experts/k`` (8×) more FLOPs
-    than a grouped-by-expert prefill, which only pays off for long prompts, and it exports to plain
-    MatMul/Einsum ops with static shapes in ONNX.
+    than grouping tokens by expert, which only pays off for long prompts (and needs data-dependent shapes
+    that ONNX exports poorly). The expert axis is the leading *batch* axis of both matmuls
+    (``[E, b, t, H] × [E, H, 2I]``), so neither XLA nor ONNX Runtime transposes or copies a weight.
     """
 
     def __init__(self, cfg: GptOssConfig, dtype: jnp.dtype) -> None:
@@ -166,7 +167,9 @@ class MoE(nnx.Module):
         top_logits, top_idx = jax.lax.top_k(router_logits, k)
         top_weights = jax.nn.softmax(top_logits.astype(jnp.float32), axis=-1).astype(x.dtype)
 
-        gate_up = jnp.einsum("bth,ehf->btef", x, self.gate_up_kernel[...]) + self.gate_up_bias[...]
+        # Tokens broadcast over experts (small: activations only), experts as the batch axis.
+        tokens = jnp.broadcast_to(x[None], (e, *x.shape))
+        gate_up = _expert_matmul(tokens, self.gate_up_kernel[...]) + self.gate_up_bias[...][:, None, None, :]
         # Trap: gate_up columns are interleaved — even columns gate, odd columns linear.
         pairs = gate_up.reshape(*gate_up.shape[:-1], inter, 2)
         gate, linear = pairs[..., 0], pairs[..., 1]
@@ -175,14 +178,15 @@ class MoE(nnx.Module):
         gate = jnp.minimum(gate, limit)
         linear = jnp.clip(linear, -limit, limit)
         act = gate * jax.nn.sigmoid(cfg.swiglu_alpha * gate) * (linear + 1)
-        expert_out = jnp.einsum("btei,eih->bteh", act, self.down_kernel[...]) + self.down_bias[...]
+        expert_out = _expert_matmul(act, self.down_kernel[...]) + self.down_bias[...][:, None, None, :]
 
         dense_weights = jnp.sum(jax.nn.one_hot(top_idx, e, dtype=x.dtype) * top_weights[..., None], axis=-2)
-        out = jnp.einsum("bte,bteh->bth", dense_weights, expert_out)
+        out = jnp.einsum("bte,ebth->bth", dense_weights, expert_out)
         if taps is not None:
 
             def per_slot(t: jax.Array) -> jax.Array:
-                return jnp.take_along_axis(t, top_idx[..., None], axis=2)
+                # [E, b, t, f] → the k selected experts per token: [b, t, k, f]
+                return jnp.take_along_axis(jnp.moveaxis(t, 0, 2), top_idx[..., None], axis=2)
 
             taps.update(
                 router_logits=router_logits,
@@ -194,6 +198,11 @@ class MoE(nnx.Module):
                 moe_output=out,
             )
         return out
+
+
+def _expert_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """``[E, b, t, in] × [E, in, out] → [E, b, t, out]`` with E as the batch dimension of one dot_general."""
+    return jax.lax.dot_general(x, w, dimension_numbers=(((3,), (1,)), ((0,), (0,))))
 
 
 class Block(nnx.Module):
@@ -266,12 +275,23 @@ class GptOss(nnx.Module):
         return {"logits": logits, **outputs}
 
 
-@functools.partial(nnx.jit, static_argnames=("emit_hidden_states", "emit_block_debug"))
 def forward(
     model: GptOss, input_ids: jax.Array, emit_hidden_states: bool = False, emit_block_debug: bool = False
 ) -> Outputs:
-    """The jitted forward pass. ``nnx.jit`` passes the weights as arguments (never captured as constants,
-    which would copy every weight into the compiled program)."""
+    """The jitted forward pass, with the weights passed as arguments of a pure function.
+
+    Not captured as constants (that copies every weight into the program), and not through ``nnx.jit``,
+    which returns the module state as outputs and so doubles the weights' memory.
+    """
+    graphdef, state = nnx.split(model)
+    return _jitted_forward(graphdef, state, input_ids, emit_hidden_states, emit_block_debug)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3, 4))
+def _jitted_forward(
+    graphdef: nnx.GraphDef, state: nnx.State, input_ids: jax.Array, emit_hidden_states: bool, emit_block_debug: bool
+) -> Outputs:
+    model = nnx.merge(graphdef, state)
     return model(input_ids, emit_hidden_states=emit_hidden_states, emit_block_debug=emit_block_debug)
 
 

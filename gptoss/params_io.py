@@ -128,33 +128,63 @@ class _Reader:
         if b in (0xDE, 0xDF):
             return self._map(self._uint(2 if b == 0xDE else 4))
         if b in (0xC7, 0xC8, 0xC9) or 0xD4 <= b <= 0xD8:
-            length = self._uint({0xC7: 1, 0xC8: 2, 0xC9: 4}[b]) if b <= 0xC9 else 1 << (b - 0xD4)
-            code = struct.unpack("b", self._read(1))[0]
-            if code != EXT_NDARRAY:
-                raise GptOssError(f"{self.path}: unsupported msgpack ext type {code}")
-            return self._ndarray(length)
+            shape, dtype, nbytes = self._array_header(b)
+            return self._read_into(np.empty(shape, dtype=dtype))
         raise GptOssError(f"{self.path}: not a params msgpack file (unexpected byte 0x{b:02x})")
 
     def _map(self, n: int) -> dict[str, Any]:
         return {str(self.value()): self.value() for _ in range(n)}
 
-    def _ndarray(self, length: int) -> np.ndarray:
+    def _array_header(self, marker: int) -> tuple[list[int], np.dtype, int]:
+        """Parse an ndarray ext entry up to its raw bytes: ``(shape, dtype, nbytes)``."""
+        if not (marker in (0xC7, 0xC8, 0xC9) or 0xD4 <= marker <= 0xD8):
+            raise GptOssError(f"{self.path}: expected an array entry (byte 0x{marker:02x})")
+        length = self._uint({0xC7: 1, 0xC8: 2, 0xC9: 4}[marker]) if marker <= 0xC9 else 1 << (marker - 0xD4)
+        code = struct.unpack("b", self._read(1))[0]
+        if code != EXT_NDARRAY:
+            raise GptOssError(f"{self.path}: unsupported msgpack ext type {code}")
         start = self.fh.tell()
         if self._read(1)[0] != 0x93:
             raise GptOssError(f"{self.path}: malformed array entry")
         shape = self.value()
         dtype_name = self.value()
         dtype_name = dtype_name.decode() if isinstance(dtype_name, bytes) else dtype_name
-        b = self._read(1)[0]
-        nbytes = self._uint({0xC4: 1, 0xC5: 2, 0xC6: 4}[b])
+        nbytes = self._uint({0xC4: 1, 0xC5: 2, 0xC6: 4}[self._read(1)[0]])
         dtype = np.dtype(ml_dtypes.bfloat16) if dtype_name == "bfloat16" else np.dtype(dtype_name)
-        arr = np.empty(shape, dtype=dtype)
-        if arr.nbytes != nbytes or self.fh.tell() - start + nbytes != length:
+        if int(np.prod(shape, dtype=np.int64)) * dtype.itemsize != nbytes or self.fh.tell() - start + nbytes != length:
             raise GptOssError(f"{self.path}: array entry size does not match its shape {shape} {dtype_name}")
-        if self.fh.readinto(memoryview(arr.reshape(-1).view(np.uint8))) != nbytes:
+        return shape, dtype, nbytes
+
+    def _read_into(self, arr: np.ndarray) -> np.ndarray:
+        if self.fh.readinto(memoryview(arr.reshape(-1).view(np.uint8))) != arr.nbytes:
             raise GptOssError(f"{self.path}: truncated params file")
         return arr
 
+    def _chunked(self, size: int) -> np.ndarray:
+        """flax's chunked array (after its first key): chunks are read straight into one preallocated array."""
+        self.value()  # the marker's value (True)
+        shape: tuple[int, ...] | None = None
+        out: np.ndarray | None = None
+        for _ in range(size - 1):
+            key = str(self.value())
+            if key == "shape":
+                dims = self.value()
+                shape = tuple(dims[str(i)] for i in range(len(dims)))
+            elif key == "chunks" and shape is not None:
+                offset = 0
+                for _ in range(self._map_header() or 0):
+                    self.value()  # chunk index
+                    chunk_shape, dtype, _ = self._array_header(self._read(1)[0])
+                    if out is None:
+                        out = np.empty(int(np.prod(shape, dtype=np.int64)), dtype=dtype)
+                    count = int(np.prod(chunk_shape, dtype=np.int64))
+                    self._read_into(out[offset : offset + count])
+                    offset += count
+            else:
+                raise GptOssError(f"{self.path}: malformed chunked array (unexpected key {key!r})")
+        if out is None or shape is None or out.size != int(np.prod(shape, dtype=np.int64)):
+            raise GptOssError(f"{self.path}: malformed chunked array")
+        return out.reshape(shape)
 
     def _map_header(self) -> int | None:
         """If the next value is a map, consume its header and return its size; otherwise consume nothing."""
@@ -176,8 +206,7 @@ class _Reader:
         for i in range(size):
             key = str(self.value())
             if i == 0 and key == CHUNKED_KEY:
-                rest = {key: self.value(), **{str(self.value()): self.value() for _ in range(size - 1)}}
-                yield prefix.rstrip("."), _unchunk(rest)
+                yield prefix.rstrip("."), self._chunked(size)
                 return
             name = f"{prefix}{key}"
             nested = self._map_header()
@@ -193,14 +222,6 @@ class _Reader:
 
 def _map_header_bytes(size: int) -> int:
     return 1 if size <= 0x0F else 3 if size <= 0xFFFF else 5
-
-
-def _unchunk(node: dict[str, Any]) -> np.ndarray:
-    """flax's chunked form back into one array."""
-    shape = tuple(node["shape"][str(i)] for i in range(len(node["shape"])))
-    chunks = [node["chunks"][str(i)] for i in range(len(node["chunks"]))]
-    out = np.concatenate(chunks) if len(chunks) > 1 else chunks[0]
-    return out.reshape(shape)
 
 
 def iter_params(path: Path) -> Iterator[tuple[str, np.ndarray]]:
