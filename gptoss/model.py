@@ -147,7 +147,8 @@ class MoE(nnx.Module):
     ``[tokens, k, 2I, H]``: 8.5 GB per 20b layer at 32 tokens); the cost is ``experts/k`` (8×) more FLOPs
     than grouping tokens by expert, which only pays off for long prompts (and needs data-dependent shapes
     that ONNX exports poorly). The expert axis is the leading *batch* axis of both matmuls
-    (``[E, b, t, H] × [E, H, 2I]``), so neither XLA nor ONNX Runtime transposes or copies a weight.
+    (``[E, tokens, H] × [E, H, 2I]``, a plain batched MatMul in ONNX), so neither XLA nor ONNX Runtime
+    transposes or copies a weight.
     """
 
     def __init__(self, cfg: GptOssConfig, dtype: jnp.dtype) -> None:
@@ -167,9 +168,10 @@ class MoE(nnx.Module):
         top_logits, top_idx = jax.lax.top_k(router_logits, k)
         top_weights = jax.nn.softmax(top_logits.astype(jnp.float32), axis=-1).astype(x.dtype)
 
-        # Tokens broadcast over experts (small: activations only), experts as the batch axis.
-        tokens = jnp.broadcast_to(x[None], (e, *x.shape))
-        gate_up = _expert_matmul(tokens, self.gate_up_kernel[...]) + self.gate_up_bias[...][:, None, None, :]
+        # Tokens broadcast over experts (small: activations only), experts as the batch axis: [E, N, H].
+        batch, seq, hidden = x.shape
+        tokens = jnp.broadcast_to(x.reshape(1, -1, hidden), (e, batch * seq, hidden))
+        gate_up = _expert_matmul(tokens, self.gate_up_kernel[...]) + self.gate_up_bias[...][:, None, :]
         # Trap: gate_up columns are interleaved — even columns gate, odd columns linear.
         pairs = gate_up.reshape(*gate_up.shape[:-1], inter, 2)
         gate, linear = pairs[..., 0], pairs[..., 1]
@@ -178,15 +180,16 @@ class MoE(nnx.Module):
         gate = jnp.minimum(gate, limit)
         linear = jnp.clip(linear, -limit, limit)
         act = gate * jax.nn.sigmoid(cfg.swiglu_alpha * gate) * (linear + 1)
-        expert_out = _expert_matmul(act, self.down_kernel[...]) + self.down_bias[...][:, None, None, :]
+        expert_out = _expert_matmul(act, self.down_kernel[...]) + self.down_bias[...][:, None, :]
 
         dense_weights = jnp.sum(jax.nn.one_hot(top_idx, e, dtype=x.dtype) * top_weights[..., None], axis=-2)
-        out = jnp.einsum("bte,ebth->bth", dense_weights, expert_out)
+        out = jnp.einsum("ne,enh->nh", dense_weights.reshape(-1, e), expert_out).reshape(batch, seq, hidden)
         if taps is not None:
 
             def per_slot(t: jax.Array) -> jax.Array:
-                # [E, b, t, f] → the k selected experts per token: [b, t, k, f]
-                return jnp.take_along_axis(jnp.moveaxis(t, 0, 2), top_idx[..., None], axis=2)
+                # [E, N, f] → the k selected experts per token: [b, t, k, f]
+                per_token = jnp.moveaxis(t.reshape(e, batch, seq, t.shape[-1]), 0, 2)
+                return jnp.take_along_axis(per_token, top_idx[..., None], axis=2)
 
             taps.update(
                 router_logits=router_logits,
@@ -201,8 +204,8 @@ class MoE(nnx.Module):
 
 
 def _expert_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-    """``[E, b, t, in] × [E, in, out] → [E, b, t, out]`` with E as the batch dimension of one dot_general."""
-    return jax.lax.dot_general(x, w, dimension_numbers=(((3,), (1,)), ((0,), (0,))))
+    """``[E, N, in] × [E, in, out] → [E, N, out]`` with E as the batch dimension of one dot_general."""
+    return jax.lax.dot_general(x, w, dimension_numbers=(((2,), (1,)), ((0,), (0,))))
 
 
 class Block(nnx.Module):

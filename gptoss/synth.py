@@ -24,6 +24,7 @@ from gptoss.tokenizer import train_synthetic_tokenizer
 BF16 = np.dtype(ml_dtypes.bfloat16)
 FP4_RMS = math.sqrt(np.mean(np.array([0, 0.25, 1, 2.25, 4, 9, 16, 36])))  # RMS of a uniformly random E2M1 code
 EXPERT_PREACT_STD = 4.0  # target std of expert pre-activations: clamps at 7 engage in the tails
+DOWN_PROJ_GAIN = 0.2
 
 
 def _real(num_layers: int, experts: int) -> dict:
@@ -120,7 +121,9 @@ class _Generator:
             yield f"{p}.mlp.experts.gate_up_proj_blocks", blocks
             yield f"{p}.mlp.experts.gate_up_proj_scales", scales
             yield f"{p}.mlp.experts.gate_up_proj_bias", self.normal((e, 2 * i), 0.5)
-            blocks, scales = self.mxfp4(e, h, i, 1 / math.sqrt(i))
+            # Down projection small enough that the MoE output stays of the order of the residual stream
+            # (activations reach 7·8 = 56 where both clamps engage).
+            blocks, scales = self.mxfp4(e, h, i, DOWN_PROJ_GAIN / math.sqrt(i))
             yield f"{p}.mlp.experts.down_proj_blocks", blocks
             yield f"{p}.mlp.experts.down_proj_scales", scales
             yield f"{p}.mlp.experts.down_proj_bias", self.normal((e, h), 0.1)
