@@ -58,7 +58,7 @@ def _export(args: argparse.Namespace) -> None:
     from gptoss.export import ExportSpec, export
 
     spec = ExportSpec(args.sequence_length, args.emit_hidden_states, args.emit_block_debug, args.opset)
-    export(args.params, args.output, spec, args.config, args.skip_validation)
+    export(args.params, args.output, spec, args.config, args.skip_validation, args.threads)
 
 
 @command("parity")
@@ -132,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--emit-block-debug", action="store_true", help="add block_{i}_{tap} outputs")
     p.add_argument("--skip-validation", action="store_true", help="skip the JAX vs ONNX Runtime check")
     p.add_argument("--opset", type=int, default=21)
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
 
     p = sub.add_parser("parity", help="JAX vs ONNX Runtime on real prompts -> CSV")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
@@ -145,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare-block-debug", action="store_true")
     p.add_argument("--stage", choices=["debug", "canonical"], default=None, help="default: from the compare flags")
     p.add_argument("--csv", type=Path, required=True)
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
     Tolerances.add_arguments(p)
 
     p = sub.add_parser("gate", help="parity CSVs + tolerances -> verdict JSON + summary; exit 1 on any breach")

@@ -241,11 +241,12 @@ class ParamsConfig:
     source_checkpoint: str
     tokenizer: str | None
     source_layers: int
-    download: dict[str, Any] | None = None  # repo_id / revision / resolved commit, when from the hub
+    # How the checkpoint was made: the hub's download.json (repo_id, revision, resolved commit) or synth.json.
+    origin: dict[str, Any] | None = None
 
     def checkpoint_info(self) -> dict[str, Any]:
         """Where the params came from: the folder and, for hub checkpoints, repo and resolved commit."""
-        return {"path": self.source_checkpoint, **(self.download or {})}
+        return {"path": self.source_checkpoint, **(self.origin or {})}
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -256,7 +257,7 @@ class ParamsConfig:
                 "source_checkpoint": self.source_checkpoint,
                 "source_layers": self.source_layers,
                 "tokenizer": self.tokenizer,
-                "download": self.download,
+                "origin": self.origin,
             },
         }
 
@@ -273,7 +274,7 @@ class ParamsConfig:
             source_checkpoint=meta.get("source_checkpoint", ""),
             tokenizer=meta.get("tokenizer"),
             source_layers=int(meta.get("source_layers", model.num_hidden_layers)),
-            download=meta.get("download"),
+            origin=meta.get("origin"),
         )
 
 

@@ -12,6 +12,7 @@ from gptoss.config import ParamsConfig, params_config_path, read_json
 from gptoss.hub import REVISION_FILE
 from gptoss.model import param_specs
 from gptoss.params_io import write_params
+from gptoss.synth import SYNTH_FILE
 
 log = logging.getLogger("gptoss.convert")
 
@@ -20,6 +21,14 @@ def find_tokenizer(checkpoint: Path) -> Path | None:
     for candidate in (checkpoint / "tokenizer.json", checkpoint.parent / "tokenizer.json"):
         if candidate.is_file():
             return candidate.resolve()
+    return None
+
+
+def checkpoint_origin(checkpoint: Path) -> dict | None:
+    """What the checkpoint folder says about where it came from (hub download or synthetic preset)."""
+    for name in (REVISION_FILE, SYNTH_FILE):
+        if (checkpoint / name).is_file():
+            return read_json(checkpoint / name)
     return None
 
 
@@ -53,7 +62,7 @@ def convert(checkpoint: Path, output: Path, num_layers: int | None = None, dtype
         source_checkpoint=str(Path(checkpoint).resolve()),
         tokenizer=str(tokenizer) if tokenizer else None,
         source_layers=full_cfg.num_hidden_layers,
-        download=read_json(download_json) if (download_json := Path(checkpoint) / REVISION_FILE).is_file() else None,
+        origin=checkpoint_origin(Path(checkpoint)),
     )
     config_path = params_config_path(output)
     try:

@@ -267,7 +267,9 @@ def write_onnx(onnx_model: ir.Model, params: Path, output: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def validate(params: Path, config: Path | None, onnx_path: Path, spec: ExportSpec, seed: int = 0) -> float:
+def validate(
+    params: Path, config: Path | None, onnx_path: Path, spec: ExportSpec, seed: int = 0, threads: int | None = None
+) -> float:
     """Random token ids (not zeros) through JAX, then (JAX freed) ONNX Runtime; fail if logits differ > 1e-4."""
     from gptoss.ort import ort_session
 
@@ -277,7 +279,7 @@ def validate(params: Path, config: Path | None, onnx_path: Path, spec: ExportSpe
     expected = np.asarray(forward(model, jnp.asarray(ids))["logits"])
     del model
     gc.collect()
-    (actual,) = ort_session(onnx_path).run(["logits"], {INPUT_NAME: ids})
+    (actual,) = ort_session(onnx_path, threads).run(["logits"], {INPUT_NAME: ids})
     diff = float(np.abs(actual.astype(np.float64) - expected).max())
     if not np.isfinite(diff) or diff > VALIDATION_ATOL:
         raise GptOssError(
@@ -293,6 +295,7 @@ def export(
     spec: ExportSpec,
     config: Path | None = None,
     skip_validation: bool = False,
+    threads: int | None = None,
 ) -> float | None:
     """Export and (unless skipped) validate; returns the validation logits max |diff|."""
     if spec.sequence_length < 1:
@@ -307,6 +310,6 @@ def export(
     del onnx_model
     if skip_validation:
         return None
-    diff = validate(params, config, output, spec)
+    diff = validate(params, config, output, spec, threads=threads)
     log.info("validation: logits max |diff| JAX vs ONNX Runtime = %.3g", diff)
     return diff

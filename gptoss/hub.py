@@ -30,7 +30,6 @@ def download(repo_id: str, revision: str, output: Path, retries: int = 3) -> str
     Returns the resolved commit hash, also written to ``output/download.json``.
     """
     from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     last_error: Exception | None = None
     for attempt in range(1, retries + 1):
@@ -40,7 +39,7 @@ def download(repo_id: str, revision: str, output: Path, retries: int = 3) -> str
             log.info("downloading %s@%s (commit %s) into %s, attempt %d", repo_id, revision, commit, output, attempt)
             snapshot_download(repo_id=repo_id, revision=commit, local_dir=str(output), allow_patterns=ALLOW_PATTERNS)
             break
-        except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 — network errors come from several libraries (httpx, requests, OS)
             last_error = exc
             log.warning("download attempt %d failed: %s", attempt, str(exc).splitlines()[0])
     else:

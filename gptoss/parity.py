@@ -240,6 +240,7 @@ def parity(
     compare_block_debug: bool = False,
     stage: str | None = None,
     tolerances: Tolerances | None = None,
+    threads: int | None = None,
 ) -> list[dict]:
     """Run both sides, write the CSV atomically, return its rows."""
     tolerances = tolerances or Tolerances()
@@ -258,7 +259,7 @@ def parity(
         log.info("JAX side: %d prompt(s), %d outputs each", len(resolved), len(wanted))
         run_jax_side(params, config, resolved, sequence_length, compare_hidden_states, compare_block_debug, spill)
         log.info("ONNX Runtime side: %s", onnx_path)
-        session = ort_session(onnx_path)
+        session = ort_session(onnx_path, threads)
         for prompt in resolved:
             got = dict(zip(wanted, session.run(wanted, {INPUT_NAME: padded(prompt, sequence_length)}), strict=True))
             with np.load(spill / f"{prompt.prompt_id}.npz") as ref:

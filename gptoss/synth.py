@@ -7,7 +7,9 @@ spread enough that routing varies per token, and expert pre-activations large en
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -59,6 +61,7 @@ PRESETS: dict[str, dict] = {
     "gpt-oss-120b": _real(36, 128),
 }
 TOKENIZER_VOCAB = 700
+SYNTH_FILE = "synth.json"
 
 
 def preset_config(preset: str, num_layers: int | None = None) -> GptOssConfig:
@@ -144,8 +147,8 @@ def synthesize(
         write_checkpoint(tmp, cfg, _Generator(cfg, seed).tensors(), layout=layout)
         tokenizer = train_synthetic_tokenizer(min(TOKENIZER_VOCAB, cfg.vocab_size), seed)
         tokenizer.save(str(tmp / "tokenizer.json"))
+        origin = {"synthetic": True, "preset": preset, "layers": cfg.num_hidden_layers, "seed": seed, "layout": layout}
+        (tmp / SYNTH_FILE).write_text(json.dumps(origin, indent=2) + "\n")
         if output.exists():
-            import shutil
-
             shutil.rmtree(output)
     return cfg
