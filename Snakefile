@@ -1,0 +1,66 @@
+# gpt-oss -> ONNX as one reproducible DAG (workflow/README.md; keys: config/README.md):
+#
+#   checkpoint (download | synth | local) -> convert_params -+-> export_onnx_debug -----> parity_debug -----+
+#                                                            +-> export_onnx_canonical -> parity_canonical -+-> parity_gate -> promote_baseline2
+#
+#   snakemake --cores 4 promote_baseline2                                 # gpt-oss-20b, 2 layers, from the hub
+#   snakemake --cores 4 promote_baseline2 --configfile config/toy.yaml    # synthetic toy, offline, about a minute
+#
+# (Name the target before --configfile: `--configfile` takes several files and would swallow it.)
+
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+# config/config.yaml is the default. A --configfile replaces it rather than being merged into it (a toy run
+# must not inherit the hub checkpoint); --config KEY=VALUE overrides either.
+if not workflow.overwrite_configfiles:
+
+    configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+
+
+# Defaults filled in, unknown keys rejected (workflow/schemas/config.schema.yaml), plus cross-key checks.
+validate_config(config, "workflow/schemas/config.schema.yaml")
+
+
+wildcard_constraints:
+    checkpoint=one_of(checkpoints()),
+    layers=r"\d+",
+
+
+include: "workflow/rules/checkpoint.smk"
+include: "workflow/rules/convert.smk"
+include: "workflow/rules/export.smk"
+include: "workflow/rules/parity.smk"
+include: "workflow/rules/gate.smk"
+include: "workflow/rules/promote.smk"
+
+
+localrules:
+    all,
+    gate_all,
+    promote_all,
+
+
+# Default target: every configured checkpoint through the gate, and every promotion.
+rule all:
+    default_target: True
+    input:
+        [verdict_path(name) for name in checkpoints()],
+        [promoted_path(tag) for tag in promotions()],
+
+
+# Every configured checkpoint through the gate; nothing promoted.
+rule gate_all:
+    input:
+        [verdict_path(name) for name in checkpoints()],
+
+
+# baseline2 and every `promote_as` tag.
+rule promote_all:
+    input:
+        [promoted_path(tag) for tag in promotions()],

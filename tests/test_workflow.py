@@ -1,0 +1,203 @@
+"""The Snakemake workflow: lint, config validation, the DAG of the default and of a multi-checkpoint config
+(dry runs, offline), and the toy DAG end to end in a temporary copy of the workflow (the slow test)."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+WORKFLOW_FILES = ("Snakefile", "workflow", "config", "profiles")
+STAGE_RULES = [
+    "convert_params",
+    "export_onnx_debug",
+    "export_onnx_canonical",
+    "parity_debug",
+    "parity_canonical",
+    "parity_gate",
+]
+TOY_BENCHMARKS = [
+    "synth_checkpoint",
+    "convert_params_2layers",
+    "export_onnx_debug",
+    "export_onnx_canonical",
+    "parity_debug",
+    "parity_canonical",
+    "parity_gate",
+    "promote_baseline2",
+]
+
+
+def snakemake(*args: str, cwd: Path = REPO, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run snakemake with this interpreter; the rules find `gptoss` next to it (the project's venv)."""
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    env.setdefault("JAX_PLATFORMS", "cpu")
+    return subprocess.run(
+        [sys.executable, "-m", "snakemake", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def output(proc: subprocess.CompletedProcess) -> str:
+    return f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+
+
+def job_counts(text: str) -> dict[str, int]:
+    """The 'Job stats' table of a (dry) run: rule -> number of jobs."""
+    table = text[text.index("Job stats:") :]
+    return {m[1]: int(m[2]) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.MULTILINE) if m[1] != "total"}
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    """A fresh copy of the workflow files, as in a new clone: no results/, no .snakemake/."""
+    for name in WORKFLOW_FILES:
+        source = REPO / name
+        if source.is_dir():
+            shutil.copytree(source, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(source, tmp_path / name)
+    return tmp_path
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_lint_is_clean():
+    proc = snakemake("--lint")
+    assert proc.returncode == 0, output(proc)
+    assert "Lints for" not in proc.stdout + proc.stderr, output(proc)
+
+
+def test_default_config_dry_run_is_the_baseline2_dag(workdir: Path):
+    proc = snakemake("-n", "promote_baseline2", cwd=workdir)
+    assert proc.returncode == 0, output(proc)
+    counts = job_counts(proc.stdout + proc.stderr)
+    assert counts == {rule: 1 for rule in ["download_checkpoint", *STAGE_RULES, "promote_baseline2"]}, counts
+    text = proc.stdout + proc.stderr
+    assert "--repo-id openai/gpt-oss-20b --revision main" in text
+    assert "--dest docs/onnx/examples/nnx_gpt_oss/baseline2 --tag baseline2" in text
+    assert "--atol-logits 0.0001 --atol-hidden-states 0.0005 --atol-block-taps 0.002 --near-tie-margin 0.0001" in text
+    assert not (workdir / "results").exists(), "a dry run must not create results"
+
+
+def test_several_checkpoints_coexist(workdir: Path, tmp_path: Path):
+    """Adding a checkpoint is one entry: a local folder and a second hub repo next to a synthetic one."""
+    local = tmp_path / "my-finetune"
+    local.mkdir()
+    cfg = yaml.safe_load((workdir / "config/toy.yaml").read_text())
+    cfg["checkpoints"]["my-finetune"] = {"source": "local", "path": str(local), "promote_as": "finetune2"}
+    cfg["checkpoints"]["big"] = {"source": "hub", "repo_id": "openai/gpt-oss-120b", "revision": "abc123"}
+    (workdir / "config/multi.yaml").write_text(yaml.safe_dump(cfg))
+    proc = snakemake("-n", "all", "--configfile", "config/multi.yaml", cwd=workdir)
+    assert proc.returncode == 0, output(proc)
+    counts = job_counts(proc.stdout + proc.stderr)
+    expected = {rule: 3 for rule in STAGE_RULES}
+    expected |= {"synth_checkpoint": 1, "download_checkpoint": 1, "promote_baseline2": 1, "promote_tag": 1, "all": 1}
+    assert counts == expected, counts
+    text = proc.stdout + proc.stderr
+    assert f"gptoss convert --checkpoint {local}" in text
+    assert "results/promoted/toy/finetune2" in text
+    assert "--repo-id openai/gpt-oss-120b --revision abc123" in text
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("tolerence={logits: 1.0e-4}", "'tolerence' was unexpected"),
+        ("checkpoints={gpt-oss-20b: {layer: 3}}", "'layer' was unexpected"),
+        ("tolerances={logits: abc}", "$.tolerances.logits: 'abc' is not of type 'number'"),
+        ("checkpoints={x: {source: local}}", "'path' is a required property"),
+        ("checkpoints={gpt-oss-20b: {preset: toy}}", "source: hub but sets preset"),
+        ("baseline=nope", "baseline 'nope' is not one of the checkpoints"),
+    ],
+)
+def test_bad_config_fails_fast(workdir: Path, override: str, message: str):
+    proc = snakemake("-n", "promote_baseline2", "--config", override, cwd=workdir)
+    assert proc.returncode != 0, output(proc)
+    assert message in proc.stdout + proc.stderr, output(proc)
+
+
+def test_schema_fills_defaults(workdir: Path):
+    """A minimal config (one synthetic checkpoint) gets every default; `1e-5` (a YAML string) is a number."""
+    (workdir / "config/minimal.yaml").write_text(
+        "checkpoints: {tiny: {source: synthetic}}\nbaseline: tiny\ntolerances: {logits: 1e-5}\n"
+    )
+    proc = snakemake("-n", "promote_baseline2", "--configfile", "config/minimal.yaml", cwd=workdir)
+    assert proc.returncode == 0, output(proc)
+    text = proc.stdout + proc.stderr
+    assert "gptoss synth --preset toy --layers 2 --seed 0" in text
+    assert "--atol-logits 1e-05 --atol-hidden-states 0.0005" in text
+    assert "--sequence-length 32 --prompt 'What is the capital of France?'" in text
+    assert "--dest docs/onnx/examples/nnx_gpt_oss/baseline2" in text
+
+
+@pytest.mark.slow
+def test_toy_dag_end_to_end_and_gate_failure(workdir: Path):
+    from gptoss.parity import COLUMNS
+
+    toy = ("--cores", "2", "promote_baseline2", "--configfile", "config/toy.yaml")
+    proc = snakemake(*toy, cwd=workdir, timeout=900)
+    assert proc.returncode == 0, output(proc)
+    results = workdir / "results"
+
+    for stage in ("debug", "canonical"):
+        with open(results / f"toy/parity/{stage}.csv", newline="") as fh:
+            reader = csv.DictReader(fh)
+            rows = list(reader)
+        assert set(COLUMNS) <= set(reader.fieldnames or []), reader.fieldnames
+        assert rows and {r["stage"] for r in rows} == {stage}
+        groups = {r["group"] for r in rows}
+        assert groups == ({"logits", "hidden_states", "block_taps", "routing"} if stage == "debug" else {"logits"})
+
+    verdict = json.loads((results / "toy/gate/verdict.json").read_text())
+    assert verdict["passed"] is True, verdict["problems"]
+    assert verdict["stages"].keys() == {"debug", "canonical"}
+
+    promoted = results / "promoted/toy/baseline2"
+    manifest = json.loads((promoted / "manifest.json").read_text())
+    assert manifest["tag"] == "baseline2"
+    files = {f["name"]: f["sha256"] for f in manifest["files"]}
+    canonical = results / "toy/onnx/canonical"
+    assert files == {name: sha256(canonical / name) for name in ("model.onnx", "model.onnx.data")}
+    for name in files:
+        assert sha256(promoted / name) == files[name]
+    assert manifest["sequence_length"] == 32
+    assert not (workdir / "docs").exists(), "a toy run must not touch docs/"
+
+    for rule in TOY_BENCHMARKS:
+        bench = results / f"toy/benchmarks/{rule}.tsv"
+        assert bench.is_file(), f"no benchmark for {rule}"
+        header, values = bench.read_text().splitlines()[:2]
+        assert header.split("\t")[:3] == ["s", "h:m:s", "max_rss"] and float(values.split("\t")[0]) > 0
+    for log in ("parity_gate", "promote_baseline2"):
+        assert (results / f"toy/logs/{log}.log").is_file()
+
+    # The same DAG with tolerances nobody can meet: parity and the gate re-run, the gate fails the run with
+    # its one-line message, and nothing is promoted.
+    shutil.rmtree(promoted)
+    tight = "tolerances={logits: 1e-12, hidden_states: 1e-12, block_taps: 1e-12}"
+    proc = snakemake(*toy, "--config", tight, cwd=workdir, timeout=900)
+    assert proc.returncode != 0, output(proc)
+    assert "gptoss gate: error: gate failed:" in proc.stderr, output(proc)
+    assert "atol 1e-12" in proc.stderr
+    assert not promoted.exists()
+    assert not (results / "toy/gate/verdict.json").exists()
+    assert "Parity gate: FAILED" in (results / "toy/logs/parity_gate.log").read_text()
+    with open(results / "toy/parity/canonical.csv", newline="") as fh:
+        assert {float(r["atol"]) for r in csv.DictReader(fh)} == {1e-12}, "parity re-ran with the new tolerances"

@@ -1,0 +1,248 @@
+# Helpers shared by the rules: config checks the schema cannot express, output paths, the command-line
+# flags built from the config, and memory estimates scaled to the parameter size.
+
+import functools
+import re
+import shlex
+from pathlib import Path
+
+from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
+
+RESULTS = "results"
+# The software of every rule (`--sdm conda`); without it, rules use the `gptoss` on PATH (e.g. the project venv).
+CONDA_ENV = "../../environment.yml"
+BASELINE_TAG = "baseline2"
+# Keys that only mean something for one source (the schema accepts each of them on any entry).
+SOURCE_KEYS = {"hub": {"repo_id", "revision", "retries"}, "synthetic": {"preset", "seed"}, "local": {"path"}}
+
+
+# --- the config -----------------------------------------------------------------------------------------------
+
+
+def numbers_from_strings(cfg):
+    """Make numbers of the numeric values that arrive as strings: `--config KEY={...}` hands nested values
+    over as strings, and YAML reads a float without a dot (1e-4) as one. Anything else is left to the schema."""
+
+    def number(value, kind):
+        try:
+            return kind(value) if isinstance(value, str) else value
+        except ValueError:
+            return value
+
+    if isinstance(cfg.get("tolerances"), dict):
+        cfg["tolerances"] = {key: number(value, float) for key, value in cfg["tolerances"].items()}
+    for entry in (cfg.get("checkpoints") or {}).values():
+        if isinstance(entry, dict):
+            entry.update({key: number(entry[key], int) for key in ("layers", "seed", "retries") if key in entry})
+
+
+def validate_config(cfg, schema):
+    """Fill in the schema's defaults and reject unknown keys, with one line naming the offending key; then
+    the checks a schema cannot express."""
+    import jsonschema
+
+    numbers_from_strings(cfg)
+    try:
+        validate(cfg, schema)
+    except WorkflowError as exc:
+        error = exc.__context__  # snakemake raises its error while handling jsonschema's
+        if not isinstance(error, jsonschema.ValidationError):
+            raise
+        raise WorkflowError(
+            f"invalid config at {error.json_path}: {error.message} (keys and defaults: config/README.md)"
+        ) from None
+    for name, entry in cfg["checkpoints"].items():
+        for other, keys in SOURCE_KEYS.items():
+            stray = sorted(keys & set(entry)) if other != entry["source"] else []
+            if stray:
+                raise WorkflowError(
+                    f"invalid config: checkpoints.{name} has source: {entry['source']} but sets "
+                    f"{', '.join(stray)} (only used with source: {other})"
+                )
+    if cfg["baseline"] not in cfg["checkpoints"]:
+        raise WorkflowError(
+            f"invalid config: baseline {cfg['baseline']!r} is not one of the checkpoints {sorted(cfg['checkpoints'])}"
+        )
+    tags = [entry["promote_as"] for entry in cfg["checkpoints"].values() if "promote_as" in entry]
+    if len(tags) != len(set(tags)):
+        raise WorkflowError(f"invalid config: two checkpoints have the same promote_as tag ({sorted(tags)})")
+
+
+def checkpoints():
+    """name -> entry of every configured checkpoint."""
+    return config["checkpoints"]
+
+
+def baseline():
+    """The checkpoint promote_baseline2 promotes."""
+    return config["baseline"]
+
+
+def names_with_source(source):
+    return [name for name, entry in checkpoints().items() if entry["source"] == source]
+
+
+def promotions():
+    """tag -> checkpoint promoted under it: baseline2, plus the `promote_as` tags."""
+    extra = {entry["promote_as"]: name for name, entry in checkpoints().items() if "promote_as" in entry}
+    return {BASELINE_TAG: baseline()} | extra
+
+
+def extra_tags():
+    return [tag for tag in promotions() if tag != BASELINE_TAG]
+
+
+def one_of(names):
+    """A wildcard regex matching exactly ``names`` (and nothing when there are none)."""
+    names = sorted(names)
+    return "|".join(re.escape(n) for n in names) if names else "(?!)"
+
+
+# --- paths -------------------------------------------------------------------------------------------------
+
+
+def checkpoint_folder(name):
+    """The checkpoint folder `gptoss convert` reads."""
+    entry = checkpoints()[name]
+    return entry["path"] if entry["source"] == "local" else f"{RESULTS}/{name}/checkpoint"
+
+
+def checkpoint_target(name):
+    """What convert_params depends on: the synth folder, the download marker, or the local folder itself."""
+    entry = checkpoints()[name]
+    if entry["source"] == "hub":
+        return f"{RESULTS}/{name}/checkpoint/download.json"
+    return checkpoint_folder(name)
+
+
+def params_path(name):
+    return f"{RESULTS}/{name}/flax_params_{checkpoints()[name]['layers']}layers.msgpack"
+
+
+def params_config_path(name):
+    return f"{RESULTS}/{name}/flax_params_{checkpoints()[name]['layers']}layers.config.json"
+
+
+def onnx_path(name, stage):
+    return f"{RESULTS}/{name}/onnx/{stage}/model.onnx"
+
+
+def verdict_path(name):
+    return f"{RESULTS}/{name}/gate/verdict.json"
+
+
+def promote_dir():
+    return config["promote"]["dir"].rstrip("/")
+
+
+def promoted_path(tag):
+    return f"{promote_dir()}/{tag}"
+
+
+def params_inputs(wildcards):
+    return {"params": params_path(wildcards.checkpoint), "config": params_config_path(wildcards.checkpoint)}
+
+
+def parity_inputs(stage):
+    def inputs(wildcards):
+        onnx = onnx_path(wildcards.checkpoint, stage)
+        return params_inputs(wildcards) | {"onnx": onnx, "data": f"{onnx}.data"}
+
+    return inputs
+
+
+def promote_inputs(name):
+    onnx = onnx_path(name, "canonical")
+    return {"onnx": onnx, "data": f"{onnx}.data", "verdict": verdict_path(name), "config": params_config_path(name)}
+
+
+def entry_value(key):
+    """A params function: ``key`` of the checkpoint entry of the job's ``{checkpoint}`` wildcard."""
+    return lambda wildcards: checkpoints()[wildcards.checkpoint][key]
+
+
+# --- command-line flags from the config -----------------------------------------------------------------------
+
+
+def prompt_args():
+    return " ".join(f"--prompt {shlex.quote(p)}" for p in config["prompts"])
+
+
+def tolerance_args():
+    t = config["tolerances"]
+    return (
+        f"--atol-logits {t['logits']:g} --atol-hidden-states {t['hidden_states']:g} "
+        f"--atol-block-taps {t['block_taps']:g} --near-tie-margin {t['near_tie_margin']:g}"
+    )
+
+
+def tolerance_summary():
+    t = config["tolerances"]
+    return (
+        f"logits <= {t['logits']:g}, hidden states <= {t['hidden_states']:g}, "
+        f"block taps <= {t['block_taps']:g}, near-tie margin {t['near_tie_margin']:g}"
+    )
+
+
+# --- resources ------------------------------------------------------------------------------------------------
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
+# Resident memory per stage: fixed MB + a multiple of the converted params' size (calibration: workflow/README.md).
+MEMORY_MODEL = {
+    "synth": (1000, 0.4),
+    "download": (1000, 0.0),
+    "convert": (1500, 0.5),
+    "export": (2000, 1.8),
+    "parity": (2000, 1.5),
+    "gate": (500, 0.0),
+    "promote": (500, 0.0),
+}
+
+
+@functools.cache
+def param_count(name):
+    """Parameters of the converted model: from the checkpoint's config.json when it is already on disk,
+    else from the synthetic preset, else (a hub repo not yet downloaded) from the gpt-oss-20b/120b shapes."""
+    from gptoss.config import load_checkpoint_config
+    from gptoss.errors import GptOssError
+    from gptoss.synth import preset_config
+
+    entry = checkpoints()[name]
+    layers = entry["layers"]
+    folder = Path(checkpoint_folder(name))
+    if (folder / "config.json").is_file() or (folder / "original" / "config.json").is_file():
+        try:
+            full = load_checkpoint_config(folder)
+            return full.truncated(min(layers, full.num_hidden_layers)).param_count()
+        except GptOssError:
+            pass  # the convert rule reports a broken checkpoint properly
+    preset = entry.get("preset")
+    if preset is None:
+        where = (entry.get("repo_id") or entry.get("path") or "").lower()
+        preset = "gpt-oss-120b" if "120b" in where else "gpt-oss-20b"
+    return preset_config(preset, layers).param_count()
+
+
+def params_mb(name):
+    return param_count(name) * DTYPE_BYTES[checkpoints()[name]["dtype"]] / 1e6
+
+
+def estimate_mem_mb(name, stage):
+    fixed, per_param_mb = MEMORY_MODEL[stage]
+    return int(fixed + per_param_mb * params_mb(name))
+
+
+def mem_mb(stage):
+    """A resources function for rules with a ``{checkpoint}`` wildcard."""
+    return lambda wildcards: estimate_mem_mb(wildcards.checkpoint, stage)
+
+
+# The model-sized stages use several cores once the model is big (XLA compilation, ONNX Runtime); a toy model
+# gains more from running the debug and canonical branches side by side.
+BIG_MODEL_MB = 1000
+
+
+def threads_for(stage):
+    """A threads function for rules with a ``{checkpoint}`` wildcard (capped by --cores)."""
+    return lambda wildcards: 4 if params_mb(wildcards.checkpoint) >= BIG_MODEL_MB else 1

@@ -1,0 +1,30 @@
+# Stage 5: both CSVs + the configured tolerances -> verdict.json + summary.md. On a breach the run stops here
+# with the gate's one-line message (worst tensor, block, difference, tolerance); Snakemake removes the failed
+# verdict, so the summary table is appended to the log, which is kept.
+
+
+rule parity_gate:
+    input:
+        debug=f"{RESULTS}/{{checkpoint}}/parity/debug.csv",
+        canonical=f"{RESULTS}/{{checkpoint}}/parity/canonical.csv",
+    output:
+        verdict=f"{RESULTS}/{{checkpoint}}/gate/verdict.json",
+        summary=f"{RESULTS}/{{checkpoint}}/gate/summary.md",
+    log:
+        f"{RESULTS}/{{checkpoint}}/logs/parity_gate.log",
+    benchmark:
+        f"{RESULTS}/{{checkpoint}}/benchmarks/parity_gate.tsv"
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=mem_mb("gate"),
+    params:
+        tolerances=tolerance_args(),
+    message:
+        f"{{wildcards.checkpoint}}: parity gate ({tolerance_summary()})"
+    shell:
+        "gptoss gate --csv {input.debug} {input.canonical} --expect-stage debug canonical "
+        "--verdict {output.verdict} --summary {output.summary} {params.tolerances} > {log} 2>&1 "
+        "|| {{ msg=$(tail -n 1 {log}); cat {output.summary} >> {log} 2>/dev/null || true; "
+        'echo "$msg" >&2; echo "parity gate details: {log}" >&2; exit 1; }}'
