@@ -56,6 +56,16 @@ BLOCK_TAPS = (
 Outputs = dict[str, jax.Array]
 
 
+# Weights may be stored as bfloat16 (half the memory), but every computation runs in float32: ONNX Runtime's CPU
+# kernels (TopK, Softmax, ...) have no bfloat16 versions, and parity then compares like with like.
+COMPUTE_DTYPE = jnp.float32
+
+
+def _compute(param: nnx.Param) -> jax.Array:
+    """A weight in the compute dtype (a no-op for float32 weights; a Cast at use for bfloat16 ones)."""
+    return param[...].astype(COMPUTE_DTYPE)
+
+
 def _param(shape: tuple[int, ...], dtype: jnp.dtype) -> nnx.Param:
     # Parameters are always replaced by checkpoint values; zeros keep construction cheap and deterministic.
     return nnx.Param(jnp.zeros(shape, dtype))
@@ -69,8 +79,8 @@ class Linear(nnx.Module):
         self.bias = _param((fan_out,), dtype) if bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = x @ self.kernel[...]
-        return y + self.bias[...] if self.bias is not None else y
+        y = x @ _compute(self.kernel)
+        return y + _compute(self.bias) if self.bias is not None else y
 
 
 class RMSNorm(nnx.Module):
@@ -171,7 +181,7 @@ class MoE(nnx.Module):
         # Tokens broadcast over experts (small: activations only), experts as the batch axis: [E, N, H].
         batch, seq, hidden = x.shape
         tokens = jnp.broadcast_to(x.reshape(1, -1, hidden), (e, batch * seq, hidden))
-        gate_up = _expert_matmul(tokens, self.gate_up_kernel[...]) + self.gate_up_bias[...][:, None, :]
+        gate_up = _expert_matmul(tokens, _compute(self.gate_up_kernel)) + _compute(self.gate_up_bias)[:, None, :]
         # Trap: gate_up columns are interleaved — even columns gate, odd columns linear.
         pairs = gate_up.reshape(*gate_up.shape[:-1], inter, 2)
         gate, linear = pairs[..., 0], pairs[..., 1]
@@ -180,7 +190,7 @@ class MoE(nnx.Module):
         gate = jnp.minimum(gate, limit)
         linear = jnp.clip(linear, -limit, limit)
         act = gate * jax.nn.sigmoid(cfg.swiglu_alpha * gate) * (linear + 1)
-        expert_out = _expert_matmul(act, self.down_kernel[...]) + self.down_bias[...][:, None, :]
+        expert_out = _expert_matmul(act, _compute(self.down_kernel)) + _compute(self.down_bias)[:, None, :]
 
         dense_weights = jnp.sum(jax.nn.one_hot(top_idx, e, dtype=x.dtype) * top_weights[..., None], axis=-2)
         out = jnp.einsum("ne,enh->nh", dense_weights.reshape(-1, e), expert_out).reshape(batch, seq, hidden)
@@ -240,7 +250,8 @@ class Embed(nnx.Module):
         self.embedding = _param((vocab, hidden), dtype)
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding[...], ids, axis=0)
+        # Gather first, then cast: only the selected rows are converted.
+        return jnp.take(self.embedding[...], ids, axis=0).astype(COMPUTE_DTYPE)
 
 
 class GptOss(nnx.Module):

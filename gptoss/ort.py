@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import onnx
 import onnxruntime as ort
 
 from gptoss.errors import GptOssError
@@ -19,10 +20,20 @@ def ort_session(onnx_path: Path, threads: int | None = None) -> ort.InferenceSes
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
+    # bfloat16 weights are cast to float32 at use. Constant folding would cast them all once at load time,
+    # i.e. hold a float32 copy of every weight and lose the point of storing them as bfloat16.
+    disabled = ["ConstantFolding"] if has_bfloat16_weights(onnx_path) else []
     try:
-        return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(
+            str(onnx_path), options, providers=["CPUExecutionProvider"], disabled_optimizers=disabled
+        )
     except Exception as exc:  # onnxruntime raises its own exception types
         raise GptOssError(f"{onnx_path}: ONNX Runtime cannot load the graph ({str(exc).splitlines()[0]})") from None
+
+
+def has_bfloat16_weights(onnx_path: Path) -> bool:
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    return any(t.data_type == onnx.TensorProto.BFLOAT16 for t in graph.initializer)
 
 
 def sha256(path: Path, chunk: int = 16 * 1024 * 1024) -> str:

@@ -307,3 +307,17 @@ def test_two_clean_runs_give_byte_identical_graphs(toy, tmp_path):
     export(params, again, ExportSpec(SEQ), skip_validation=True)
     assert sha256(again) == sha256(toy["canonical"])
     assert sha256(data_path(again)) == sha256(data_path(toy["canonical"]))
+
+
+def test_bfloat16_params_store_bf16_weights_and_compute_in_float32(toy, tmp_path):
+    params = tmp_path / "flax_params_2layers.msgpack"
+    convert(toy["root"] / "checkpoint", params, 2, dtype="bfloat16")
+    assert params.stat().st_size < 0.6 * toy["params"].stat().st_size
+    graph = tmp_path / "model.onnx"
+    export(params, graph, ExportSpec(SEQ), skip_validation=True)
+    initializers = onnx.load(str(graph), load_external_data=False).graph.initializer
+    kinds = {t.name: t.data_type for t in initializers}
+    assert kinds["unembed.kernel"] == onnx.TensorProto.BFLOAT16
+    assert kinds["layers.0.attn_norm.scale"] == onnx.TensorProto.FLOAT  # norms stay float32
+    rows = parity(params, graph, tmp_path / "bf16.csv", SEQ, PROMPTS)
+    assert all(r["passed"] for r in rows) and max(r["max_abs_diff"] for r in rows) <= 1e-5
