@@ -99,6 +99,24 @@ def _promote(args: argparse.Namespace) -> None:
     promote(args.onnx, args.verdict, args.dest, args.tag, args.config, args.sequence_length)
 
 
+@command("reference")
+def _reference(args: argparse.Namespace) -> None:
+    from gptoss.reference import reference
+
+    reference(
+        args.checkpoint,
+        args.params,
+        args.csv,
+        args.sequence_length,
+        args.prompt,
+        args.token_ids,
+        args.tokenizer,
+        args.config,
+        not args.logits_only,
+        Tolerances.from_args(args),
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gptoss", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -147,6 +165,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", choices=["debug", "canonical"], default=None, help="default: from the compare flags")
     p.add_argument("--csv", type=Path, required=True)
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
+    Tolerances.add_arguments(p)
+
+    p = sub.add_parser("reference", help="transformers GptOssForCausalLM vs JAX -> stage=reference CSV rows")
+    p.add_argument("--checkpoint", type=Path, required=True, help="the HF-layout checkpoint the params came from")
+    p.add_argument("--params", type=Path, required=True)
+    p.add_argument("--config", type=Path, default=None)
+    p.add_argument("--prompt", action="append", default=[])
+    p.add_argument("--token-ids", action="append", default=[])
+    p.add_argument("--tokenizer", type=Path, default=None)
+    p.add_argument("--sequence-length", type=int, default=32)
+    p.add_argument("--logits-only", action="store_true", help="skip the hidden states")
+    p.add_argument("--csv", type=Path, required=True)
     Tolerances.add_arguments(p)
 
     p = sub.add_parser("gate", help="parity CSVs + tolerances -> verdict JSON + summary; exit 1 on any breach")

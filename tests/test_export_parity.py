@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from gptoss.export import ExportSpec, data_path, export, load_model
 from gptoss.gate import gate
 from gptoss.model import BLOCK_TAPS, forward, output_names
 from gptoss.ort import ort_session, sha256
+from gptoss.params_io import read_params, write_params
 from gptoss.parity import COLUMNS, parity
 from gptoss.promote import promote
 from gptoss.synth import synthesize
@@ -321,3 +323,24 @@ def test_bfloat16_params_store_bf16_weights_and_compute_in_float32(toy, tmp_path
     assert kinds["layers.0.attn_norm.scale"] == onnx.TensorProto.FLOAT  # norms stay float32
     rows = parity(params, graph, tmp_path / "bf16.csv", SEQ, PROMPTS)
     assert all(r["passed"] for r in rows) and max(r["max_abs_diff"] for r in rows) <= 1e-5
+
+
+def test_transformers_reference_rows_agree_and_catch_a_wrong_conversion(toy, tmp_path):
+    if os.environ.get("CI") != "true":
+        pytest.importorskip("torch")  # CI must have it: there a missing torch fails this test
+    from gptoss.reference import reference
+
+    rows = reference(toy["root"] / "checkpoint", toy["params"], tmp_path / "ref.csv", SEQ, PROMPTS)
+    assert {r["stage"] for r in rows} == {"reference"} and {r["group"] for r in rows} == {"logits", "hidden_states"}
+    assert all(r["passed"] for r in rows)
+    assert max(r["max_abs_diff"] for r in rows if r["group"] == "logits") <= 2e-5
+
+    # Params whose block-1 down projection is transposed (the classic port bug, invisible in square shapes).
+    arrays = read_params(toy["params"])
+    arrays["layers.1.mlp.down_kernel"] = np.ascontiguousarray(arrays["layers.1.mlp.down_kernel"].transpose(0, 2, 1))
+    wrong = tmp_path / "flax_params_2layers.msgpack"
+    write_params(wrong, list(arrays), arrays.__getitem__)
+    shutil.copy(toy["params"].with_name("flax_params_2layers.config.json"), tmp_path)
+    rows = reference(toy["root"] / "checkpoint", wrong, tmp_path / "wrong.csv", SEQ, PROMPTS)
+    failed = {r["tensor"] for r in rows if not r["passed"]}
+    assert "hidden_state_1" in failed and "hidden_state_0" not in failed

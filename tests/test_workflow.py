@@ -33,6 +33,7 @@ TOY_BENCHMARKS = [
     "export_onnx_canonical",
     "parity_debug",
     "parity_canonical",
+    "parity_reference",
     "parity_gate",
     "promote_baseline2",
 ]
@@ -156,18 +157,19 @@ def test_toy_dag_end_to_end_and_gate_failure(workdir: Path):
     assert proc.returncode == 0, output(proc)
     results = workdir / "results"
 
-    for stage in ("debug", "canonical"):
+    for stage in ("debug", "canonical", "reference"):
         with open(results / f"toy/parity/{stage}.csv", newline="") as fh:
             reader = csv.DictReader(fh)
             rows = list(reader)
         assert set(COLUMNS) <= set(reader.fieldnames or []), reader.fieldnames
         assert rows and {r["stage"] for r in rows} == {stage}
         groups = {r["group"] for r in rows}
-        assert groups == ({"logits", "hidden_states", "block_taps", "routing"} if stage == "debug" else {"logits"})
+        expected = {"debug": {"logits", "hidden_states", "block_taps", "routing"}, "canonical": {"logits"}}
+        assert groups == expected.get(stage, {"logits", "hidden_states"})
 
     verdict = json.loads((results / "toy/gate/verdict.json").read_text())
     assert verdict["passed"] is True, verdict["problems"]
-    assert verdict["stages"].keys() == {"debug", "canonical"}
+    assert verdict["stages"].keys() == {"debug", "canonical", "reference"}  # toy.yaml: reference: transformers
 
     promoted = results / "promoted/toy/baseline2"
     manifest = json.loads((promoted / "manifest.json").read_text())

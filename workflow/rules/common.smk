@@ -165,6 +165,11 @@ def entry_value(key):
 # --- command-line flags from the config -----------------------------------------------------------------------
 
 
+def parity_stages():
+    """The CSVs the gate reads: debug and canonical, plus reference when `reference: transformers`."""
+    return ["debug", "canonical"] + (["reference"] if config["reference"] == "transformers" else [])
+
+
 def prompt_args():
     return " ".join(f"--prompt {shlex.quote(p)}" for p in config["prompts"])
 

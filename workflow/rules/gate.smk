@@ -5,8 +5,7 @@
 
 rule parity_gate:
     input:
-        debug=f"{RESULTS}/{{checkpoint}}/parity/debug.csv",
-        canonical=f"{RESULTS}/{{checkpoint}}/parity/canonical.csv",
+        lambda wildcards: [f"{RESULTS}/{wildcards.checkpoint}/parity/{stage}.csv" for stage in parity_stages()],
     output:
         verdict=f"{RESULTS}/{{checkpoint}}/gate/verdict.json",
         summary=f"{RESULTS}/{{checkpoint}}/gate/summary.md",
@@ -21,10 +20,11 @@ rule parity_gate:
         mem_mb=mem_mb("gate"),
     params:
         tolerances=tolerance_args(),
+        stages=" ".join(parity_stages()),
     message:
         f"{{wildcards.checkpoint}}: parity gate ({tolerance_summary()})"
     shell:
-        "gptoss gate --csv {input.debug} {input.canonical} --expect-stage debug canonical "
+        "gptoss gate --csv {input} --expect-stage {params.stages} "
         "--verdict {output.verdict} --summary {output.summary} {params.tolerances} > {log} 2>&1 "
         "|| {{ msg=$(tail -n 1 {log}); cat {output.summary} >> {log} 2>/dev/null || true; "
         'echo "$msg" >&2; echo "parity gate details: {log}" >&2; exit 1; }}'

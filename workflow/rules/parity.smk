@@ -52,3 +52,32 @@ rule parity_canonical:
         "gptoss parity --params {input.params} --config {input.config} --onnx {input.onnx} "
         "--sequence-length {params.sequence_length} {params.prompts} "
         "--stage canonical {params.tolerances} --csv {output} > {log} 2>&1"
+
+
+# Optional (config `reference: transformers`): Hugging Face GptOssForCausalLM on the same checkpoint and layers
+# vs the Flax model -> stage=reference rows (logits, hidden states), which the gate then covers too.
+rule parity_reference:
+    input:
+        unpack(params_inputs),
+        checkpoint=lambda wildcards: checkpoint_target(wildcards.checkpoint),
+    output:
+        f"{RESULTS}/{{checkpoint}}/parity/reference.csv",
+    log:
+        f"{RESULTS}/{{checkpoint}}/logs/parity_reference.log",
+    benchmark:
+        f"{RESULTS}/{{checkpoint}}/benchmarks/parity_reference.tsv"
+    conda:
+        CONDA_ENV
+    threads: threads_for("parity")
+    resources:
+        mem_mb=mem_mb("parity"),
+    params:
+        folder=lambda wildcards: checkpoint_folder(wildcards.checkpoint),
+        sequence_length=config["sequence_length"],
+        prompts=prompt_args(),
+        tolerances=tolerance_args(),
+    message:
+        "{wildcards.checkpoint}: transformers reference vs JAX (logits, hidden states)"
+    shell:
+        "gptoss reference --checkpoint {params.folder} --params {input.params} --config {input.config} "
+        "--sequence-length {params.sequence_length} {params.prompts} {params.tolerances} --csv {output} > {log} 2>&1"
