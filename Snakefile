@@ -38,10 +38,15 @@ include: "workflow/rules/export.smk"
 include: "workflow/rules/parity.smk"
 include: "workflow/rules/gate.smk"
 include: "workflow/rules/promote.smk"
+include: "workflow/rules/report.smk"
+
+
+report: "workflow/report/workflow.rst"
 
 
 localrules:
     all,
+    report_baseline2,
     gate_all,
     promote_all,
 

@@ -78,6 +78,8 @@ def _parity(args: argparse.Namespace) -> int:
         args.compare_block_debug,
         args.stage,
         Tolerances.from_args(args),
+        threads=args.threads,
+        logits_diffs=args.logits_diffs,
     )
     failed = sum(not r["passed"] for r in rows)
     if failed:
@@ -114,6 +116,21 @@ def _reference(args: argparse.Namespace) -> None:
         args.config,
         not args.logits_only,
         Tolerances.from_args(args),
+    )
+
+
+@command("plots")
+def _plots(args: argparse.Namespace) -> None:
+    from gptoss.plots import plots
+
+    plots(
+        args.csv,
+        args.logits_diffs,
+        args.benchmarks,
+        args.outdir,
+        Tolerances.from_args(args),
+        args.verdict,
+        args.manifest,
     )
 
 
@@ -164,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare-block-debug", action="store_true")
     p.add_argument("--stage", choices=["debug", "canonical"], default=None, help="default: from the compare flags")
     p.add_argument("--csv", type=Path, required=True)
+    p.add_argument("--logits-diffs", type=Path, default=None, help="also save every logits |diff| (.npz)")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
     Tolerances.add_arguments(p)
 
@@ -184,6 +202,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expect-stage", nargs="*", default=[], help="stages that must have rows")
     p.add_argument("--verdict", type=Path, required=True, help="verdict JSON to write")
     p.add_argument("--summary", type=Path, default=None, help="Markdown summary (default: next to the verdict)")
+    Tolerances.add_arguments(p)
+
+    p = sub.add_parser("plots", help="report figures: tap heatmap, logits histogram, routing, benchmarks (PNG)")
+    p.add_argument("--csv", type=Path, nargs="+", required=True, help="parity CSVs (the debug one for the taps)")
+    p.add_argument("--logits-diffs", type=Path, nargs="*", default=[], help=".npz files from parity --logits-diffs")
+    p.add_argument("--benchmarks", type=Path, nargs="*", default=[], help="Snakemake benchmark .tsv files")
+    p.add_argument("--verdict", type=Path, default=None, help="gate verdict JSON -> gate.html")
+    p.add_argument("--manifest", type=Path, default=None, help="promoted manifest.json -> manifest.html")
+    p.add_argument("--outdir", type=Path, required=True)
     Tolerances.add_arguments(p)
 
     p = sub.add_parser("promote", help="copy a gated graph with a manifest; refuses without a passing verdict")

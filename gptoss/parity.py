@@ -241,8 +241,13 @@ def parity(
     stage: str | None = None,
     tolerances: Tolerances | None = None,
     threads: int | None = None,
+    logits_diffs: Path | None = None,
 ) -> list[dict]:
-    """Run both sides, write the CSV atomically, return its rows."""
+    """Run both sides, write the CSV atomically, return its rows.
+
+    ``logits_diffs``: also write every real position's logits |diff| (float32, one array per prompt) to this
+    ``.npz``, for the report's histogram.
+    """
     tolerances = tolerances or Tolerances()
     stage = stage or ("debug" if compare_hidden_states or compare_block_debug else "canonical")
     config = config or params_config_path(params)
@@ -254,6 +259,7 @@ def parity(
     hashes = dict(onnx_sha256=sha256(onnx_path), data_sha256=sha256(data_path(onnx_path)))
 
     rows: list[dict] = []
+    diffs: dict[str, np.ndarray] = {}
     with tempfile.TemporaryDirectory(prefix="gptoss-parity-") as spill_dir:
         spill = Path(spill_dir)
         log.info("JAX side: %d prompt(s), %d outputs each", len(resolved), len(wanted))
@@ -264,8 +270,13 @@ def parity(
             got = dict(zip(wanted, session.run(wanted, {INPUT_NAME: padded(prompt, sequence_length)}), strict=True))
             with np.load(spill / f"{prompt.prompt_id}.npz") as ref:
                 rows += [{**row, **hashes} for row in compare_prompt(stage, prompt, ref, got, tolerances)]
+                n = len(prompt.ids)
+                diffs[prompt.prompt_id] = np.abs(got["logits"][:, :n] - ref["logits"][:, :n]).astype(np.float32).ravel()
             del got
     write_csv(csv_path, rows)
+    if logits_diffs is not None:
+        with atomic_output(logits_diffs) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, **diffs)
     log_summary(rows)
     return rows
 

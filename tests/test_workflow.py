@@ -190,6 +190,18 @@ def test_toy_dag_end_to_end_and_gate_failure(workdir: Path):
     for log in ("parity_gate", "promote_baseline2"):
         assert (results / f"toy/logs/{log}.log").is_file()
 
+    # The report: figures for baseline2, then `snakemake --report` bundles them into one HTML file.
+    proc = snakemake("--cores", "2", "report_baseline2", "--configfile", "config/toy.yaml", cwd=workdir, timeout=300)
+    assert proc.returncode == 0, output(proc)
+    figures = results / "report/baseline2"
+    for name in ("taps_heatmap.png", "logits_hist.png", "routing.png", "benchmarks.png"):
+        assert (figures / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    assert "Parity gate: PASSED" in (figures / "gate.html").read_text()
+    proc = snakemake("report_baseline2", "--report", "report.html", "--configfile", "config/toy.yaml", cwd=workdir)
+    assert proc.returncode == 0, output(proc)
+    report_html = (workdir / "report.html").read_text()
+    assert "taps_heatmap.png" in report_html and "manifest.html" in report_html
+
     # The same DAG with tolerances nobody can meet: parity and the gate re-run, the gate fails the run with
     # its one-line message, and nothing is promoted.
     shutil.rmtree(promoted)

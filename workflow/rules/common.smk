@@ -2,6 +2,7 @@
 # flags built from the config, and memory estimates scaled to the parameter size.
 
 import functools
+import os
 import re
 import shlex
 from pathlib import Path
@@ -160,6 +161,18 @@ def promote_inputs(name):
 def entry_value(key):
     """A params function: ``key`` of the checkpoint entry of the job's ``{checkpoint}`` wildcard."""
     return lambda wildcards: checkpoints()[wildcards.checkpoint][key]
+
+
+def baseline_benchmarks():
+    """The baseline's benchmark files in DAG order (what the benchmark figure shows)."""
+    name, entry = baseline(), checkpoints()[baseline()]
+    first = {"hub": ["download_checkpoint"], "synthetic": ["synth_checkpoint"], "local": []}[entry["source"]]
+    rules = [*first, f"convert_params_{entry['layers']}layers", "export_onnx_debug", "export_onnx_canonical"]
+    rules += [f"parity_{stage}" for stage in parity_stages()] + ["parity_gate", "promote_baseline2"]
+    return [f"{RESULTS}/{name}/benchmarks/{rule}.tsv" for rule in rules]
+
+
+REPORT_DIR = f"{RESULTS}/report/{BASELINE_TAG}"
 
 
 # --- command-line flags from the config -----------------------------------------------------------------------

@@ -6,7 +6,8 @@ rule parity_debug:
     input:
         unpack(parity_inputs("debug")),
     output:
-        f"{RESULTS}/{{checkpoint}}/parity/debug.csv",
+        csv=f"{RESULTS}/{{checkpoint}}/parity/debug.csv",
+        diffs=f"{RESULTS}/{{checkpoint}}/parity/debug_logits_diff.npz",
     log:
         f"{RESULTS}/{{checkpoint}}/logs/parity_debug.log",
     benchmark:
@@ -25,14 +26,15 @@ rule parity_debug:
     shell:
         "gptoss parity --params {input.params} --config {input.config} --onnx {input.onnx} "
         "--sequence-length {params.sequence_length} {params.prompts} --compare-hidden-states --compare-block-debug "
-        "--stage debug {params.tolerances} --csv {output} > {log} 2>&1"
+        "--stage debug {params.tolerances} --csv {output.csv} --logits-diffs {output.diffs} > {log} 2>&1"
 
 
 rule parity_canonical:
     input:
         unpack(parity_inputs("canonical")),
     output:
-        f"{RESULTS}/{{checkpoint}}/parity/canonical.csv",
+        csv=f"{RESULTS}/{{checkpoint}}/parity/canonical.csv",
+        diffs=f"{RESULTS}/{{checkpoint}}/parity/canonical_logits_diff.npz",
     log:
         f"{RESULTS}/{{checkpoint}}/logs/parity_canonical.log",
     benchmark:
@@ -51,7 +53,7 @@ rule parity_canonical:
     shell:
         "gptoss parity --params {input.params} --config {input.config} --onnx {input.onnx} "
         "--sequence-length {params.sequence_length} {params.prompts} "
-        "--stage canonical {params.tolerances} --csv {output} > {log} 2>&1"
+        "--stage canonical {params.tolerances} --csv {output.csv} --logits-diffs {output.diffs} > {log} 2>&1"
 
 
 # Optional (config `reference: transformers`): Hugging Face GptOssForCausalLM on the same checkpoint and layers
