@@ -29,7 +29,7 @@ import onnx_ir as ir
 from flax import nnx
 
 from gptoss import __version__
-from gptoss.atomic import temporary_name
+from gptoss.atomic import require_free_space, temporary_name
 from gptoss.checkpoint import DTYPES
 from gptoss.config import ParamsConfig, params_config_path
 from gptoss.errors import GptOssError
@@ -251,6 +251,7 @@ def _numpy_dtype(value: ir.Value) -> np.dtype:
 def write_onnx(onnx_model: ir.Model, params: Path, output: Path) -> None:
     """Write ``output`` and ``output.data`` atomically: staged in a temporary folder, checked, then renamed."""
     output.parent.mkdir(parents=True, exist_ok=True)
+    require_free_space(output.parent, int(params.stat().st_size * 1.05), data_path(output).name)
     staging = temporary_name(output)
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()

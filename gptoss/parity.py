@@ -274,10 +274,10 @@ def parity(
                 diffs[prompt.prompt_id] = np.abs(got["logits"][:, :n] - ref["logits"][:, :n]).astype(np.float32).ravel()
             del got
     write_csv(csv_path, rows)
+    log_summary(rows, tolerances)
     if logits_diffs is not None:
         with atomic_output(logits_diffs) as tmp, open(tmp, "wb") as fh:
             np.savez(fh, **diffs)
-    log_summary(rows)
     return rows
 
 
@@ -289,8 +289,11 @@ def write_csv(path: Path, rows: list[dict]) -> None:
             writer.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()})
 
 
-def log_summary(rows: list[dict]) -> None:
-    """Worst row per group, as a compact table in the log."""
+def log_summary(rows: list[dict], tolerances: Tolerances | None = None) -> None:
+    """Worst row per group, as a compact table in the log, and the first failing tap in forward order."""
+    from gptoss.gate import first_failure
+
+    tolerances = tolerances or Tolerances()
     log.info("%-14s %-34s %12s %10s %6s", "group", "worst tensor", "max|diff|", "atol", "ok")
     for group in ("logits", "hidden_states", "block_taps", "routing"):
         members = [r for r in rows if r["group"] == group]
@@ -308,4 +311,16 @@ def log_summary(rows: list[dict]) -> None:
             worst["max_abs_diff"],
             worst["atol"],
             "yes" if ok else "NO",
+        )
+    first = first_failure([{**r, "block": None if r["block"] == "" else r["block"]} for r in rows], tolerances)
+    if first:
+        log.warning(
+            "first tap over its tolerance in forward order: block %s %s (max |diff| %.3g, atol %.3g; the tap "
+            "before it, %s: %.3g)",
+            first["block"],
+            first["tap"],
+            first["max_abs_diff"],
+            first["atol"],
+            first["previous_tensor"],
+            first["previous_max_abs_diff"] or 0.0,
         )

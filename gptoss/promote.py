@@ -19,7 +19,7 @@ from pathlib import Path
 import onnx
 
 from gptoss import __version__
-from gptoss.atomic import temporary_name
+from gptoss.atomic import require_free_space, temporary_name
 from gptoss.config import ParamsConfig, read_json
 from gptoss.errors import GptOssError
 from gptoss.export import data_path
@@ -154,6 +154,7 @@ def promote(
 
     staging = temporary_name(dest)
     shutil.rmtree(staging, ignore_errors=True)
+    require_free_space(dest.parent, onnx_path.stat().st_size + data.stat().st_size, f"promoting into {dest}")
     staging.mkdir(parents=True)
     try:
         files = []

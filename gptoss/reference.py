@@ -116,5 +116,5 @@ def reference(
             with np.load(spill / f"{prompt.prompt_id}.npz") as ref:
                 rows += list(compare_prompt("reference", prompt, ref, got[prompt.prompt_id], tolerances))
     write_csv(csv_path, rows)
-    log_summary(rows)
+    log_summary(rows, tolerances)
     return rows

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
+from pathlib import Path
 
 GROUPS = ("logits", "hidden_states", "block_taps", "routing")
 ROUTING_TAP = "expert_indices"
@@ -30,20 +31,56 @@ class Tolerances:
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        d = cls()
-        parser.add_argument("--atol-logits", type=float, default=d.logits, help="max |diff| for logits")
-        parser.add_argument("--atol-hidden-states", type=float, default=d.hidden_states, help="for hidden states")
-        parser.add_argument("--atol-block-taps", type=float, default=d.block_taps, help="for per-block debug taps")
+        """``--tolerances FILE`` (YAML/JSON with the keys of this class) and one flag per key; a flag given on
+        the command line wins over the file, the file over the defaults."""
+        parser.add_argument("--tolerances", type=Path, default=None, help="YAML/JSON file: logits, hidden_states, ...")
+        parser.add_argument("--atol-logits", type=float, default=None, help=f"max |diff| for logits ({cls.logits:g})")
+        parser.add_argument(
+            "--atol-hidden-states", type=float, default=None, help=f"hidden states ({cls.hidden_states:g})"
+        )
+        parser.add_argument("--atol-block-taps", type=float, default=None, help=f"per-block taps ({cls.block_taps:g})")
         parser.add_argument(
             "--near-tie-margin",
             type=float,
-            default=d.near_tie_margin,
-            help="a routing disagreement counts only where the k-th and (k+1)-th router logits differ by more",
+            default=None,
+            help="a routing disagreement counts only where the k-th and (k+1)-th router logits differ by more "
+            f"({cls.near_tie_margin:g})",
         )
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Tolerances:
-        return cls(args.atol_logits, args.atol_hidden_states, args.atol_block_taps, args.near_tie_margin)
+        values = dataclasses.asdict(cls())
+        if args.tolerances is not None:
+            values.update(cls.read(args.tolerances))
+        flags = {
+            "logits": args.atol_logits,
+            "hidden_states": args.atol_hidden_states,
+            "block_taps": args.atol_block_taps,
+            "near_tie_margin": args.near_tie_margin,
+        }
+        values.update({k: v for k, v in flags.items() if v is not None})
+        return cls(**values)
+
+    @classmethod
+    def read(cls, path: Path) -> dict[str, float]:
+        """Tolerances from a YAML or JSON file (JSON is YAML); unknown keys are an error naming the file."""
+        import yaml
+
+        from gptoss.errors import GptOssError
+
+        if not path.is_file():
+            raise GptOssError(f"{path}: tolerances file not found")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise GptOssError(f"{path}: not valid YAML/JSON ({str(exc).splitlines()[0]})") from None
+        known = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(raw, dict) or set(raw) - known:
+            raise GptOssError(f"{path}: expected a mapping with keys among {sorted(known)}")
+        try:
+            return {k: float(v) for k, v in raw.items()}
+        except (TypeError, ValueError):
+            raise GptOssError(f"{path}: tolerances must be numbers") from None
 
 
 def classify(tensor: str) -> tuple[str, int | None, str]:

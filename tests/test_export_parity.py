@@ -344,3 +344,18 @@ def test_transformers_reference_rows_agree_and_catch_a_wrong_conversion(toy, tmp
     rows = reference(toy["root"] / "checkpoint", wrong, tmp_path / "wrong.csv", SEQ, PROMPTS)
     failed = {r["tensor"] for r in rows if not r["passed"]}
     assert "hidden_state_1" in failed and "hidden_state_0" not in failed
+
+
+def test_tolerances_file_and_flags(tmp_path):
+    from gptoss.cli import build_parser
+
+    tol_file = tmp_path / "tolerances.yaml"
+    tol_file.write_text("logits: 1.0e-3\nhidden_states: 2.0e-5\n")
+    args = build_parser().parse_args(
+        ["gate", "--csv", "x.csv", "--verdict", "v.json", "--tolerances", str(tol_file), "--atol-logits", "5e-4"]
+    )
+    tol = Tolerances.from_args(args)
+    assert (tol.logits, tol.hidden_states, tol.block_taps) == (5e-4, 2e-5, Tolerances().block_taps)
+    tol_file.write_text("logit: 1.0e-3\n")
+    with pytest.raises(GptOssError, match="tolerances.yaml: expected a mapping with keys among"):
+        Tolerances.from_args(args)
