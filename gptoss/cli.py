@@ -170,32 +170,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
 
     p = sub.add_parser("parity", help="JAX vs ONNX Runtime on real prompts -> CSV")
-    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
-    p.add_argument("--token-ids", action="append", default=[], help="comma-separated token ids (repeatable)")
-    p.add_argument("--tokenizer", type=Path, default=None, help="default: the one recorded in the params config")
-    p.add_argument("--params", type=Path, required=True)
-    p.add_argument("--config", type=Path, default=None)
+    _comparison_arguments(p)
     p.add_argument("--onnx", type=Path, required=True)
-    p.add_argument("--sequence-length", type=int, default=32)
     p.add_argument("--compare-hidden-states", action="store_true")
     p.add_argument("--compare-block-debug", action="store_true")
     p.add_argument("--stage", choices=["debug", "canonical"], default=None, help="default: from the compare flags")
-    p.add_argument("--csv", type=Path, required=True)
     p.add_argument("--logits-diffs", type=Path, default=None, help="also save every logits |diff| (.npz)")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
-    Tolerances.add_arguments(p)
 
     p = sub.add_parser("reference", help="transformers GptOssForCausalLM vs JAX -> stage=reference CSV rows")
+    _comparison_arguments(p)
     p.add_argument("--checkpoint", type=Path, required=True, help="the HF-layout checkpoint the params came from")
-    p.add_argument("--params", type=Path, required=True)
-    p.add_argument("--config", type=Path, default=None)
-    p.add_argument("--prompt", action="append", default=[])
-    p.add_argument("--token-ids", action="append", default=[])
-    p.add_argument("--tokenizer", type=Path, default=None)
-    p.add_argument("--sequence-length", type=int, default=32)
     p.add_argument("--logits-only", action="store_true", help="skip the hidden states")
-    p.add_argument("--csv", type=Path, required=True)
-    Tolerances.add_arguments(p)
 
     p = sub.add_parser("gate", help="parity CSVs + tolerances -> verdict JSON + summary; exit 1 on any breach")
     p.add_argument("--csv", type=Path, nargs="+", required=True)
@@ -221,6 +207,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, default=None, help="params config (.config.json) to describe in the manifest")
     p.add_argument("--sequence-length", type=int, default=None, help="recorded in the manifest")
     return parser
+
+
+def _comparison_arguments(p: argparse.ArgumentParser) -> None:
+    """What parity and reference share: the params, the prompts, the CSV and the tolerances."""
+    p.add_argument("--params", type=Path, required=True)
+    p.add_argument("--config", type=Path, default=None, help="default: X.config.json next to --params")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--token-ids", action="append", default=[], help="comma-separated token ids (repeatable)")
+    p.add_argument("--tokenizer", type=Path, default=None, help="default: the one recorded in the params config")
+    p.add_argument("--sequence-length", type=int, default=32)
+    p.add_argument("--csv", type=Path, required=True)
+    Tolerances.add_arguments(p)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
