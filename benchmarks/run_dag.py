@@ -16,6 +16,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -71,14 +72,27 @@ def python_snippet(code: str, *args: str) -> list[float]:
     return [float(x) for x in out.stdout.split()]
 
 
-def benchmark_rows(bench_dir: Path) -> list[dict]:
+PEAK = re.compile(r"finished in [0-9.]+ s, peak RSS ([0-9.]+) GB")
+
+
+def benchmark_rows(results: Path) -> list[dict]:
+    """Snakemake's benchmark numbers per rule, plus the kernel's peak RSS that ``gptoss`` logs at exit
+    (Snakemake samples RSS now and then and can miss a short peak)."""
     rows = []
-    for tsv in sorted(bench_dir.glob("*.tsv"), key=lambda p: p.stat().st_mtime):
+    for tsv in sorted((results / "benchmarks").glob("*.tsv"), key=lambda p: p.stat().st_mtime):
         with open(tsv) as fh:
             row = next(csv.DictReader(fh, delimiter="\t"))
         rss = float(row["max_rss"]) if row.get("max_rss") not in (None, "", "-", "NA") else float("nan")
+        log = results / "logs" / f"{tsv.stem}.log"
+        peaks = PEAK.findall(log.read_text()) if log.is_file() else []
         rows.append(
-            {"rule": tsv.stem, "wall_s": float(row["s"]), "max_rss_gb": rss / 1024, "cpu_s": float(row["cpu_time"])}
+            {
+                "rule": tsv.stem,
+                "wall_s": float(row["s"]),
+                "max_rss_gb": rss / 1024,
+                "peak_gb": float(peaks[-1]) if peaks else float("nan"),
+                "cpu_s": float(row["cpu_time"]),
+            }
         )
     return rows
 
@@ -120,7 +134,7 @@ def main() -> int:
         print(f"error: the DAG failed (exit {status}); see results/{name}/logs/", file=sys.stderr)
         return status
 
-    rows = benchmark_rows(results / "benchmarks")
+    rows = benchmark_rows(results)
     seq = int(config.get("sequence_length", 32))
     canonical = results / "onnx" / "canonical" / "model.onnx"
     params = next(results.glob("flax_params_*layers.msgpack"))
@@ -138,9 +152,12 @@ def main() -> int:
         f"`snakemake --cores {args.cores}` from an empty results folder: **{total / 60:.1f} min** in all. "
         f"{cfg.param_count() / 1e9:.2f} B parameters, {params_bytes / 1e9:.1f} GB.",
         "",
-        "| rule | wall s | peak RSS GB | CPU s |",
-        "|---|---|---|---|",
-        *(f"| {r['rule']} | {r['wall_s']:.1f} | {r['max_rss_gb']:.2f} | {r['cpu_s']:.1f} |" for r in rows),
+        "| rule | wall s | peak RSS GB (kernel) | max RSS GB (Snakemake, sampled) | CPU s |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {r['rule']} | {r['wall_s']:.1f} | {r['peak_gb']:.2f} | {r['max_rss_gb']:.2f} | {r['cpu_s']:.1f} |"
+            for r in rows
+        ),
         "",
         f"Forward pass, batch 1 × {seq} tokens (best / median of {LATENCY_RUNS}, after one warm-up): "
         f"ONNX Runtime {ort_min:.2f} / {ort_med:.2f} s, jitted JAX {jax_min:.2f} / {jax_med:.2f} s "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import resource
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -242,7 +243,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"gptoss {args.command}: interrupted", file=sys.stderr)
         return 130
-    log.info("%s finished in %.1f s", args.command, time.perf_counter() - start)
+    # The kernel's high-water mark of this process (Snakemake's benchmark samples RSS and can miss short peaks).
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    log.info("%s finished in %.1f s, peak RSS %.2f GB", args.command, time.perf_counter() - start, peak_gb)
     return status
 
 
