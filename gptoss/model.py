@@ -271,42 +271,78 @@ class GptOss(nnx.Module):
         emit_hidden_states: bool = False,
         emit_block_debug: bool = False,
     ) -> Outputs:
-        # Positions derive from the input itself (cumsum of ones), never arange over a symbolic size,
-        # so the graph exports with symbolic batch/sequence axes and takes an offset for a KV cache.
-        positions = jnp.cumsum(jnp.ones_like(input_ids, dtype=jnp.int32), axis=1) - 1 + position_offset
+        positions = token_positions(input_ids, position_offset)
         x = self.embed(input_ids)
         outputs: Outputs = {}
         for i, block in enumerate(self.layers):
-            taps: Outputs | None = {} if emit_block_debug else None
-            x = block(x, positions, taps)
-            if emit_hidden_states:
-                outputs[f"hidden_state_{i}"] = x.astype(jnp.float32)
-            if taps is not None:
-                for tap in BLOCK_TAPS:
-                    value = taps[tap]
-                    outputs[f"block_{i}_{tap}"] = value if value.dtype == jnp.int32 else value.astype(jnp.float32)
-        logits = self.unembed(self.norm(x)).astype(jnp.float32)
-        return {"logits": logits, **outputs}
+            x, taps = block_outputs(block, x, positions, emit_block_debug)
+            collect(outputs, i, x, taps, emit_hidden_states)
+        return {"logits": self.head(x), **outputs}
+
+    def head(self, x: jax.Array) -> jax.Array:
+        """Final norm and unembedding → float32 logits."""
+        return self.unembed(self.norm(x)).astype(jnp.float32)
+
+
+def token_positions(input_ids: jax.Array, position_offset: jax.Array | int = 0) -> jax.Array:
+    """Positions derive from the input itself (cumsum of ones), never arange over a symbolic size, so the graph
+    exports with symbolic batch/sequence axes and takes an offset for a KV cache."""
+    return jnp.cumsum(jnp.ones_like(input_ids, dtype=jnp.int32), axis=1) - 1 + position_offset
+
+
+def block_outputs(block: Block, x: jax.Array, positions: jax.Array, emit_block_debug: bool):
+    """One block's output and, on request, its debug taps (dict) — else ``None``."""
+    taps: Outputs | None = {} if emit_block_debug else None
+    return block(x, positions, taps), taps
+
+
+def collect(outputs: Outputs, i: int, x: jax.Array, taps: Outputs | None, emit_hidden_states: bool) -> None:
+    """Name block ``i``'s outputs: ``hidden_state_{i}`` and ``block_{i}_{tap}`` (float32, indices int32)."""
+    if emit_hidden_states:
+        outputs[f"hidden_state_{i}"] = x.astype(jnp.float32)
+    if taps is not None:
+        for tap in BLOCK_TAPS:
+            value = taps[tap]
+            outputs[f"block_{i}_{tap}"] = value if value.dtype == jnp.int32 else value.astype(jnp.float32)
 
 
 def forward(
     model: GptOss, input_ids: jax.Array, emit_hidden_states: bool = False, emit_block_debug: bool = False
 ) -> Outputs:
-    """The jitted forward pass, with the weights passed as arguments of a pure function.
+    """The forward pass, jitted one piece at a time (embedding, each block, head), weights as arguments.
 
-    Not captured as constants (that copies every weight into the program), and not through ``nnx.jit``,
-    which returns the module state as outputs and so doubles the weights' memory.
+    Weights are arguments of pure functions: captured as constants they would be copied into the program,
+    and ``nnx.jit`` returns the module state as outputs (a second copy). One program per block keeps XLA's
+    temporaries to one block's worth — for bfloat16 weights, whose float32 casts would otherwise all be
+    materialised at once.
     """
-    graphdef, state = nnx.split(model)
-    return _jitted_forward(graphdef, state, input_ids, emit_hidden_states, emit_block_debug)
+    positions = token_positions(input_ids)
+    x = _apply(model.embed, "__call__", input_ids)
+    outputs: Outputs = {}
+    for i, block in enumerate(model.layers):
+        x, taps = _apply_block(block, x, positions, emit_block_debug)
+        collect(outputs, i, x, taps, emit_hidden_states)
+    return {"logits": _apply(model, "head", x), **outputs}
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3, 4))
-def _jitted_forward(
-    graphdef: nnx.GraphDef, state: nnx.State, input_ids: jax.Array, emit_hidden_states: bool, emit_block_debug: bool
-) -> Outputs:
-    model = nnx.merge(graphdef, state)
-    return model(input_ids, emit_hidden_states=emit_hidden_states, emit_block_debug=emit_block_debug)
+def _apply(module: nnx.Module, method: str, *args: jax.Array) -> jax.Array:
+    graphdef, state = nnx.split(module)
+    return _jitted_method(graphdef, state, method, *args)
+
+
+def _apply_block(block: Block, x: jax.Array, positions: jax.Array, emit_block_debug: bool):
+    graphdef, state = nnx.split(block)
+    return _jitted_block(graphdef, state, x, positions, emit_block_debug)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _jitted_method(graphdef: nnx.GraphDef, state: nnx.State, method: str, *args: jax.Array) -> jax.Array:
+    return getattr(nnx.merge(graphdef, state), method)(*args)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _jitted_block(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array, positions: jax.Array, debug: bool):
+    return block_outputs(nnx.merge(graphdef, state), x, positions, debug)
 
 
 def output_names(cfg: GptOssConfig, emit_hidden_states: bool, emit_block_debug: bool) -> list[str]:

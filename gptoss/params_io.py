@@ -11,7 +11,7 @@ parses the stream and reads each array straight into its final buffer.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -89,6 +89,22 @@ def write_params(
         write_node(fh, tree)
 
 
+ALIGNMENT = 64
+
+
+def aligned_empty(shape: Sequence[int], dtype: np.dtype) -> np.ndarray:
+    """An uninitialised array whose data starts on a 64-byte boundary.
+
+    JAX on CPU adopts such a numpy buffer without copying; a merely 16-byte-aligned one (what ``np.empty``
+    gives large arrays) is copied when a jitted function first uses it, and the copy lives as long as the
+    array: measured +3 GB on the 2-layer gpt-oss-20b forward pass.
+    """
+    nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    raw = np.empty(nbytes + ALIGNMENT, dtype=np.uint8)
+    start = -raw.ctypes.data % ALIGNMENT
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
+
+
 class _Reader:
     """A minimal msgpack reader for the subset ``write_params`` and flax produce."""
 
@@ -129,7 +145,7 @@ class _Reader:
             return self._map(self._uint(2 if b == 0xDE else 4))
         if b in (0xC7, 0xC8, 0xC9) or 0xD4 <= b <= 0xD8:
             shape, dtype, nbytes = self._array_header(b)
-            return self._read_into(np.empty(shape, dtype=dtype))
+            return self._read_into(aligned_empty(shape, dtype))
         raise GptOssError(f"{self.path}: not a params msgpack file (unexpected byte 0x{b:02x})")
 
     def _map(self, n: int) -> dict[str, Any]:
@@ -176,7 +192,7 @@ class _Reader:
                     self.value()  # chunk index
                     chunk_shape, dtype, _ = self._array_header(self._read(1)[0])
                     if out is None:
-                        out = np.empty(int(np.prod(shape, dtype=np.int64)), dtype=dtype)
+                        out = aligned_empty((int(np.prod(shape, dtype=np.int64)),), dtype)
                     count = int(np.prod(chunk_shape, dtype=np.int64))
                     self._read_into(out[offset : offset + count])
                     offset += count
