@@ -388,8 +388,3 @@ def build_model(cfg: GptOssConfig, params: Mapping[str, np.ndarray | jax.Array])
         node[leaf] = jnp.asarray(value, dtype=spec.dtype)
     nnx.replace_by_pure_dict(state, pure)
     return nnx.merge(graphdef, state)
-
-
-def model_params(model: GptOss) -> dict[str, jax.Array]:
-    """The model's parameters as flat dotted names (inverse of ``build_model``)."""
-    return {_path_to_name(path): var.get_value() for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
