@@ -33,7 +33,7 @@ from gptoss.atomic import require_free_space, temporary_name
 from gptoss.checkpoint import DTYPES
 from gptoss.config import ParamsConfig, params_config_path
 from gptoss.errors import GptOssError
-from gptoss.model import GptOss, build_model, forward, output_names
+from gptoss.model import GptOss, abstract_model, build_model, forward, output_names
 from gptoss.params_io import iter_params
 
 log = logging.getLogger("gptoss.export")
@@ -81,12 +81,6 @@ def load_model(params: Path, config: Path | None = None) -> tuple[ParamsConfig, 
     except GptOssError as exc:
         raise GptOssError(f"{params} does not match {config}: {exc}") from None
     return params_cfg, model
-
-
-def abstract_model(params_cfg: ParamsConfig) -> GptOss:
-    """The model's structure with shape-only parameters (nothing allocated)."""
-    dtype = jnp.dtype(DTYPES[params_cfg.dtype])
-    return nnx.eval_shape(lambda: GptOss(params_cfg.model, dtype))
 
 
 class _Traceable:
@@ -305,7 +299,7 @@ def export(
         raise GptOssError(f"{params}: params file not found")
     params_cfg = ParamsConfig.read(config or params_config_path(params))
     log.info("tracing %s graph %s", "debug" if spec.debug else "canonical", spec.input_shape())
-    onnx_model = build_onnx(abstract_model(params_cfg), spec)
+    onnx_model = build_onnx(abstract_model(params_cfg.model, jnp.dtype(DTYPES[params_cfg.dtype])), spec)
     log.info("writing %s (+ %s), streaming weights from %s", output, data_path(output).name, params)
     write_onnx(onnx_model, params, output)
     del onnx_model

@@ -360,18 +360,25 @@ def _path_to_name(path: tuple) -> str:
     return ".".join(str(p) for p in path)
 
 
+def abstract_model(cfg: GptOssConfig, dtype: jnp.dtype = jnp.float32) -> GptOss:
+    """The model's structure with shape-only parameters (nothing allocated)."""
+    return nnx.eval_shape(lambda: GptOss(cfg, dtype))
+
+
+def _specs(state: nnx.State) -> dict[str, jax.ShapeDtypeStruct]:
+    return {_path_to_name(path): var.get_value() for path, var in nnx.to_flat_state(state)}
+
+
 def param_specs(cfg: GptOssConfig, dtype: jnp.dtype = jnp.float32) -> dict[str, jax.ShapeDtypeStruct]:
     """Expected name → shape/dtype of every parameter, without allocating any."""
-    abstract = nnx.eval_shape(lambda: GptOss(cfg, dtype))
-    return {_path_to_name(path): var.get_value() for path, var in nnx.to_flat_state(nnx.state(abstract))}
+    return _specs(nnx.state(abstract_model(cfg, dtype)))
 
 
 def build_model(cfg: GptOssConfig, params: Mapping[str, np.ndarray | jax.Array]) -> GptOss:
     """A model holding ``params`` (flat dotted names, see the module docstring), checked name by name."""
     dtype = jnp.dtype(params["embed.embedding"].dtype) if "embed.embedding" in params else jnp.float32
-    abstract = nnx.eval_shape(lambda: GptOss(cfg, dtype))
-    graphdef, state = nnx.split(abstract)
-    specs = param_specs(cfg, dtype)
+    graphdef, state = nnx.split(abstract_model(cfg, dtype))
+    specs = _specs(state)
     missing = sorted(set(specs) - set(params))
     extra = sorted(set(params) - set(specs))
     if missing or extra:

@@ -23,6 +23,7 @@ from gptoss.atomic import atomic_output
 from gptoss.config import ParamsConfig, params_config_path
 from gptoss.errors import GptOssError
 from gptoss.export import INPUT_NAME, data_path, load_model
+from gptoss.gate import first_failure
 from gptoss.model import forward, output_names
 from gptoss.ort import ort_session, sha256
 from gptoss.tolerances import ROUTING_TAP, Tolerances, classify
@@ -291,8 +292,6 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 def log_summary(rows: list[dict], tolerances: Tolerances | None = None) -> None:
     """Worst row per group, as a compact table in the log, and the first failing tap in forward order."""
-    from gptoss.gate import first_failure
-
     tolerances = tolerances or Tolerances()
     log.info("%-14s %-34s %12s %10s %6s", "group", "worst tensor", "max|diff|", "atol", "ok")
     for group in ("logits", "hidden_states", "block_taps", "routing"):
