@@ -61,9 +61,27 @@ Outputs = dict[str, jax.Array]
 COMPUTE_DTYPE = jnp.float32
 
 
-def _compute(param: nnx.Param) -> jax.Array:
+# A bfloat16 weight's float32 cast is a temporary the size of the weight in float32: 3.2 GB for one 20b block's
+# experts, 2.3 GB for the unembedding. Large weights are therefore cast and used one slice at a time (experts
+# along the expert axis, the unembedding along the vocabulary), so XLA and ONNX Runtime alike free each
+# slice's cast before making the next and the casts alive at once stay under about this many bytes.
+CAST_SLICE_BYTES = 256 * 2**20
+
+
+def _compute(param: nnx.Param | jax.Array) -> jax.Array:
     """A weight in the compute dtype (a no-op for float32 weights; a Cast at use for bfloat16 ones)."""
     return param[...].astype(COMPUTE_DTYPE)
+
+
+def cast_slices(shape: tuple[int, ...], dtype: jnp.dtype, axis: int) -> list[slice]:
+    """Slices along ``axis`` whose float32 casts stay under ``CAST_SLICE_BYTES`` (one whole slice if no cast)."""
+    n = shape[axis]
+    if jnp.dtype(dtype) == COMPUTE_DTYPE:
+        return [slice(0, n)]
+    cast_bytes = int(np.prod(shape)) * jnp.dtype(COMPUTE_DTYPE).itemsize
+    pieces = min(n, -(-cast_bytes // CAST_SLICE_BYTES))
+    step = -(-n // pieces)
+    return [slice(start, min(start + step, n)) for start in range(0, n, step)]
 
 
 def _param(shape: tuple[int, ...], dtype: jnp.dtype) -> nnx.Param:
@@ -79,7 +97,12 @@ class Linear(nnx.Module):
         self.bias = _param((fan_out,), dtype) if bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = x @ _compute(self.kernel)
+        kernel = self.kernel[...]
+        columns = cast_slices(kernel.shape, kernel.dtype, axis=1)
+        if len(columns) == 1:
+            y = x @ _compute(kernel)
+        else:  # bfloat16 and large (the unembedding): cast and multiply a slice of columns at a time
+            y = jnp.concatenate([x @ _compute(kernel[:, cols]) for cols in columns], axis=-1)
         return y + _compute(self.bias) if self.bias is not None else y
 
 
@@ -172,29 +195,28 @@ class MoE(nnx.Module):
 
     def __call__(self, x: jax.Array, taps: Outputs | None) -> jax.Array:
         cfg = self.cfg
-        e, k, inter = cfg.num_local_experts, cfg.num_experts_per_tok, cfg.intermediate_size
+        e, k = cfg.num_local_experts, cfg.num_experts_per_tok
         router_logits = self.router(x)
         # Trap: top-k on the raw logits, softmax over the k selected logits only.
         top_logits, top_idx = jax.lax.top_k(router_logits, k)
         top_weights = jax.nn.softmax(top_logits.astype(jnp.float32), axis=-1).astype(x.dtype)
 
         # Tokens broadcast over experts (small: activations only), experts as the batch axis: [E, N, H].
+        # bfloat16 experts are computed a few at a time (see CAST_SLICE_BYTES); float32 ones all at once.
         batch, seq, hidden = x.shape
-        tokens = jnp.broadcast_to(x.reshape(1, -1, hidden), (e, batch * seq, hidden))
-        gate_up = _expert_matmul(tokens, _compute(self.gate_up_kernel)) + _compute(self.gate_up_bias)[:, None, :]
-        # Trap: gate_up columns are interleaved — even columns gate, odd columns linear.
-        pairs = gate_up.reshape(*gate_up.shape[:-1], inter, 2)
-        gate, linear = pairs[..., 0], pairs[..., 1]
-        # Trap: the gate is clamped from above only, the linear part on both sides; then +1 on linear.
-        limit = cfg.swiglu_limit
-        gate = jnp.minimum(gate, limit)
-        linear = jnp.clip(linear, -limit, limit)
-        act = gate * jax.nn.sigmoid(cfg.swiglu_alpha * gate) * (linear + 1)
-        expert_out = _expert_matmul(act, _compute(self.down_kernel)) + _compute(self.down_bias)[:, None, :]
-
+        flat = x.reshape(1, -1, hidden)
         dense_weights = jnp.sum(jax.nn.one_hot(top_idx, e, dtype=x.dtype) * top_weights[..., None], axis=-2)
-        out = jnp.einsum("ne,enh->nh", dense_weights.reshape(-1, e), expert_out).reshape(batch, seq, hidden)
+        dense_weights = dense_weights.reshape(-1, e)
+        slices = cast_slices(self.gate_up_kernel.shape, self.gate_up_kernel.dtype, axis=0)
+        per_slice: list[tuple[jax.Array, ...]] = []
+        for experts in slices:
+            tokens = jnp.broadcast_to(flat, (experts.stop - experts.start, *flat.shape[1:]))
+            gate_up, act, expert_out = self._experts(tokens, None if len(slices) == 1 else experts)
+            weights = dense_weights if len(slices) == 1 else dense_weights[:, experts]
+            per_slice.append((gate_up, act, expert_out, jnp.einsum("ne,enh->nh", weights, expert_out)))
+        out = functools.reduce(jnp.add, [moe for *_, moe in per_slice]).reshape(batch, seq, hidden)
         if taps is not None:
+            gate_up, act, expert_out = (_concat([p[j] for p in per_slice]) for j in range(3))
 
             def per_slot(t: jax.Array) -> jax.Array:
                 # [E, N, f] → the k selected experts per token: [b, t, k, f]
@@ -211,6 +233,29 @@ class MoE(nnx.Module):
                 moe_output=out,
             )
         return out
+
+    def _experts(self, tokens: jax.Array, experts: slice | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Experts ``experts`` (``None``: all) on every token ``[e, N, H]``: (preactivation, activation, output)."""
+        cfg = self.cfg
+
+        def weight(param: nnx.Param) -> jax.Array:
+            return _compute(param if experts is None else param[experts])
+
+        gate_up = _expert_matmul(tokens, weight(self.gate_up_kernel)) + weight(self.gate_up_bias)[:, None, :]
+        # Trap: gate_up columns are interleaved — even columns gate, odd columns linear.
+        pairs = gate_up.reshape(*gate_up.shape[:-1], cfg.intermediate_size, 2)
+        gate, linear = pairs[..., 0], pairs[..., 1]
+        # Trap: the gate is clamped from above only, the linear part on both sides; then +1 on linear.
+        limit = cfg.swiglu_limit
+        gate = jnp.minimum(gate, limit)
+        linear = jnp.clip(linear, -limit, limit)
+        act = gate * jax.nn.sigmoid(cfg.swiglu_alpha * gate) * (linear + 1)
+        expert_out = _expert_matmul(act, weight(self.down_kernel)) + weight(self.down_bias)[:, None, :]
+        return gate_up, act, expert_out
+
+
+def _concat(parts: list[jax.Array], axis: int = 0) -> jax.Array:
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=axis)
 
 
 def _expert_matmul(x: jax.Array, w: jax.Array) -> jax.Array:

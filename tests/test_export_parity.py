@@ -10,16 +10,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import onnx
 import pytest
 
+from gptoss import model as model_module
 from gptoss.convert import convert
 from gptoss.errors import GptOssError
 from gptoss.export import ExportSpec, data_path, export, load_model
 from gptoss.gate import gate
-from gptoss.model import BLOCK_TAPS, forward, output_names
+from gptoss.model import BLOCK_TAPS, cast_slices, forward, output_names
 from gptoss.ort import ort_session, sha256
 from gptoss.params_io import read_params, write_params
 from gptoss.parity import COLUMNS, parity
@@ -323,6 +325,40 @@ def test_bfloat16_params_store_bf16_weights_and_compute_in_float32(toy, tmp_path
     assert kinds["layers.0.attn_norm.scale"] == onnx.TensorProto.FLOAT  # norms stay float32
     rows = parity(params, graph, tmp_path / "bf16.csv", SEQ, PROMPTS)
     assert all(r["passed"] for r in rows) and max(r["max_abs_diff"] for r in rows) <= 1e-5
+
+
+def test_bfloat16_weights_cast_in_slices_give_the_same_outputs(toy, tmp_path, monkeypatch):
+    """Large bf16 weights are cast and used a slice at a time (at 20b a block's expert casts would be 3.2 GB at
+    once): experts in uneven groups, the unembedding and projections by columns. Same outputs as whole casts, in
+    JAX and in ONNX Runtime."""
+    params = tmp_path / "flax_params_2layers.msgpack"
+    convert(toy["root"] / "checkpoint", params, 2, dtype="bfloat16")
+    _, model = load_model(params)
+    ids = jnp.asarray(np.arange(1, SEQ + 1, dtype=np.int32)[None] * 37 % 8192)
+    whole = forward(model, ids, True, True)
+
+    gate_up = model.layers[0].mlp.gate_up_kernel
+    monkeypatch.setattr(model_module, "CAST_SLICE_BYTES", gate_up.size * 4 // 3 + 1)
+    jax.clear_caches()  # the jitted blocks were traced with whole casts
+    assert [(s.start, s.stop) for s in cast_slices(gate_up.shape, gate_up.dtype, 0)] == [(0, 3), (3, 6), (6, 8)]
+    assert len(cast_slices(model.unembed.kernel.shape, model.unembed.kernel.dtype, 1)) > 1
+    sliced = forward(model, ids, True, True)
+    jax.clear_caches()
+    assert set(sliced) == set(whole)
+    for name, value in whole.items():
+        np.testing.assert_allclose(np.asarray(sliced[name]), np.asarray(value), atol=1e-5, rtol=1e-5, err_msg=name)
+
+    graph = tmp_path / "model.onnx"
+    export(params, graph, ExportSpec(SEQ, emit_hidden_states=True, emit_block_debug=True), skip_validation=True)
+    nodes = onnx.load(str(graph), load_external_data=False).graph.node
+    expert_slices = [n for n in nodes if n.op_type == "Slice" and "layers.0.mlp.gate_up_kernel" in n.input]
+    assert len(expert_slices) == 3
+    rows = parity(
+        params, graph, tmp_path / "sliced.csv", SEQ, PROMPTS, compare_hidden_states=True, compare_block_debug=True
+    )
+    jax.clear_caches()
+    assert rows and all(r["passed"] for r in rows)
+    assert max(r["max_abs_diff"] for r in rows if r["group"] == "logits") <= 1e-5
 
 
 def test_transformers_reference_rows_agree_and_catch_a_wrong_conversion(toy, tmp_path):
