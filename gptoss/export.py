@@ -74,8 +74,9 @@ def load_model(params: Path, config: Path | None = None) -> tuple[ParamsConfig, 
     """Read params + config and build the Flax model; mismatches become one clear error."""
     config = config or params_config_path(params)
     params_cfg = ParamsConfig.read(config)
-    # On CPU, JAX adopts each freshly read (64-byte aligned) numpy buffer without a copy: the params, once.
-    arrays = {name: jnp.asarray(arr) for name, arr in iter_params(params)}
+    # On CPU, `jax.device_put` adopts each freshly read (64-byte aligned) numpy buffer without a copy, so the
+    # params are in memory once (`jnp.asarray` would copy each one: +1.2 GB peak at 20b bf16).
+    arrays = {name: jax.device_put(arr) for name, arr in iter_params(params)}
     try:
         model = build_model(params_cfg.model, arrays)
     except GptOssError as exc:
