@@ -27,12 +27,10 @@ def _t(a: np.ndarray) -> np.ndarray:
     return a.T
 
 
-def _experts_t(a: np.ndarray) -> np.ndarray:
-    """Decoded MXFP4 experts are ``[E, out, in]``; our kernels are ``[E, in, out]``.
-
-    Trap: ``down_proj`` is square for gpt-oss-20b (2880×2880), so a missing transpose keeps the shapes right.
-    """
-    return a.transpose(0, 2, 1)
+def _count_nonfinite(a: np.ndarray, rows: int = 1 << 16) -> int:
+    """NaN/Inf count, a block of leading rows at a time (a whole-array mask would be one more big temporary)."""
+    flat = a.reshape(a.shape[0], -1) if a.ndim > 1 else a.reshape(-1, 1)
+    return sum(int((~np.isfinite(flat[i : i + rows])).sum()) for i in range(0, flat.shape[0], rows))
 
 
 @dataclasses.dataclass
@@ -62,30 +60,44 @@ class Checkpoint:
             )
         return cls(folder, config, layout, store)
 
-    def sources(self, num_layers: int) -> dict[str, Callable[[], np.ndarray]]:
-        """Our param name → a function that reads and reshapes that tensor (float32 or bf16, not yet cast)."""
+    def sources(self, num_layers: int, dtype: np.dtype) -> dict[str, Callable[[], np.ndarray]]:
+        """Our param name → a function that reads and reshapes that tensor (stored dtype, cast later; MXFP4
+        experts are decoded straight to ``dtype``)."""
         if self.layout == "hf":
-            return self._hf_sources(num_layers)
-        return self._original_sources(num_layers)
+            return self._hf_sources(num_layers, dtype)
+        return self._original_sources(num_layers, dtype)
 
     def _get(self, name: str) -> np.ndarray:
         return self.store.get(name)
 
-    def _decode(self, blocks: str, scales: str) -> np.ndarray:
-        """MXFP4 ``blocks``/``scales`` → ``[E, out, in]``; mismatched shapes are a clear error naming both."""
+    def _decode_experts(self, blocks: str, scales: str, dtype: np.dtype) -> np.ndarray:
+        """MXFP4 experts ``blocks``/``scales`` (``[E, out, ...]``) → our ``[E, in, out]`` kernel in ``dtype``.
+
+        Decoded one expert at a time straight into the result: the float32 decode of a whole 20b tensor
+        (2.1 GB) and its transposed copy never exist. Mismatched shapes are a clear error naming both tensors.
+        Trap: ``down_proj`` is square for gpt-oss-20b (2880×2880), so a missing transpose keeps the shapes right.
+        """
+        b, s = self._get(blocks), self._get(scales)
         try:
-            return mxfp4.decode(self._get(blocks), self._get(scales))
+            mxfp4.check_shapes(b, s)
+            if b.ndim != 4:
+                raise ValueError(f"MXFP4 experts {b.shape}: expected [experts, out, groups, 16]")
         except ValueError as exc:
             raise GptOssError(f"{self.store.file_of(blocks)}: tensors {blocks!r} and {scales!r}: {exc}") from None
+        experts, out_features, groups, _ = b.shape
+        out = np.empty((experts, groups * mxfp4.GROUP, out_features), dtype=dtype)
+        for e in range(experts):
+            out[e] = mxfp4.decode(b[e], s[e]).T  # [out, in] -> [in, out]
+        return out
 
-    def _mxfp4_or_dense(self, prefix: str) -> Callable[[], np.ndarray]:
+    def _mxfp4_or_dense(self, prefix: str, dtype: np.dtype) -> Callable[[], np.ndarray]:
         """HF experts: MXFP4 ``{prefix}_blocks/_scales`` or the dequantized ``{prefix}`` (stored input-major)."""
         if f"{prefix}_blocks" in self.store:
-            return lambda: _experts_t(self._decode(f"{prefix}_blocks", f"{prefix}_scales"))
+            return lambda: self._decode_experts(f"{prefix}_blocks", f"{prefix}_scales", dtype)
         # Trap: dequantized HF experts are already [E, in, out] (input-major): no transpose.
         return lambda: self._get(prefix)
 
-    def _hf_sources(self, num_layers: int) -> dict[str, Callable[[], np.ndarray]]:
+    def _hf_sources(self, num_layers: int, dtype: np.dtype) -> dict[str, Callable[[], np.ndarray]]:
         g = self._get
         src: dict[str, Callable[[], np.ndarray]] = {
             "embed.embedding": lambda: g("model.embed_tokens.weight"),
@@ -102,13 +114,13 @@ class Checkpoint:
             src[f"{ours}.attn.sinks"] = lambda p=p: g(f"{p}.self_attn.sinks")
             src[f"{ours}.mlp.router.kernel"] = lambda p=p: _t(g(f"{p}.mlp.router.weight"))
             src[f"{ours}.mlp.router.bias"] = lambda p=p: g(f"{p}.mlp.router.bias")
-            src[f"{ours}.mlp.gate_up_kernel"] = self._mxfp4_or_dense(f"{p}.mlp.experts.gate_up_proj")
+            src[f"{ours}.mlp.gate_up_kernel"] = self._mxfp4_or_dense(f"{p}.mlp.experts.gate_up_proj", dtype)
             src[f"{ours}.mlp.gate_up_bias"] = lambda p=p: g(f"{p}.mlp.experts.gate_up_proj_bias")
-            src[f"{ours}.mlp.down_kernel"] = self._mxfp4_or_dense(f"{p}.mlp.experts.down_proj")
+            src[f"{ours}.mlp.down_kernel"] = self._mxfp4_or_dense(f"{p}.mlp.experts.down_proj", dtype)
             src[f"{ours}.mlp.down_bias"] = lambda p=p: g(f"{p}.mlp.experts.down_proj_bias")
         return src
 
-    def _original_sources(self, num_layers: int) -> dict[str, Callable[[], np.ndarray]]:
+    def _original_sources(self, num_layers: int, dtype: np.dtype) -> dict[str, Callable[[], np.ndarray]]:
         g, cfg = self._get, self.config
         q_rows = cfg.num_attention_heads * cfg.head_dim
         kv_rows = cfg.num_key_value_heads * cfg.head_dim
@@ -125,7 +137,7 @@ class Checkpoint:
         }
 
         def mlp_weight(name: str) -> Callable[[], np.ndarray]:
-            return lambda: _experts_t(self._decode(f"{name}.blocks", f"{name}.scales"))
+            return lambda: self._decode_experts(f"{name}.blocks", f"{name}.scales", dtype)
 
         for i in range(num_layers):
             p, ours = f"block.{i}", f"layers.{i}"
@@ -159,7 +171,7 @@ def load_params(
     ckpt = Checkpoint.open(folder)
     cfg = ckpt.config.truncated(ckpt.config.num_hidden_layers if num_layers is None else num_layers)
     specs = param_specs(cfg, np.dtype(DTYPES[dtype]))
-    sources = ckpt.sources(cfg.num_hidden_layers)
+    sources = ckpt.sources(cfg.num_hidden_layers, DTYPES[dtype])
 
     def loader(name: str) -> Callable[[], np.ndarray]:
         def load() -> np.ndarray:
@@ -171,8 +183,7 @@ def load_params(
                     "from config.json"
                 )
             out = np.ascontiguousarray(raw, dtype=np.dtype(spec.dtype))
-            if not np.isfinite(out).all():
-                bad = int((~np.isfinite(out)).sum())
+            if bad := _count_nonfinite(out):
                 raise GptOssError(f"{folder}: tensor for {name!r} has {bad} NaN/Inf values")
             return out
 

@@ -18,15 +18,20 @@ E8M0_BIAS = 127
 E8M0_NAN = 255
 
 
+def check_shapes(blocks: np.ndarray, scales: np.ndarray) -> None:
+    """``ValueError`` unless ``blocks`` is ``[..., G, 16]`` and ``scales`` ``[..., G]`` with the same leading axes."""
+    if blocks.shape[-1:] != (GROUP // 2,) or blocks.shape[:-1] != scales.shape:
+        raise ValueError(
+            f"MXFP4 blocks {blocks.shape} and scales {scales.shape} do not match ([..., G, 16] / [..., G])"
+        )
+
+
 def decode(blocks: np.ndarray, scales: np.ndarray, rows_per_chunk: int = 1 << 16) -> np.ndarray:
     """Dequantize MXFP4 ``blocks [..., G, 16]`` with ``scales [..., G]`` to float32 ``[..., G*32]``.
 
     Works in row chunks so that the temporaries stay small next to the float32 result.
     """
-    if blocks.shape[-1] != GROUP // 2 or blocks.shape[:-1] != scales.shape:
-        raise ValueError(
-            f"MXFP4 blocks {blocks.shape} and scales {scales.shape} do not match ([..., G, 16] / [..., G])"
-        )
+    check_shapes(blocks, scales)
     *prefix, groups, _ = blocks.shape
     flat_blocks = np.asarray(blocks, dtype=np.uint8).reshape(-1, GROUP // 2)
     flat_scales = np.asarray(scales, dtype=np.uint8).reshape(-1)
