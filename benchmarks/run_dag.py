@@ -89,7 +89,7 @@ def benchmark_rows(results: Path) -> list[dict]:
             {
                 "rule": tsv.stem,
                 "wall_s": float(row["s"]),
-                "max_rss_gb": rss / 1024,
+                "max_rss_gb": rss * 2**20 / 1e9,  # Snakemake's max_rss is in MiB
                 "peak_gb": float(peaks[-1]) if peaks else float("nan"),
                 "cpu_s": float(row["cpu_time"]),
             }

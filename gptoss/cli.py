@@ -243,8 +243,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"gptoss {args.command}: interrupted", file=sys.stderr)
         return 130
-    # The kernel's high-water mark of this process (Snakemake's benchmark samples RSS and can miss short peaks).
-    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    # The kernel's high-water mark of this process (Snakemake's benchmark samples RSS and can miss short peaks),
+    # in GB of 10^9 bytes like every other size we print (ru_maxrss is in KiB).
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
     log.info("%s finished in %.1f s, peak RSS %.2f GB", args.command, time.perf_counter() - start, peak_gb)
     return status
 
