@@ -358,8 +358,8 @@ def forward(
 
     Weights are arguments of pure functions: captured as constants they would be copied into the program,
     and ``nnx.jit`` returns the module state as outputs (a second copy). One program per block keeps XLA's
-    temporaries to one block's worth — for bfloat16 weights, whose float32 casts would otherwise all be
-    materialised at once.
+    temporaries to one block's worth; within a block, bfloat16 weights are cast a slice at a time
+    (``CAST_SLICE_BYTES``), which holds because ``gptoss`` selects XLA's memory-minimising scheduler.
     """
     positions = token_positions(input_ids)
     x = _apply(model.embed, "__call__", input_ids)

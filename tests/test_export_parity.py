@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -15,18 +16,19 @@ import jax.numpy as jnp
 import numpy as np
 import onnx
 import pytest
+from flax import nnx
 
 from gptoss import model as model_module
 from gptoss.convert import convert
 from gptoss.errors import GptOssError
 from gptoss.export import ExportSpec, data_path, export, load_model
 from gptoss.gate import gate
-from gptoss.model import BLOCK_TAPS, cast_slices, forward, output_names
+from gptoss.model import BLOCK_TAPS, abstract_model, cast_slices, forward, output_names
 from gptoss.ort import ort_session, sha256
 from gptoss.params_io import read_params, write_params
 from gptoss.parity import COLUMNS, parity
 from gptoss.promote import promote
-from gptoss.synth import synthesize
+from gptoss.synth import preset_config, synthesize
 from gptoss.tolerances import Tolerances
 
 SEQ = 32
@@ -359,6 +361,21 @@ def test_bfloat16_weights_cast_in_slices_give_the_same_outputs(toy, tmp_path, mo
     jax.clear_caches()
     assert rows and all(r["passed"] for r in rows)
     assert max(r["max_abs_diff"] for r in rows if r["group"] == "logits") <= 1e-5
+
+
+def test_xla_keeps_one_cast_slice_alive_at_a_time(monkeypatch):
+    """bf16 block compiled by XLA: its temporaries hold about one slice's float32 casts, not the whole block's
+    (XLA's default concurrency-optimised scheduler casts every slice first; `gptoss` selects the other one)."""
+    cfg = dataclasses.replace(preset_config("toy", 1), intermediate_size=512)
+    block = abstract_model(cfg, jnp.bfloat16).layers[0]
+    whole_casts = 4 * (block.mlp.gate_up_kernel.size + block.mlp.down_kernel.size)  # 3 MiB of float32
+    monkeypatch.setattr(model_module, "CAST_SLICE_BYTES", whole_casts // 12)  # one expert's casts per slice
+    graphdef, state = nnx.split(block)
+    x = jax.ShapeDtypeStruct((1, 2, cfg.hidden_size), jnp.float32)
+    positions = jax.ShapeDtypeStruct((1, 2), jnp.int32)
+    temp = model_module._jitted_block.lower(graphdef, state, x, positions, False).compile().memory_analysis()
+    jax.clear_caches()
+    assert temp.temp_size_in_bytes < whole_casts / 3
 
 
 def test_transformers_reference_rows_agree_and_catch_a_wrong_conversion(toy, tmp_path):
