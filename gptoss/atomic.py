@@ -18,19 +18,33 @@ def temporary_name(path: Path) -> Path:
 
 @contextlib.contextmanager
 def atomic_output(path: Path) -> Iterator[Path]:
-    """Yield a temporary path; on success rename it to ``path``, on any error remove it."""
+    """Yield a temporary path for a file, or for a folder the caller creates; on success it replaces ``path``
+    (an existing folder too), on any error it is removed. A temporary left by a killed run is cleared first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_name(path)
+    _remove(tmp)
     try:
         yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        if tmp.is_dir():
-            shutil.rmtree(tmp, ignore_errors=True)
+        if tmp.is_dir() and path.is_dir():
+            # os.replace cannot replace a non-empty folder: move the old one aside, swap, then delete it.
+            old = path.with_name(f".{path.name}.old")
+            _remove(old)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            _remove(old)
         else:
-            tmp.unlink(missing_ok=True)
+            os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
         raise
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def require_free_space(folder: Path, needed_bytes: int, what: str) -> None:

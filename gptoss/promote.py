@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import platform
 import shutil
 import subprocess
@@ -19,7 +18,7 @@ from pathlib import Path
 import onnx
 
 from gptoss import __version__
-from gptoss.atomic import require_free_space, temporary_name
+from gptoss.atomic import atomic_output, require_free_space
 from gptoss.config import ParamsConfig, read_json
 from gptoss.errors import GptOssError
 from gptoss.export import data_path
@@ -152,11 +151,9 @@ def promote(
     stage = verified_stage(verdict, onnx_sha, data_sha)
     params_cfg = ParamsConfig.read(config) if config else None
 
-    staging = temporary_name(dest)
-    shutil.rmtree(staging, ignore_errors=True)
     require_free_space(dest.parent, onnx_path.stat().st_size + data.stat().st_size, f"promoting into {dest}")
-    staging.mkdir(parents=True)
-    try:
+    with atomic_output(dest) as staging:
+        staging.mkdir()
         files = []
         for path, expected in ((onnx_path, onnx_sha), (data, data_sha)):
             copy = staging / path.name
@@ -168,10 +165,5 @@ def promote(
         m["verdict_sha256"] = sha256(verdict_path)
         (staging / "manifest.json").write_text(json.dumps(m, indent=2, sort_keys=True) + "\n")
         (staging / "README.md").write_text(readme(m))
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(staging, dest)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     log.info("promoted %s as %s into %s", onnx_path.name, tag, dest)
     return dest

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -149,6 +148,4 @@ def synthesize(
         tokenizer.save(str(tmp / "tokenizer.json"))
         origin = {"synthetic": True, "preset": preset, "layers": cfg.num_hidden_layers, "seed": seed, "layout": layout}
         (tmp / SYNTH_FILE).write_text(json.dumps(origin, indent=2) + "\n")
-        if output.exists():
-            shutil.rmtree(output)
     return cfg

@@ -13,6 +13,7 @@ from flax import serialization
 from safetensors.numpy import load_file, save_file
 
 from gptoss import params_io
+from gptoss.atomic import temporary_name
 from gptoss.config import (
     FULL,
     SLIDING,
@@ -203,6 +204,22 @@ def test_synth_is_deterministic_per_seed(toy, tmp_path):
         assert (toy / name).read_bytes() == (tmp_path / "again" / name).read_bytes(), name
     assert (toy / "model.safetensors").read_bytes() != (tmp_path / "other" / "model.safetensors").read_bytes()
     # (The tokenizer may coincide across seeds: BPE merges do not depend on the corpus order the seed shuffles.)
+
+
+def test_synth_clears_a_stale_temporary_and_replaces_an_old_folder(tmp_path):
+    """A killed run's ``.partial`` folder is not reused (stale shards would survive), and an existing output
+    folder is replaced as a whole."""
+    out = tmp_path / "checkpoint"
+    stale = temporary_name(out)
+    stale.mkdir()
+    (stale / "model-00009-of-00009.safetensors").write_bytes(b"stale")
+    out.mkdir()
+    (out / "old.txt").write_text("from an earlier run")
+    synthesize(out, "toy", 1)
+    names = {p.name for p in out.iterdir()}
+    assert "old.txt" not in names and "model-00009-of-00009.safetensors" not in names
+    assert "config.json" in names and "tokenizer.json" in names
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
 
 
 def test_synth_writes_a_real_hf_checkpoint(toy):
