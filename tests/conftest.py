@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib
 import importlib.util
 import os
@@ -56,6 +57,27 @@ def run_cli(*args: str | Path, timeout: float = 300) -> subprocess.CompletedProc
 def error_lines(stderr: str) -> list[str]:
     """The stderr lines that are not log records (``HH:MM:SS name LEVEL message``)."""
     return [line for line in stderr.splitlines() if line.strip() and not LOG_LINE.match(line)]
+
+
+def assert_one_clean_error(proc, out_dir: Path, *names: str, command: str = "convert") -> str:
+    """Non-zero exit, no traceback, exactly one non-log stderr line (the error), naming ``names``; nothing
+    written under ``out_dir``."""
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr + proc.stdout
+    lines = error_lines(proc.stderr)
+    assert len(lines) == 1, proc.stderr
+    (line,) = lines
+    assert line.startswith(f"gptoss {command}: error: ")
+    for name in names:
+        assert name in line, f"{name!r} not in {line!r}"
+    leftovers = sorted(p.name for p in out_dir.rglob("*")) if out_dir.exists() else []
+    assert leftovers == [], f"left behind: {leftovers}"
+    return line
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file with hashlib alone (independent of the hashing code under test)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 @functools.cache

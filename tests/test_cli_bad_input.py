@@ -13,7 +13,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import pytest
-from conftest import error_lines, run_cli
+from conftest import assert_one_clean_error, error_lines, run_cli
 from safetensors.numpy import load_file, save_file
 
 from gptoss.errors import GptOssError
@@ -40,21 +40,6 @@ def run_convert(checkpoint: Path, tmp_path: Path, *extra: str):
     out_dir = tmp_path / "out"
     proc = run_cli("convert", "--checkpoint", checkpoint, "--output", out_dir / "flax_params.msgpack", *extra)
     return proc, out_dir
-
-
-def assert_one_clean_error(proc, out_dir: Path, *names: str) -> str:
-    """Non-zero exit, no traceback, exactly one non-log stderr line (the error), naming ``names``; no output."""
-    assert proc.returncode != 0
-    assert "Traceback" not in proc.stderr + proc.stdout
-    lines = error_lines(proc.stderr)
-    assert len(lines) == 1, proc.stderr
-    (line,) = lines
-    assert line.startswith("gptoss convert: error: ")
-    for name in names:
-        assert name in line, f"{name!r} not in {line!r}"
-    leftovers = sorted(p.name for p in out_dir.rglob("*")) if out_dir.exists() else []
-    assert leftovers == [], f"left behind: {leftovers}"
-    return line
 
 
 @pytest.fixture

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import os
 import re
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import file_sha256
 
 REPO = Path(__file__).resolve().parent.parent
 WORKFLOW_FILES = ("Snakefile", "workflow", "config", "profiles", "environment.yml", "environment.post-deploy.sh")
@@ -73,10 +73,6 @@ def workdir(tmp_path: Path) -> Path:
         else:
             shutil.copy2(source, tmp_path / name)
     return tmp_path
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def test_lint_is_clean():
@@ -176,9 +172,9 @@ def test_toy_dag_end_to_end_and_gate_failure(workdir: Path):
     assert manifest["tag"] == "baseline2"
     files = {f["name"]: f["sha256"] for f in manifest["files"]}
     canonical = results / "toy/onnx/canonical"
-    assert files == {name: sha256(canonical / name) for name in ("model.onnx", "model.onnx.data")}
+    assert files == {name: file_sha256(canonical / name) for name in ("model.onnx", "model.onnx.data")}
     for name in files:
-        assert sha256(promoted / name) == files[name]
+        assert file_sha256(promoted / name) == files[name]
     assert manifest["sequence_length"] == 32
     assert not (workdir / "docs").exists(), "a toy run must not touch docs/"
 
