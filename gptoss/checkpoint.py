@@ -10,6 +10,7 @@ import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
+import jax
 import ml_dtypes
 import numpy as np
 
@@ -160,8 +161,9 @@ class Checkpoint:
 
 def load_params(
     folder: Path, num_layers: int | None = None, dtype: str = "float32"
-) -> tuple[GptOssConfig, GptOssConfig, dict[str, Callable[[], np.ndarray]]]:
-    """Open ``folder``; return the checkpoint's config, the truncated config and name → loader of each param.
+) -> tuple[GptOssConfig, GptOssConfig, dict[str, jax.ShapeDtypeStruct], dict[str, Callable[[], np.ndarray]]]:
+    """Open ``folder``; return the checkpoint's config, the truncated config, and name → spec and name → loader
+    of each param.
 
     Each loader reads one tensor, checks its shape against the model and that it is finite, and casts
     it to ``dtype`` (norm scales stay float32).
@@ -170,7 +172,7 @@ def load_params(
         raise GptOssError(f"--dtype {dtype!r} is not supported; choose one of {sorted(DTYPES)}")
     ckpt = Checkpoint.open(folder)
     cfg = ckpt.config.truncated(ckpt.config.num_hidden_layers if num_layers is None else num_layers)
-    specs = param_specs(cfg, np.dtype(DTYPES[dtype]))
+    specs = param_specs(cfg, DTYPES[dtype])
     sources = ckpt.sources(cfg.num_hidden_layers, DTYPES[dtype])
 
     def loader(name: str) -> Callable[[], np.ndarray]:
@@ -189,4 +191,4 @@ def load_params(
 
         return load
 
-    return ckpt.config, cfg, {name: loader(name) for name in specs}
+    return ckpt.config, cfg, specs, {name: loader(name) for name in specs}

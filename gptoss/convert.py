@@ -7,10 +7,9 @@ import logging
 from pathlib import Path
 
 from gptoss.atomic import atomic_output, require_free_space
-from gptoss.checkpoint import DTYPES, load_params
+from gptoss.checkpoint import load_params
 from gptoss.config import ParamsConfig, params_config_path, read_json
 from gptoss.hub import REVISION_FILE
-from gptoss.model import param_specs
 from gptoss.params_io import write_params
 from gptoss.synth import SYNTH_FILE
 
@@ -34,8 +33,7 @@ def checkpoint_origin(checkpoint: Path) -> dict | None:
 
 def convert(checkpoint: Path, output: Path, num_layers: int | None = None, dtype: str = "float32") -> ParamsConfig:
     """Convert ``checkpoint`` to ``output`` (msgpack) and its config; both written atomically."""
-    full_cfg, cfg, loaders = load_params(checkpoint, num_layers, dtype)
-    specs = param_specs(cfg, DTYPES[dtype])
+    full_cfg, cfg, specs, loaders = load_params(checkpoint, num_layers, dtype)
     total = sum(s.size * s.dtype.itemsize for s in specs.values())
     require_free_space(output.parent, int(total * 1.02), f"{output.name}")
     log.info(

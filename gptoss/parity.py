@@ -96,6 +96,22 @@ def resolve_prompts(
     return resolved
 
 
+def prompt_inputs(
+    params: Path,
+    config: Path | None,
+    prompts: Sequence[str],
+    token_ids: Sequence[str],
+    tokenizer: Path | None,
+    sequence_length: int,
+) -> tuple[Path, ParamsConfig, list[Prompt]]:
+    """The params config (path and contents) and the prompts, tokenized with ``tokenizer`` or else the one the
+    params config records."""
+    config = config or params_config_path(params)
+    params_cfg = ParamsConfig.read(config)
+    tokenizer = tokenizer or (Path(params_cfg.tokenizer) if params_cfg.tokenizer else None)
+    return config, params_cfg, resolve_prompts(prompts, token_ids, tokenizer, sequence_length)
+
+
 def padded(prompt: Prompt, sequence_length: int) -> np.ndarray:
     """``[1, sequence_length]`` int32, right-padded: causal attention keeps real positions independent of padding."""
     ids = np.full((1, sequence_length), PAD_ID, dtype=np.int32)
@@ -185,8 +201,8 @@ def run_jax_side(
     hidden: bool,
     debug: bool,
     spill: Path,
-) -> list[str]:
-    """Run the Flax model on every prompt; write ``spill/{prompt_id}.npz``; return the output names."""
+) -> None:
+    """Run the Flax model on every prompt; write ``spill/{prompt_id}.npz``."""
     params_cfg, model = load_model(params, config)
     names = output_names(params_cfg.model, hidden, debug)
     for prompt in prompts:
@@ -195,7 +211,6 @@ def run_jax_side(
         del outputs
     del model
     gc.collect()
-    return names
 
 
 def compare_prompt(
@@ -251,12 +266,9 @@ def parity(
     """
     tolerances = tolerances or Tolerances()
     stage = stage or ("debug" if compare_hidden_states or compare_block_debug else "canonical")
-    config = config or params_config_path(params)
-    params_cfg = ParamsConfig.read(config)
+    config, params_cfg, resolved = prompt_inputs(params, config, prompts, token_ids, tokenizer, sequence_length)
     wanted = output_names(params_cfg.model, compare_hidden_states, compare_block_debug)
     check_graph(onnx_path, wanted, sequence_length)
-    tokenizer = tokenizer or (Path(params_cfg.tokenizer) if params_cfg.tokenizer else None)
-    resolved = resolve_prompts(prompts, token_ids, tokenizer if prompts else None, sequence_length)
     hashes = dict(onnx_sha256=sha256(onnx_path), data_sha256=sha256(data_path(onnx_path)))
 
     rows: list[dict] = []

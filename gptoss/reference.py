@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from gptoss.config import ParamsConfig, params_config_path
+from gptoss.config import ParamsConfig
 from gptoss.errors import GptOssError
-from gptoss.parity import Prompt, compare_prompt, log_summary, padded, resolve_prompts, run_jax_side, write_csv
+from gptoss.parity import Prompt, compare_prompt, log_summary, padded, prompt_inputs, run_jax_side, write_csv
 from gptoss.safetensors_io import TensorStore
 from gptoss.tolerances import Tolerances
 
@@ -98,10 +98,7 @@ def reference(
     tolerances: Tolerances | None = None,
 ) -> list[dict]:
     tolerances = tolerances or Tolerances()
-    config = config or params_config_path(params)
-    params_cfg = ParamsConfig.read(config)
-    tokenizer = tokenizer or (Path(params_cfg.tokenizer) if params_cfg.tokenizer else None)
-    resolved = resolve_prompts(prompts, token_ids, tokenizer if prompts else None, sequence_length)
+    config, params_cfg, resolved = prompt_inputs(params, config, prompts, token_ids, tokenizer, sequence_length)
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="gptoss-reference-") as spill_dir:
         spill = Path(spill_dir)
