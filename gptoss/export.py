@@ -33,7 +33,7 @@ from gptoss.atomic import require_free_space, temporary_name
 from gptoss.checkpoint import DTYPES
 from gptoss.config import ParamsConfig, params_config_path
 from gptoss.errors import GptOssError
-from gptoss.model import GptOss, abstract_model, build_model, forward, output_names
+from gptoss.model import GptOss, abstract_model, build_model, flat_param_specs, forward, output_names
 from gptoss.params_io import iter_params
 
 log = logging.getLogger("gptoss.export")
@@ -90,10 +90,10 @@ class _Traceable:
     def __init__(self, model: GptOss, spec: ExportSpec) -> None:
         self.spec = spec
         self.graphdef, state = nnx.split(model)
-        flat = list(nnx.to_flat_state(state))
-        self.paths = [path for path, _ in flat]
-        self.weight_names = [".".join(map(str, path)) for path in self.paths]
-        self.weight_specs = [jax.ShapeDtypeStruct(v.get_value().shape, v.get_value().dtype) for _, v in flat]
+        flat = flat_param_specs(state)
+        self.paths = [path for path, _, _ in flat]
+        self.weight_names = [name for _, name, _ in flat]
+        self.weight_specs = [spec for _, _, spec in flat]
 
     def outputs(self, input_ids: jax.Array, *weights: jax.Array) -> dict[str, jax.Array]:
         live = nnx.merge(self.graphdef, nnx.from_flat_state(list(zip(self.paths, weights, strict=True))))
@@ -155,7 +155,7 @@ def build_onnx(model: GptOss, spec: ExportSpec) -> ir.Model:
         by_name[alias] = node.outputs[0]
     graph.outputs.clear()
     graph.outputs.extend(by_name[name] for name in names)
-    einsums_to_matmul(graph)
+    log.info("%d matmul-shaped Einsum nodes rewritten as MatMul", einsums_to_matmul(graph))
     onnx_model.producer_name = "gptoss"
     onnx_model.producer_version = __version__
     return onnx_model
@@ -212,7 +212,7 @@ def attach_weights(
                     f"{params} does not match its config: {name!r} has shape {list(arr.shape)}, "
                     f"the config expects {list(expected)}"
                 )
-            arr = np.ascontiguousarray(arr, dtype=_numpy_dtype(value))
+            arr = np.ascontiguousarray(arr, dtype=value.dtype.numpy())
             if arr.nbytes > threshold:
                 offset = -fh.tell() % DATA_ALIGNMENT
                 fh.write(b"\0" * offset)
@@ -237,10 +237,6 @@ def attach_weights(
     graph.inputs[:] = [v for v in graph.inputs if v.name == INPUT_NAME]
     for value in weight_inputs.values():
         graph.register_initializer(value)
-
-
-def _numpy_dtype(value: ir.Value) -> np.dtype:
-    return np.dtype(DTYPES["bfloat16"]) if value.dtype == ir.DataType.BFLOAT16 else value.dtype.numpy()
 
 
 def write_onnx(onnx_model: ir.Model, params: Path, output: Path) -> None:

@@ -410,33 +410,30 @@ def abstract_model(cfg: GptOssConfig, dtype: jnp.dtype = jnp.float32) -> GptOss:
     return nnx.eval_shape(lambda: GptOss(cfg, dtype))
 
 
-def _specs(state: nnx.State) -> dict[str, jax.ShapeDtypeStruct]:
-    return {_path_to_name(path): var.get_value() for path, var in nnx.to_flat_state(state)}
+def flat_param_specs(state: nnx.State) -> list[tuple[tuple, str, jax.ShapeDtypeStruct]]:
+    """``(path, dotted name, shape/dtype)`` of every parameter of an abstract model's state, in state order."""
+    return [(path, _path_to_name(path), var.get_value()) for path, var in nnx.to_flat_state(state)]
 
 
 def param_specs(cfg: GptOssConfig, dtype: jnp.dtype = jnp.float32) -> dict[str, jax.ShapeDtypeStruct]:
     """Expected name → shape/dtype of every parameter, without allocating any."""
-    return _specs(nnx.state(abstract_model(cfg, dtype)))
+    return {name: spec for _, name, spec in flat_param_specs(nnx.state(abstract_model(cfg, dtype)))}
 
 
 def build_model(cfg: GptOssConfig, params: Mapping[str, np.ndarray | jax.Array]) -> GptOss:
     """A model holding ``params`` (flat dotted names, see the module docstring), checked name by name."""
     dtype = jnp.dtype(params["embed.embedding"].dtype) if "embed.embedding" in params else jnp.float32
     graphdef, state = nnx.split(abstract_model(cfg, dtype))
-    specs = _specs(state)
-    missing = sorted(set(specs) - set(params))
-    extra = sorted(set(params) - set(specs))
+    flat = flat_param_specs(state)
+    names = {name for _, name, _ in flat}
+    missing = sorted(names - set(params))
+    extra = sorted(set(params) - names)
     if missing or extra:
         raise GptOssError(f"params do not match the config: missing {missing[:3]}, unexpected {extra[:3]}")
-    pure: dict = {}
-    for name, spec in specs.items():
+    values = []
+    for path, name, spec in flat:
         value = params[name]
         if tuple(value.shape) != tuple(spec.shape):
             raise GptOssError(f"param {name!r} has shape {list(value.shape)} but the config expects {list(spec.shape)}")
-        node = pure
-        *parents, leaf = [int(p) if p.isdigit() else p for p in name.split(".")]
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = jnp.asarray(value, dtype=spec.dtype)
-    nnx.replace_by_pure_dict(state, pure)
-    return nnx.merge(graphdef, state)
+        values.append((path, jnp.asarray(value, dtype=spec.dtype)))
+    return nnx.merge(graphdef, nnx.from_flat_state(values))
