@@ -144,7 +144,7 @@ class _Reader:
         if b in (0xDE, 0xDF):
             return self._map(self._uint(2 if b == 0xDE else 4))
         if b in (0xC7, 0xC8, 0xC9) or 0xD4 <= b <= 0xD8:
-            shape, dtype, nbytes = self._array_header(b)
+            shape, dtype, _ = self._array_header(b)
             return self._read_into(aligned_empty(shape, dtype))
         raise GptOssError(f"{self.path}: not a params msgpack file (unexpected byte 0x{b:02x})")
 
@@ -214,9 +214,11 @@ class _Reader:
         self.fh.seek(-1, 1)
         return None
 
-    def leaves(self, prefix: str = "") -> Iterator[tuple[str, np.ndarray]]:
-        """Walk the nested map, yielding ``(dotted name, array)`` one array at a time."""
-        size = self._map_header()
+    def leaves(self, prefix: str = "", size: int | None = None) -> Iterator[tuple[str, np.ndarray]]:
+        """Walk the nested map (whose header, if already read, gave ``size``), yielding ``(dotted name, array)``
+        one array at a time."""
+        if size is None:
+            size = self._map_header()
         if size is None:
             raise GptOssError(f"{self.path}: not a params msgpack file (expected a map at {prefix or 'the top'})")
         for i in range(size):
@@ -227,17 +229,12 @@ class _Reader:
             name = f"{prefix}{key}"
             nested = self._map_header()
             if nested is not None:
-                self.fh.seek(-_map_header_bytes(nested), 1)
-                yield from self.leaves(name + ".")
+                yield from self.leaves(name + ".", nested)
                 continue
             value = self.value()
             if not isinstance(value, np.ndarray):
                 raise GptOssError(f"{self.path}: params entry {name!r} is not an array")
             yield name, value
-
-
-def _map_header_bytes(size: int) -> int:
-    return 1 if size <= 0x0F else 3 if size <= 0xFFFF else 5
 
 
 def iter_params(path: Path) -> Iterator[tuple[str, np.ndarray]]:

@@ -149,6 +149,17 @@ def test_params_round_trip_and_flax_compatibility(tmp_path):
         assert_same(value, PARAMS[name])
 
 
+def test_params_reader_accepts_map_headers_of_any_width(tmp_path):
+    """msgpack lets a writer use a map16 header even for one entry; the reader must not assume the shortest."""
+    inner = serialization.msgpack_serialize({"b": PARAMS["norm.scale"]})
+    assert inner[0] == 0x81  # fixmap of one entry
+    path = tmp_path / "wide.msgpack"
+    path.write_bytes(b"\x81\xa1a" + b"\xde\x00\x01" + inner[1:])  # {"a": <map16 of one entry>}
+    (name, value), *rest = read_params(path).items()
+    assert name == "a.b" and not rest
+    assert_same(value, PARAMS["norm.scale"])
+
+
 def test_params_chunked_arrays_round_trip_with_flax(tmp_path, monkeypatch):
     """Arrays over flax's chunk size (1 GiB in real use) are written in flax's chunked form; a small chunk size
     exercises the same path."""
