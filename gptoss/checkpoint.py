@@ -38,7 +38,6 @@ def _count_nonfinite(a: np.ndarray, rows: int = 1 << 16) -> int:
 class Checkpoint:
     """A checkpoint folder opened for reading: its config, layout and tensors."""
 
-    folder: Path
     config: GptOssConfig
     layout: str  # "hf" | "original"
     store: TensorStore
@@ -59,7 +58,7 @@ class Checkpoint:
                 f"{folder}: unrecognised tensor names (neither 'model.embed_tokens.weight' (HF) nor "
                 "'embedding.weight' (original/) found)"
             )
-        return cls(folder, config, layout, store)
+        return cls(config, layout, store)
 
     def sources(self, num_layers: int, dtype: np.dtype) -> dict[str, Callable[[], np.ndarray]]:
         """Our param name → a function that reads and reshapes that tensor (stored dtype, cast later; MXFP4

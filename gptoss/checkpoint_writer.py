@@ -15,7 +15,7 @@ from gptoss.safetensors_io import INDEX_NAME
 SHARD_BYTES = 2 * 1024**3
 
 
-def hf_to_original(tensors: Iterable[tuple[str, np.ndarray]], cfg: GptOssConfig) -> Iterator[tuple[str, np.ndarray]]:
+def hf_to_original(tensors: Iterable[tuple[str, np.ndarray]]) -> Iterator[tuple[str, np.ndarray]]:
     """Rename HF-layout tensors to OpenAI's ``original/`` names, fusing q/k/v (expects MXFP4 experts).
 
     Tensors of one layer must arrive together (as ``synth`` and the tests produce them).
@@ -75,7 +75,7 @@ def write_checkpoint(
         target = folder / "original"
         target.mkdir(exist_ok=True)
         (target / "config.json").write_text(json.dumps(cfg.to_original_dict(), indent=2) + "\n")
-        tensors = hf_to_original(tensors, cfg)
+        tensors = hf_to_original(tensors)
     else:
         target = folder
         (folder / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2) + "\n")

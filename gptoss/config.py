@@ -14,6 +14,11 @@ SLIDING = "sliding_attention"
 FULL = "full_attention"
 
 
+def default_layer_types(num_layers: int) -> tuple[str, ...]:
+    """gpt-oss's pattern when a config names none: sliding attention on even layers, full on odd ones."""
+    return tuple(SLIDING if i % 2 == 0 else FULL for i in range(num_layers))
+
+
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
     """YaRN parameters (DESIGN §3): fractional low/high when ``truncate`` is false."""
@@ -119,7 +124,7 @@ class GptOssConfig:
         if rope_type != "yarn":
             raise GptOssError(f"{source}: rope type {rope_type!r} is not supported (GPT-OSS uses 'yarn')")
         num_layers = _require(raw, "num_hidden_layers", source)
-        layer_types = raw.get("layer_types") or [SLIDING if i % 2 == 0 else FULL for i in range(num_layers)]
+        layer_types = raw.get("layer_types") or default_layer_types(num_layers)
         defaults = RopeScaling()
         return cls(
             vocab_size=_require(raw, "vocab_size", source),
@@ -164,7 +169,7 @@ class GptOssConfig:
             num_local_experts=_require(raw, "num_experts", source),
             num_experts_per_tok=_require(raw, "experts_per_token", source),
             sliding_window=_require(raw, "sliding_window", source),
-            layer_types=tuple(SLIDING if i % 2 == 0 else FULL for i in range(num_layers)),
+            layer_types=default_layer_types(num_layers),
             rope_theta=float(raw.get("rope_theta", 150000.0)),
             rope_scaling=RopeScaling(
                 factor=float(raw.get("rope_scaling_factor", 32.0)),

@@ -17,7 +17,7 @@ import numpy as np
 
 from gptoss.atomic import atomic_output, require_free_space
 from gptoss.checkpoint_writer import write_checkpoint
-from gptoss.config import FULL, SLIDING, GptOssConfig
+from gptoss.config import GptOssConfig, default_layer_types
 from gptoss.errors import GptOssError
 from gptoss.mxfp4 import GROUP
 from gptoss.tokenizer import train_synthetic_tokenizer
@@ -72,7 +72,7 @@ def preset_config(preset: str, num_layers: int | None = None) -> GptOssConfig:
             raise GptOssError(f"--layers must be at least 1, got {num_layers}")
         fields["num_hidden_layers"] = num_layers
     n = fields["num_hidden_layers"]
-    return GptOssConfig(layer_types=tuple(SLIDING if i % 2 == 0 else FULL for i in range(n)), **fields)
+    return GptOssConfig(layer_types=default_layer_types(n), **fields)
 
 
 def checkpoint_bytes(cfg: GptOssConfig) -> int:

@@ -10,7 +10,7 @@ import torch
 
 from gptoss import mxfp4
 from gptoss.checkpoint_writer import write_checkpoint
-from gptoss.config import FULL, SLIDING, GptOssConfig
+from gptoss.config import GptOssConfig, default_layer_types
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +42,7 @@ class OracleCase:
             num_local_experts=self.experts,
             num_experts_per_tok=self.top_k,
             sliding_window=self.window,
-            layer_types=tuple(SLIDING if i % 2 == 0 else FULL for i in range(self.layers)),
+            layer_types=default_layer_types(self.layers),
         )
 
 
