@@ -34,13 +34,13 @@ from gptoss.checkpoint import DTYPES
 from gptoss.config import ParamsConfig, params_config_path
 from gptoss.errors import GptOssError
 from gptoss.model import GptOss, abstract_model, build_model, flat_param_specs, forward, output_names
+from gptoss.names import INPUT_NAME, data_path
 from gptoss.params_io import iter_params
 
 log = logging.getLogger("gptoss.export")
 # onnx_ir notes every shape-only value it serialises without a type: benign and very chatty.
 logging.getLogger("onnx_ir.serde").setLevel(logging.ERROR)
 
-INPUT_NAME = "input_ids"
 EXTERNAL_THRESHOLD_BYTES = 1024 * 1024
 DEFAULT_OPSET = 21
 VALIDATION_ATOL = 1e-4
@@ -63,11 +63,6 @@ class ExportSpec:
     def input_shape(self) -> tuple[str | int, str | int]:
         # The debug graph may fix the sequence length; the canonical graph keeps both axes symbolic.
         return ("batch", self.sequence_length) if self.debug else ("batch", "sequence")
-
-
-def data_path(onnx_path: Path) -> Path:
-    """``x/model.onnx`` → ``x/model.onnx.data``."""
-    return onnx_path.with_name(onnx_path.name + ".data")
 
 
 def load_model(params: Path, config: Path | None = None) -> tuple[ParamsConfig, GptOss]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from gptoss.atomic import atomic_output
 from gptoss.errors import GptOssError
-from gptoss.model import BLOCK_TAPS
+from gptoss.names import BLOCK_TAPS
 from gptoss.ort import sha256
 from gptoss.tolerances import GROUPS, Tolerances
 

@@ -31,27 +31,8 @@ from flax import nnx
 
 from gptoss.config import SLIDING, GptOssConfig
 from gptoss.errors import GptOssError
+from gptoss.names import BLOCK_TAPS
 from gptoss.rope import apply_rope, rope_tables
-
-# Per-block debug taps, in forward order (the order `parity` uses to localise a discrepancy).
-BLOCK_TAPS = (
-    "input",
-    "attn_norm",
-    "q",
-    "k",
-    "v",
-    "attn_output",
-    "post_attn_residual",
-    "mlp_norm",
-    "router_logits",
-    "expert_indices",
-    "expert_weights",
-    "expert_preact",
-    "expert_act",
-    "expert_out",
-    "moe_output",
-    "output",
-)
 
 Outputs = dict[str, jax.Array]
 

@@ -22,9 +22,10 @@ import onnx
 from gptoss.atomic import atomic_output
 from gptoss.config import ParamsConfig, params_config_path
 from gptoss.errors import GptOssError
-from gptoss.export import INPUT_NAME, data_path, load_model
+from gptoss.export import load_model
 from gptoss.gate import breach, first_failure
 from gptoss.model import forward, output_names
+from gptoss.names import INPUT_NAME, data_path
 from gptoss.ort import ort_session, sha256
 from gptoss.tolerances import GROUPS, ROUTING_TAP, Tolerances, classify
 

@@ -22,7 +22,7 @@ from gptoss.atomic import atomic_output
 from gptoss.config import read_json
 from gptoss.errors import GptOssError
 from gptoss.gate import read_rows
-from gptoss.model import BLOCK_TAPS
+from gptoss.names import BLOCK_TAPS
 from gptoss.tolerances import Tolerances
 
 log = logging.getLogger("gptoss.plots")

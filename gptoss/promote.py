@@ -21,7 +21,7 @@ from gptoss import __version__
 from gptoss.atomic import atomic_output, require_free_space
 from gptoss.config import ParamsConfig, read_json
 from gptoss.errors import GptOssError
-from gptoss.export import data_path
+from gptoss.names import data_path
 from gptoss.ort import sha256
 
 log = logging.getLogger("gptoss.promote")

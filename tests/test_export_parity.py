@@ -19,9 +19,10 @@ from flax import nnx
 from gptoss import model as model_module
 from gptoss.convert import convert
 from gptoss.errors import GptOssError
-from gptoss.export import ExportSpec, data_path, export, load_model
+from gptoss.export import ExportSpec, export, load_model
 from gptoss.gate import gate
-from gptoss.model import BLOCK_TAPS, abstract_model, cast_slices, forward
+from gptoss.model import abstract_model, cast_slices, forward
+from gptoss.names import BLOCK_TAPS, data_path
 from gptoss.ort import ort_session
 from gptoss.params_io import read_params, write_params
 from gptoss.parity import COLUMNS, parity
