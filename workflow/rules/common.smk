@@ -218,6 +218,7 @@ MEMORY_MODEL = {
     "parity": (2000, 1.3),  # JAX side, then ONNX Runtime: never both (measured 11.7 GB f32 / 6.4 GB bf16 at 20b)
     "gate": (500, 0.0),
     "promote": (500, 0.0),
+    "report": (1000, 0.0),
 }
 
 

@@ -42,7 +42,7 @@ rule promote_tag:
         CONDA_ENV
     threads: 1
     resources:
-        mem_mb=500,
+        mem_mb=lambda wildcards: estimate_mem_mb(promotions()[wildcards.tag], "promote"),
     params:
         checkpoint=lambda wildcards: promotions()[wildcards.tag],
         sequence_length=config["sequence_length"],

@@ -26,7 +26,7 @@ rule report_baseline2:
         CONDA_ENV
     threads: 1
     resources:
-        mem_mb=1000,
+        mem_mb=estimate_mem_mb(baseline(), "report"),
     params:
         tolerances=tolerance_args(),
         outdir=lambda wildcards, output: os.path.dirname(output.gate),
