@@ -1,18 +1,95 @@
-"""Write real checkpoint folders (HF or OpenAI ``original/`` layout): safetensors shards, index, config."""
+"""Write real checkpoint folders (HF or OpenAI ``original/`` layout): safetensors shards, index, config.
+
+``config.json`` carries what openai/gpt-oss-* carries beyond the architecture (``quantization_config``, token ids,
+transformers' training defaults), so Hugging Face tools (``transformers``, the onnxruntime-genai builder) read a
+written folder as they read the real one.
+"""
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
+import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
 from gptoss.config import GptOssConfig
 from gptoss.safetensors_io import INDEX_NAME
+from gptoss.tokenizer import SpecialTokenIds
 
 SHARD_BYTES = 2 * 1024**3
+GENERATION_CONFIG = "generation_config.json"
+# openai/gpt-oss-*: the experts are MXFP4 (``*_blocks``/``*_scales``); transformers dequantizes them on load.
+MXFP4_QUANTIZATION = {
+    "modules_to_not_convert": [
+        "model.layers.*.self_attn",
+        "model.layers.*.mlp.router",
+        "model.embed_tokens",
+        "lm_head",
+    ],
+    "quant_method": "mxfp4",
+}
+# Keys of openai/gpt-oss-*'s config.json that GptOssConfig.to_hf_dict() leaves out (they do not change the forward
+# pass; transformers and the onnxruntime-genai builder read them).
+HF_ONLY_KEYS: dict[str, Any] = {
+    "attention_dropout": 0.0,
+    "hidden_act": "silu",
+    "initializer_range": 0.02,
+    "output_router_logits": False,
+    "router_aux_loss_coef": 0.9,
+    "use_cache": True,
+}
+# safetensors' dtype names; OpenAI's original/dtypes.json names the MXFP4 parts FP4 (blocks) and UE8 (scales).
+_DTYPE_NAMES = {np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype(np.float32): "F32", np.dtype(np.float16): "F16"}
+
+
+def hf_config_dict(
+    cfg: GptOssConfig,
+    quantized: bool,
+    dtype: np.dtype | None = None,
+    special: SpecialTokenIds | None = None,
+) -> dict[str, Any]:
+    """``config.json`` as openai/gpt-oss-* writes it: the architecture plus ``quantization_config`` (when the
+    experts are MXFP4), ``torch_dtype`` (the dense tensors' dtype), ``eos_token_id``/``pad_token_id`` and the
+    remaining HF-only keys."""
+    raw = {**cfg.to_hf_dict(), **HF_ONLY_KEYS, "experts_per_token": cfg.num_experts_per_tok}
+    if quantized:
+        raw["quantization_config"] = copy.deepcopy(MXFP4_QUANTIZATION)
+    if dtype is not None:
+        raw["torch_dtype"] = dtype.name
+    if special is not None:
+        raw["eos_token_id"] = special.eos
+        raw["pad_token_id"] = special.pad
+    return raw
+
+
+def generation_config_dict(special: SpecialTokenIds) -> dict[str, Any]:
+    """``generation_config.json`` in openai/gpt-oss-*'s form (sampling on, several end-of-generation ids)."""
+    return {
+        "bos_token_id": special.bos,
+        "do_sample": True,
+        "eos_token_id": list(special.stop),
+        "pad_token_id": special.pad,
+    }
+
+
+def write_generation_config(folder: Path, special: SpecialTokenIds) -> Path:
+    """Write :func:`generation_config_dict` to ``folder/generation_config.json``."""
+    path = folder / GENERATION_CONFIG
+    path.write_text(json.dumps(generation_config_dict(special), indent=2) + "\n")
+    return path
+
+
+def _original_dtype(name: str, arr: np.ndarray) -> str:
+    if name.endswith(".blocks"):
+        return "FP4"
+    if name.endswith(".scales"):
+        return "UE8"
+    return _DTYPE_NAMES.get(arr.dtype, arr.dtype.name.upper())
 
 
 def hf_to_original(tensors: Iterable[tuple[str, np.ndarray]]) -> Iterator[tuple[str, np.ndarray]]:
@@ -64,13 +141,23 @@ def write_checkpoint(
     tensors: Iterable[tuple[str, np.ndarray]],
     layout: str = "hf",
     shard_bytes: int = SHARD_BYTES,
+    special: SpecialTokenIds | None = None,
 ) -> list[Path]:
     """Write ``tensors`` (HF names) as safetensors shards plus ``config.json`` into ``folder``.
 
-    ``layout="original"`` writes OpenAI's names into ``folder/original/`` with its ``config.json`` there.
-    Above ``shard_bytes`` the files are sharded with a ``model.safetensors.index.json``.
+    ``layout="original"`` writes OpenAI's names into ``folder/original/`` with its ``config.json`` and
+    ``dtypes.json`` there. Above ``shard_bytes`` the files are sharded with a ``model.safetensors.index.json``.
+    ``special`` puts the tokenizer's eos and pad ids into the HF ``config.json``.
     """
     folder.mkdir(parents=True, exist_ok=True)
+    seen: dict[str, np.dtype] = {}
+
+    def noting(stream: Iterable[tuple[str, np.ndarray]]) -> Iterator[tuple[str, np.ndarray]]:
+        for name, arr in stream:
+            seen[name] = arr.dtype
+            yield name, arr
+
+    tensors = noting(tensors)
     if layout == "original":
         target = folder / "original"
         target.mkdir(exist_ok=True)
@@ -78,7 +165,7 @@ def write_checkpoint(
         tensors = hf_to_original(tensors)
     else:
         target = folder
-        (folder / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2) + "\n")
+    dtypes: dict[str, str] = {}
 
     shards: list[dict[str, np.ndarray]] = [{}]
     sizes = [0]
@@ -94,6 +181,7 @@ def write_checkpoint(
     weight_map: dict[str, int] = {}
     for name, arr in tensors:
         arr = np.ascontiguousarray(arr)
+        dtypes[name] = _original_dtype(name, arr)
         if shards[-1] and sizes[-1] + arr.nbytes > shard_bytes:
             flush()
             shards.append({})
@@ -117,4 +205,15 @@ def write_checkpoint(
             "weight_map": {name: final[i].name for name, i in sorted(weight_map.items())},
         }
         (target / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    if layout == "original":
+        (target / "dtypes.json").write_text(json.dumps(dtypes, indent=2) + "\n")
+    else:
+        dense = {dtype for name, dtype in seen.items() if not name.endswith(("_blocks", "_scales"))}
+        raw = hf_config_dict(
+            cfg,
+            quantized=any(name.endswith("_blocks") for name in seen),
+            dtype=dense.pop() if len(dense) == 1 else None,
+            special=special,
+        )
+        (folder / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
     return written

@@ -1,5 +1,9 @@
 """Synthetic GPT-OSS checkpoints: real HF-layout files (MXFP4 experts, bf16 elsewhere) from a preset and a seed.
 
+Besides the weights and ``tokenizer.json`` the folder has what openai/gpt-oss-* has for Hugging Face tools:
+``config.json`` with ``quantization_config`` and token ids, ``generation_config.json``, ``tokenizer_config.json`` and
+``special_tokens_map.json`` (the synthetic tokenizer's ``<|start|>``, ``<|end|>``, ``<|endoftext|>`` as bos, eos, pad).
+
 Weight scales are chosen so the computation is not degenerate: attention scores of order 1, router logits
 spread enough that routing varies per token, and expert pre-activations large enough that the swiglu clamps
 (gate ≤ 7, |linear| ≤ 7) engage for a few percent of the values.
@@ -16,11 +20,11 @@ import ml_dtypes
 import numpy as np
 
 from gptoss.atomic import atomic_output, require_free_space
-from gptoss.checkpoint_writer import write_checkpoint
+from gptoss.checkpoint_writer import write_checkpoint, write_generation_config
 from gptoss.config import GptOssConfig, default_layer_types
 from gptoss.errors import GptOssError
 from gptoss.mxfp4 import GROUP
-from gptoss.tokenizer import train_synthetic_tokenizer
+from gptoss.tokenizer import special_token_ids, train_synthetic_tokenizer, write_hf_tokenizer
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 FP4_RMS = math.sqrt(np.mean(np.array([0, 0.25, 1, 2.25, 4, 9, 16, 36])))  # RMS of a uniformly random E2M1 code
@@ -142,10 +146,12 @@ def synthesize(
         if dim % GROUP:
             raise GptOssError(f"{what}={dim} is not a multiple of {GROUP} (MXFP4 groups)")
     require_free_space(output.parent, int(checkpoint_bytes(cfg) * 1.1), f"the {preset} checkpoint")
+    tokenizer = train_synthetic_tokenizer(min(TOKENIZER_VOCAB, cfg.vocab_size), seed)
+    special = special_token_ids(tokenizer)
     with atomic_output(output) as tmp:
-        write_checkpoint(tmp, cfg, _Generator(cfg, seed).tensors(), layout=layout)
-        tokenizer = train_synthetic_tokenizer(min(TOKENIZER_VOCAB, cfg.vocab_size), seed)
-        tokenizer.save(str(tmp / "tokenizer.json"))
+        write_checkpoint(tmp, cfg, _Generator(cfg, seed).tensors(), layout=layout, special=special)
+        write_generation_config(tmp, special)
+        write_hf_tokenizer(tmp, tokenizer, cfg.to_hf_dict()["max_position_embeddings"])
         origin = {"synthetic": True, "preset": preset, "layers": cfg.num_hidden_layers, "seed": seed, "layout": layout}
         (tmp / SYNTH_FILE).write_text(json.dumps(origin, indent=2) + "\n")
     return cfg

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -10,6 +13,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from gptoss.errors import GptOssError
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|start|>", "<|end|>"]
+# The roles openai/gpt-oss-* give their special tokens (bos <|startoftext|>, eos <|return|>, pad <|endoftext|>),
+# taken by the synthetic tokenizer's own: the parity code pads with id 0 = <|endoftext|>.
+SYNTH_ROLES = {"bos_token": "<|start|>", "eos_token": "<|end|>", "pad_token": "<|endoftext|>"}
 _SENTENCES = [
     "What is the capital of France?",
     "The capital of France is Paris.",
@@ -54,3 +60,61 @@ def train_synthetic_tokenizer(vocab_size: int, seed: int) -> Tokenizer:
     )
     tok.train_from_iterator(corpus, trainer=trainer)
     return tok
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecialTokenIds:
+    """Ids of the special-token roles, as ``config.json`` and ``generation_config.json`` record them."""
+
+    bos: int
+    eos: int  # the tokenizer's eos_token, config.json's eos_token_id
+    pad: int
+    stop: tuple[int, ...]  # generation_config.json's eos_token_id: eos first, then the other end tokens
+
+
+def special_token_ids(tokenizer: Tokenizer, roles: dict[str, str] = SYNTH_ROLES) -> SpecialTokenIds:
+    """Resolve ``roles`` in ``tokenizer``; generation stops at eos and at pad (as gpt-oss stops at <|endoftext|>)."""
+    ids = {}
+    for role, token in roles.items():
+        token_id = tokenizer.token_to_id(token)
+        if token_id is None:
+            raise GptOssError(f"the tokenizer has no {token!r} (wanted as {role})")
+        ids[role] = token_id
+    eos, pad = ids["eos_token"], ids["pad_token"]
+    return SpecialTokenIds(bos=ids["bos_token"], eos=eos, pad=pad, stop=(eos, pad) if pad != eos else (eos,))
+
+
+def hf_tokenizer_files(
+    tokenizer: Tokenizer, model_max_length: int, roles: dict[str, str] = SYNTH_ROLES
+) -> dict[str, dict[str, Any]]:
+    """``tokenizer_config.json`` and ``special_tokens_map.json`` for ``tokenizer`` in the form openai/gpt-oss-*
+    ships them, so that ``transformers.AutoTokenizer`` loads the folder with its special tokens set."""
+    added = {
+        str(token_id): {
+            "content": token.content,
+            "lstrip": token.lstrip,
+            "normalized": token.normalized,
+            "rstrip": token.rstrip,
+            "single_word": token.single_word,
+            "special": token.special,
+        }
+        for token_id, token in sorted(tokenizer.get_added_tokens_decoder().items())
+    }
+    config = {
+        "added_tokens_decoder": added,
+        **roles,
+        "clean_up_tokenization_spaces": False,
+        "model_input_names": ["input_ids", "attention_mask"],
+        "model_max_length": model_max_length,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    }
+    return {"tokenizer_config.json": config, "special_tokens_map.json": dict(roles)}
+
+
+def write_hf_tokenizer(
+    folder: Path, tokenizer: Tokenizer, model_max_length: int, roles: dict[str, str] = SYNTH_ROLES
+) -> None:
+    """Write ``tokenizer.json`` plus the :func:`hf_tokenizer_files` into ``folder``."""
+    tokenizer.save(str(folder / "tokenizer.json"))
+    for name, content in hf_tokenizer_files(tokenizer, model_max_length, roles).items():
+        (folder / name).write_text(json.dumps(content, indent=2) + "\n")
