@@ -44,7 +44,7 @@ def _synth(args: argparse.Namespace) -> None:
 def _download(args: argparse.Namespace) -> None:
     from gptoss.hub import download
 
-    download(args.repo_id, args.revision, args.output, args.retries)
+    download(args.repo_id, args.revision, args.output, args.retries, args.layout)
 
 
 @command("convert")
@@ -152,6 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", default="main", help="branch, tag or commit (pin a commit for reproducibility)")
     p.add_argument("--output", type=Path, required=True)
     p.add_argument("--retries", type=int, default=3)
+    p.add_argument(
+        "--layout",
+        default="hf",
+        choices=["hf", "original"],
+        help="which copy of the weights: hf (model*.safetensors) or original (OpenAI's original/); never both",
+    )
 
     p = sub.add_parser("convert", help="checkpoint folder -> Flax params msgpack + .config.json")
     p.add_argument("--checkpoint", type=Path, required=True, help="HF or original/ layout checkpoint folder")

@@ -11,24 +11,36 @@ from gptoss.errors import GptOssError
 
 log = logging.getLogger("gptoss.download")
 
-ALLOW_PATTERNS = [
-    "config.json",
-    "generation_config.json",
-    "*.safetensors",
-    "model.safetensors.index.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-]
+# The Hub client matches patterns with fnmatch, where ``*`` also matches ``/``: "*.safetensors" would fetch
+# openai/gpt-oss-20b's original/model.safetensors as well, a second copy of the same weights. So every pattern
+# names one folder: the top level (HF layout) or original/ (OpenAI's layout), never both.
+TOKENIZER_PATTERNS = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"]
+ALLOW_PATTERNS: dict[str, list[str]] = {
+    "hf": [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "model-?????-of-?????.safetensors",
+        "model.safetensors.index.json",
+        *TOKENIZER_PATTERNS,
+    ],
+    "original": ["original/*", "generation_config.json", *TOKENIZER_PATTERNS],
+}
+LAYOUTS = tuple(ALLOW_PATTERNS)
 REVISION_FILE = "download.json"
 
 
-def download(repo_id: str, revision: str, output: Path, retries: int = 3) -> str:
-    """Snapshot ``repo_id@revision`` into ``output`` (resumable: files already there are kept).
+def download(repo_id: str, revision: str, output: Path, retries: int = 3, layout: str = "hf") -> str:
+    """Snapshot one layout of ``repo_id@revision`` into ``output`` (resumable: files already there are kept).
+
+    ``layout="hf"`` fetches the top-level ``config.json`` and ``model*.safetensors``; ``"original"`` fetches
+    ``original/`` (OpenAI's names and config). Both fetch the top-level tokenizer and generation config files.
 
     The token comes from the environment (``HF_TOKEN``) through ``huggingface_hub`` and is never logged.
     Returns the resolved commit hash, also written to ``output/download.json``.
     """
+    if layout not in ALLOW_PATTERNS:
+        raise GptOssError(f"unknown layout {layout!r}; choose one of {list(LAYOUTS)}")
     from huggingface_hub import HfApi, snapshot_download
 
     last_error: Exception | None = None
@@ -36,8 +48,18 @@ def download(repo_id: str, revision: str, output: Path, retries: int = 3) -> str
         try:
             info = HfApi().model_info(repo_id, revision=revision)
             commit = info.sha or revision
-            log.info("downloading %s@%s (commit %s) into %s, attempt %d", repo_id, revision, commit, output, attempt)
-            snapshot_download(repo_id=repo_id, revision=commit, local_dir=str(output), allow_patterns=ALLOW_PATTERNS)
+            log.info(
+                "downloading %s@%s (commit %s, %s layout) into %s, attempt %d",
+                repo_id,
+                revision,
+                commit,
+                layout,
+                output,
+                attempt,
+            )
+            snapshot_download(
+                repo_id=repo_id, revision=commit, local_dir=str(output), allow_patterns=ALLOW_PATTERNS[layout]
+            )
             break
         except Exception as exc:  # noqa: BLE001 — network errors come from several libraries (httpx, requests, OS)
             last_error = exc
@@ -49,5 +71,7 @@ def download(repo_id: str, revision: str, output: Path, retries: int = 3) -> str
             "try the synthetic toy workflow: --configfile config/toy.yaml"
         )
     with atomic_output(output / REVISION_FILE) as tmp:
-        tmp.write_text(json.dumps({"repo_id": repo_id, "revision": revision, "commit": commit}, indent=2) + "\n")
+        tmp.write_text(
+            json.dumps({"repo_id": repo_id, "revision": revision, "commit": commit, "layout": layout}, indent=2) + "\n"
+        )
     return commit
