@@ -1,7 +1,8 @@
 # gpt-oss -> ONNX as one reproducible DAG (workflow/README.md; keys: config/README.md):
 #
-#   checkpoint (download | synth | local) -> convert_params -+-> export_onnx_debug -----> parity_debug -----+
-#                                                            +-> export_onnx_canonical -> parity_canonical -+-> parity_gate -> promote_baseline2
+#   checkpoint (download | synth | local) -> convert_params -> export_onnx (one graph per stage) -> parity (per stage)
+#       -> parity_gate -> promote (baseline2 and every promote_as tag)
+#   stages: debug (hidden states + block taps), canonical (logits); reference (transformers) is parity only.
 #
 #   snakemake --cores 4 promote_baseline2                                 # gpt-oss-20b, 2 layers, from the hub
 #   snakemake --cores 4 promote_baseline2 --configfile config/toy.yaml    # synthetic toy, offline, about a minute
@@ -21,6 +22,10 @@ if not workflow.overwrite_configfiles:
 
 
 include: "workflow/rules/common.smk"
+
+
+# Rules run the `gptoss` installed next to this Snakemake (or the conda environment's with --sdm conda).
+find_gptoss_next_to_snakemake()
 
 
 # Defaults filled in, unknown keys rejected (workflow/schemas/config.schema.yaml), plus cross-key checks.
@@ -49,6 +54,7 @@ localrules:
     report_baseline2,
     gate_all,
     promote_all,
+    promote_baseline2,
 
 
 # Default target: every configured checkpoint through the gate, and every promotion.

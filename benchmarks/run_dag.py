@@ -31,7 +31,7 @@ LATENCY_RUNS = 5
 
 ORT_LATENCY = """
 import sys, time, numpy as np
-from gptoss.ort import ort_session
+from gptoss.runtime import ort_session
 session = ort_session(sys.argv[1])
 ids = np.random.default_rng(0).integers(0, int(sys.argv[3]), (1, int(sys.argv[2]))).astype(np.int32)
 session.run(["logits"], {"input_ids": ids})
@@ -44,7 +44,7 @@ print(min(times), float(np.median(times)))
 JAX_LATENCY = """
 import sys, time, numpy as np, jax.numpy as jnp
 from pathlib import Path
-from gptoss.export import load_model
+from gptoss.runtime import load_model
 from gptoss.model import forward
 _, model = load_model(Path(sys.argv[1]))
 ids = jnp.asarray(np.random.default_rng(0).integers(0, model.cfg.vocab_size, (1, int(sys.argv[2]))).astype(np.int32))

@@ -1,8 +1,10 @@
-"""Write-to-temporary-then-rename, so a failed step never leaves a half-written artifact."""
+"""Files: written to a temporary name and renamed (a failed step never leaves a half-written artifact), free-space
+checks before large writes, and sha256 digests."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 from collections.abc import Iterator
@@ -57,3 +59,12 @@ def require_free_space(folder: Path, needed_bytes: int, what: str) -> None:
             f"{folder}: not enough free disk space for {what}: needs {needed_bytes / 1e9:.1f} GB, "
             f"{free / 1e9:.1f} GB free"
         )
+
+
+def sha256(path: Path, chunk: int = 16 * 1024 * 1024) -> str:
+    """Hex sha256 of a file, streamed."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

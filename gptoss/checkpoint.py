@@ -1,12 +1,13 @@
 """Read a GPT-OSS checkpoint folder (HF or OpenAI ``original/`` layout) into our parameter names.
 
-Tensors are read lazily from memory-mapped safetensors, one at a time, and only for the layers kept
-(DESIGN §4). Layout is detected from the tensor names.
+Tensors are read lazily from memory-mapped safetensors, one at a time, and only for the layers kept.
+The layout is detected from the tensor names.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,14 +19,51 @@ from gptoss import mxfp4
 from gptoss.config import GptOssConfig, load_checkpoint_config
 from gptoss.errors import GptOssError
 from gptoss.model import param_specs
+from gptoss.names import fused_qkv, original_name
 from gptoss.safetensors_io import TensorStore
 
 DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 
 
-def _t(a: np.ndarray) -> np.ndarray:
-    """``[out, in]`` (torch Linear) → ``[in, out]`` (our kernels)."""
-    return a.T
+# Our parameter -> its HF tensor (in the model's layers: after `layers.{i}.` and `model.layers.{i}.`). Linear
+# modules map as modules: our `X.kernel` is HF's `X.weight` transposed (torch's [out, in] -> our [in, out]) and
+# `X.bias` is `X.bias`. The experts are HF's MXFP4 `{name}_blocks`/`_scales` or the dequantized `{name}`.
+OURS_TO_HF_LINEAR = {
+    "unembed": "lm_head",
+    "attn.q_proj": "self_attn.q_proj",
+    "attn.k_proj": "self_attn.k_proj",
+    "attn.v_proj": "self_attn.v_proj",
+    "attn.o_proj": "self_attn.o_proj",
+    "mlp.router": "mlp.router",
+}
+OURS_TO_HF = {
+    "embed.embedding": "model.embed_tokens.weight",
+    "norm.scale": "model.norm.weight",
+    "attn_norm.scale": "input_layernorm.weight",
+    "mlp_norm.scale": "post_attention_layernorm.weight",
+    "attn.sinks": "self_attn.sinks",
+    "mlp.gate_up_bias": "mlp.experts.gate_up_proj_bias",
+    "mlp.down_bias": "mlp.experts.down_proj_bias",
+}
+OURS_TO_HF_EXPERTS = {"mlp.gate_up_kernel": "mlp.experts.gate_up_proj", "mlp.down_kernel": "mlp.experts.down_proj"}
+_LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
+
+
+def hf_source(ours: str) -> tuple[str, str]:
+    """Our parameter name -> (HF tensor name, kind): kind is ``transpose`` (a Linear kernel), ``experts`` (MXFP4
+    or dequantized experts) or ``copy``."""
+    m = _LAYER.match(ours)
+    prefix, rest = (f"model.layers.{m.group(1)}.", m.group(2)) if m else ("", ours)
+    module, _, leaf = rest.rpartition(".")
+    if module in OURS_TO_HF_LINEAR:
+        return f"{prefix}{OURS_TO_HF_LINEAR[module]}.{'weight' if leaf == 'kernel' else leaf}", (
+            "transpose" if leaf == "kernel" else "copy"
+        )
+    if rest in OURS_TO_HF_EXPERTS:
+        return prefix + OURS_TO_HF_EXPERTS[rest], "experts"
+    if rest in OURS_TO_HF:
+        return prefix + OURS_TO_HF[rest], "copy"
+    raise KeyError(f"no checkpoint tensor for parameter {ours!r}")
 
 
 def _count_nonfinite(a: np.ndarray, rows: int = 1 << 16) -> int:
@@ -36,7 +74,8 @@ def _count_nonfinite(a: np.ndarray, rows: int = 1 << 16) -> int:
 
 @dataclasses.dataclass
 class Checkpoint:
-    """A checkpoint folder opened for reading: its config, layout and tensors."""
+    """A checkpoint folder opened for reading: its config, layout and tensors, read by their HF names whatever
+    the layout (original/ tensors are renamed, and q/k/v sliced out of the fused qkv)."""
 
     config: GptOssConfig
     layout: str  # "hf" | "original"
@@ -60,15 +99,49 @@ class Checkpoint:
             )
         return cls(config, layout, store)
 
-    def sources(self, num_layers: int, dtype: np.dtype) -> dict[str, Callable[[], np.ndarray]]:
-        """Our param name → a function that reads and reshapes that tensor (stored dtype, cast later; MXFP4
-        experts are decoded straight to ``dtype``)."""
+    def _stored(self, hf: str) -> tuple[str, slice | None]:
+        """Where an HF tensor is stored: its name in this checkpoint and, for original/'s fused qkv, its rows."""
         if self.layout == "hf":
-            return self._hf_sources(num_layers, dtype)
-        return self._original_sources(num_layers, dtype)
+            return hf, None
+        if fused := fused_qkv(hf):
+            name, index = fused
+            cfg = self.config
+            sizes = [cfg.num_attention_heads * cfg.head_dim] + [cfg.num_key_value_heads * cfg.head_dim] * 2
+            return name, slice(sum(sizes[:index]), sum(sizes[: index + 1]))
+        return original_name(hf) or hf, None
 
-    def _get(self, name: str) -> np.ndarray:
-        return self.store.get(name)
+    def __contains__(self, hf: str) -> bool:
+        return self._stored(hf)[0] in self.store
+
+    def get(self, hf: str) -> np.ndarray:
+        """A tensor by its HF name (memory-mapped)."""
+        name, rows = self._stored(hf)
+        tensor = self.store.get(name)
+        return tensor if rows is None else tensor[rows]
+
+    def file_of(self, hf: str) -> Path:
+        return self.store.file_of(self._stored(hf)[0])
+
+    def sources(self, names: list[str], dtype: np.dtype) -> dict[str, Callable[[], np.ndarray]]:
+        """Our param name -> a function that reads that tensor (stored dtype, cast later; MXFP4 experts are
+        decoded straight to ``dtype``)."""
+        sources = {}
+        for ours in names:
+            hf, kind = hf_source(ours)
+            if kind == "experts":
+                sources[ours] = self._experts(hf, dtype)
+            elif kind == "transpose":
+                sources[ours] = lambda hf=hf: self.get(hf).T
+            else:
+                sources[ours] = lambda hf=hf: self.get(hf)
+        return sources
+
+    def _experts(self, hf: str, dtype: np.dtype) -> Callable[[], np.ndarray]:
+        """HF experts: MXFP4 ``{hf}_blocks/_scales`` or the dequantized ``{hf}`` (stored input-major)."""
+        if f"{hf}_blocks" in self:
+            return lambda: self._decode_experts(f"{hf}_blocks", f"{hf}_scales", dtype)
+        # Trap: dequantized HF experts are already [E, in, out] (input-major): no transpose.
+        return lambda: self.get(hf)
 
     def _decode_experts(self, blocks: str, scales: str, dtype: np.dtype) -> np.ndarray:
         """MXFP4 experts ``blocks``/``scales`` (``[E, out, ...]``) → our ``[E, in, out]`` kernel in ``dtype``.
@@ -77,85 +150,18 @@ class Checkpoint:
         (2.1 GB) and its transposed copy never exist. Mismatched shapes are a clear error naming both tensors.
         Trap: ``down_proj`` is square for gpt-oss-20b (2880×2880), so a missing transpose keeps the shapes right.
         """
-        b, s = self._get(blocks), self._get(scales)
+        b, s = self.get(blocks), self.get(scales)
         try:
             mxfp4.check_shapes(b, s)
             if b.ndim != 4:
                 raise ValueError(f"MXFP4 experts {b.shape}: expected [experts, out, groups, 16]")
         except ValueError as exc:
-            raise GptOssError(f"{self.store.file_of(blocks)}: tensors {blocks!r} and {scales!r}: {exc}") from None
+            raise GptOssError(f"{self.file_of(blocks)}: tensors {blocks!r} and {scales!r}: {exc}") from None
         experts, out_features, groups, _ = b.shape
         out = np.empty((experts, groups * mxfp4.GROUP, out_features), dtype=dtype)
         for e in range(experts):
             out[e] = mxfp4.decode(b[e], s[e]).T  # [out, in] -> [in, out]
         return out
-
-    def _mxfp4_or_dense(self, prefix: str, dtype: np.dtype) -> Callable[[], np.ndarray]:
-        """HF experts: MXFP4 ``{prefix}_blocks/_scales`` or the dequantized ``{prefix}`` (stored input-major)."""
-        if f"{prefix}_blocks" in self.store:
-            return lambda: self._decode_experts(f"{prefix}_blocks", f"{prefix}_scales", dtype)
-        # Trap: dequantized HF experts are already [E, in, out] (input-major): no transpose.
-        return lambda: self._get(prefix)
-
-    def _hf_sources(self, num_layers: int, dtype: np.dtype) -> dict[str, Callable[[], np.ndarray]]:
-        g = self._get
-        src: dict[str, Callable[[], np.ndarray]] = {
-            "embed.embedding": lambda: g("model.embed_tokens.weight"),
-            "norm.scale": lambda: g("model.norm.weight"),
-            "unembed.kernel": lambda: _t(g("lm_head.weight")),
-        }
-        for i in range(num_layers):
-            p, ours = f"model.layers.{i}", f"layers.{i}"
-            src[f"{ours}.attn_norm.scale"] = lambda p=p: g(f"{p}.input_layernorm.weight")
-            src[f"{ours}.mlp_norm.scale"] = lambda p=p: g(f"{p}.post_attention_layernorm.weight")
-            for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                src[f"{ours}.attn.{proj}.kernel"] = lambda p=p, proj=proj: _t(g(f"{p}.self_attn.{proj}.weight"))
-                src[f"{ours}.attn.{proj}.bias"] = lambda p=p, proj=proj: g(f"{p}.self_attn.{proj}.bias")
-            src[f"{ours}.attn.sinks"] = lambda p=p: g(f"{p}.self_attn.sinks")
-            src[f"{ours}.mlp.router.kernel"] = lambda p=p: _t(g(f"{p}.mlp.router.weight"))
-            src[f"{ours}.mlp.router.bias"] = lambda p=p: g(f"{p}.mlp.router.bias")
-            src[f"{ours}.mlp.gate_up_kernel"] = self._mxfp4_or_dense(f"{p}.mlp.experts.gate_up_proj", dtype)
-            src[f"{ours}.mlp.gate_up_bias"] = lambda p=p: g(f"{p}.mlp.experts.gate_up_proj_bias")
-            src[f"{ours}.mlp.down_kernel"] = self._mxfp4_or_dense(f"{p}.mlp.experts.down_proj", dtype)
-            src[f"{ours}.mlp.down_bias"] = lambda p=p: g(f"{p}.mlp.experts.down_proj_bias")
-        return src
-
-    def _original_sources(self, num_layers: int, dtype: np.dtype) -> dict[str, Callable[[], np.ndarray]]:
-        g, cfg = self._get, self.config
-        q_rows = cfg.num_attention_heads * cfg.head_dim
-        kv_rows = cfg.num_key_value_heads * cfg.head_dim
-        # OpenAI's fused qkv stacks q, then k, then v along the output rows.
-        qkv_slices = {
-            "q_proj": slice(0, q_rows),
-            "k_proj": slice(q_rows, q_rows + kv_rows),
-            "v_proj": slice(q_rows + kv_rows, q_rows + 2 * kv_rows),
-        }
-        src: dict[str, Callable[[], np.ndarray]] = {
-            "embed.embedding": lambda: g("embedding.weight"),
-            "norm.scale": lambda: g("norm.scale"),
-            "unembed.kernel": lambda: _t(g("unembedding.weight")),
-        }
-
-        def mlp_weight(name: str) -> Callable[[], np.ndarray]:
-            return lambda: self._decode_experts(f"{name}.blocks", f"{name}.scales", dtype)
-
-        for i in range(num_layers):
-            p, ours = f"block.{i}", f"layers.{i}"
-            src[f"{ours}.attn_norm.scale"] = lambda p=p: g(f"{p}.attn.norm.scale")
-            src[f"{ours}.mlp_norm.scale"] = lambda p=p: g(f"{p}.mlp.norm.scale")
-            for proj, rows in qkv_slices.items():
-                src[f"{ours}.attn.{proj}.kernel"] = lambda p=p, rows=rows: _t(g(f"{p}.attn.qkv.weight")[rows])
-                src[f"{ours}.attn.{proj}.bias"] = lambda p=p, rows=rows: g(f"{p}.attn.qkv.bias")[rows]
-            src[f"{ours}.attn.o_proj.kernel"] = lambda p=p: _t(g(f"{p}.attn.out.weight"))
-            src[f"{ours}.attn.o_proj.bias"] = lambda p=p: g(f"{p}.attn.out.bias")
-            src[f"{ours}.attn.sinks"] = lambda p=p: g(f"{p}.attn.sinks")
-            src[f"{ours}.mlp.router.kernel"] = lambda p=p: _t(g(f"{p}.mlp.gate.weight"))
-            src[f"{ours}.mlp.router.bias"] = lambda p=p: g(f"{p}.mlp.gate.bias")
-            src[f"{ours}.mlp.gate_up_kernel"] = mlp_weight(f"{p}.mlp.mlp1_weight")
-            src[f"{ours}.mlp.gate_up_bias"] = lambda p=p: g(f"{p}.mlp.mlp1_bias")
-            src[f"{ours}.mlp.down_kernel"] = mlp_weight(f"{p}.mlp.mlp2_weight")
-            src[f"{ours}.mlp.down_bias"] = lambda p=p: g(f"{p}.mlp.mlp2_bias")
-        return src
 
 
 def load_params(
@@ -172,7 +178,7 @@ def load_params(
     ckpt = Checkpoint.open(folder)
     cfg = ckpt.config.truncated(ckpt.config.num_hidden_layers if num_layers is None else num_layers)
     specs = param_specs(cfg, DTYPES[dtype])
-    sources = ckpt.sources(cfg.num_hidden_layers, DTYPES[dtype])
+    sources = ckpt.sources(list(specs), DTYPES[dtype])
 
     def loader(name: str) -> Callable[[], np.ndarray]:
         def load() -> np.ndarray:

@@ -18,6 +18,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from gptoss.config import GptOssConfig
+from gptoss.names import fused_qkv, original_name
 from gptoss.safetensors_io import INDEX_NAME
 from gptoss.tokenizer import SpecialTokenIds
 
@@ -93,46 +94,24 @@ def _original_dtype(name: str, arr: np.ndarray) -> str:
 
 
 def hf_to_original(tensors: Iterable[tuple[str, np.ndarray]]) -> Iterator[tuple[str, np.ndarray]]:
-    """Rename HF-layout tensors to OpenAI's ``original/`` names, fusing q/k/v (expects MXFP4 experts).
+    """Rename HF-layout tensors to OpenAI's ``original/`` names (``gptoss.names``), fusing q/k/v.
 
     Tensors of one layer must arrive together (as ``synth`` and the tests produce them).
     """
-    plain = {
-        "model.embed_tokens.weight": "embedding.weight",
-        "model.norm.weight": "norm.scale",
-        "lm_head.weight": "unembedding.weight",
-    }
-    per_layer = {
-        "input_layernorm.weight": "attn.norm.scale",
-        "post_attention_layernorm.weight": "mlp.norm.scale",
-        "self_attn.sinks": "attn.sinks",
-        "self_attn.o_proj.weight": "attn.out.weight",
-        "self_attn.o_proj.bias": "attn.out.bias",
-        "mlp.router.weight": "mlp.gate.weight",
-        "mlp.router.bias": "mlp.gate.bias",
-        "mlp.experts.gate_up_proj_blocks": "mlp.mlp1_weight.blocks",
-        "mlp.experts.gate_up_proj_scales": "mlp.mlp1_weight.scales",
-        "mlp.experts.gate_up_proj_bias": "mlp.mlp1_bias",
-        "mlp.experts.down_proj_blocks": "mlp.mlp2_weight.blocks",
-        "mlp.experts.down_proj_scales": "mlp.mlp2_weight.scales",
-        "mlp.experts.down_proj_bias": "mlp.mlp2_bias",
-    }
-    pending: dict[str, np.ndarray] = {}
+    fused: dict[str, list[np.ndarray | None]] = {}
     for name, arr in tensors:
-        if name in plain:
-            yield plain[name], arr
+        if (original := original_name(name)) is not None:
+            yield original, arr
             continue
-        _, _, layer, rest = name.split(".", 3)
-        if rest in per_layer:
-            yield f"block.{layer}.{per_layer[rest]}", arr
-            continue
-        pending[name] = arr
-        for kind in ("weight", "bias"):
-            parts = [f"model.layers.{layer}.self_attn.{p}_proj.{kind}" for p in "qkv"]
-            if all(p in pending for p in parts):
-                yield f"block.{layer}.attn.qkv.{kind}", np.concatenate([pending.pop(p) for p in parts], axis=0)
-    if pending:
-        raise ValueError(f"tensors without an original/ name: {sorted(pending)[:3]}")
+        if (qkv := fused_qkv(name)) is None:
+            raise ValueError(f"tensor without an original/ name: {name!r}")
+        target, index = qkv
+        parts = fused.setdefault(target, [None, None, None])
+        parts[index] = arr
+        if all(p is not None for p in parts):
+            yield target, np.concatenate(fused.pop(target), axis=0)
+    if fused:
+        raise ValueError(f"q/k/v incomplete for {sorted(fused)[:3]}")
 
 
 def write_checkpoint(

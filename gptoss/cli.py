@@ -1,4 +1,4 @@
-"""The ``gptoss`` command line: one subcommand per stage of the workflow (DESIGN §5)."""
+"""The ``gptoss`` command line: one subcommand per stage of the workflow."""
 
 from __future__ import annotations
 
@@ -58,30 +58,57 @@ def _convert(args: argparse.Namespace) -> None:
 def _export(args: argparse.Namespace) -> None:
     from gptoss.export import ExportSpec, export
 
-    spec = ExportSpec(args.sequence_length, args.emit_hidden_states, args.emit_block_debug, args.opset)
+    hidden, debug = args.emit_hidden_states, args.emit_block_debug
+    if args.stage == "debug":
+        hidden = debug = True
+    spec = ExportSpec(args.sequence_length, hidden, debug, args.opset)
     export(args.params, args.output, spec, args.config, args.skip_validation, args.threads)
 
 
 @command("parity")
 def _parity(args: argparse.Namespace) -> int:
-    from gptoss.parity import parity
+    tolerances = Tolerances.from_args(args)
+    if args.stage == "reference":
+        from gptoss.reference import reference
 
-    rows = parity(
-        args.params,
-        args.onnx,
-        args.csv,
-        args.sequence_length,
-        args.prompt,
-        args.token_ids,
-        args.tokenizer,
-        args.config,
-        args.compare_hidden_states,
-        args.compare_block_debug,
-        args.stage,
-        Tolerances.from_args(args),
-        threads=args.threads,
-        logits_diffs=args.logits_diffs,
-    )
+        if args.checkpoint is None:
+            raise GptOssError("--stage reference compares with transformers on a checkpoint: pass --checkpoint DIR")
+        rows = reference(
+            args.checkpoint,
+            args.params,
+            args.csv,
+            args.sequence_length,
+            args.prompt,
+            args.token_ids,
+            args.tokenizer,
+            args.config,
+            tolerances,
+            logits_diffs=args.logits_diffs,
+        )
+    else:
+        from gptoss.parity import parity
+
+        if args.onnx is None:
+            raise GptOssError(f"--stage {args.stage or 'canonical'} compares with an ONNX graph: pass --onnx M.onnx")
+        hidden, debug = args.compare_hidden_states, args.compare_block_debug
+        if args.stage == "debug":
+            hidden = debug = True
+        rows = parity(
+            args.params,
+            args.onnx,
+            args.csv,
+            args.sequence_length,
+            args.prompt,
+            args.token_ids,
+            args.tokenizer,
+            args.config,
+            hidden,
+            debug,
+            args.stage,
+            tolerances,
+            threads=args.threads,
+            logits_diffs=args.logits_diffs,
+        )
     failed = sum(not r["passed"] for r in rows)
     if failed:
         log.warning("%d of %d rows exceed their tolerance (the gate decides)", failed, len(rows))
@@ -100,24 +127,6 @@ def _promote(args: argparse.Namespace) -> None:
     from gptoss.promote import promote
 
     promote(args.onnx, args.verdict, args.dest, args.tag, args.config, args.sequence_length)
-
-
-@command("reference")
-def _reference(args: argparse.Namespace) -> None:
-    from gptoss.reference import reference
-
-    reference(
-        args.checkpoint,
-        args.params,
-        args.csv,
-        args.sequence_length,
-        args.prompt,
-        args.token_ids,
-        args.tokenizer,
-        args.config,
-        not args.logits_only,
-        Tolerances.from_args(args),
-    )
 
 
 @command("plots")
@@ -165,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=None, help="keep only the first N layers")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
 
-    p = sub.add_parser("export", help="Flax params -> ONNX (canonical, or debug with --emit-* flags)")
+    p = sub.add_parser("export", help="Flax params -> ONNX graph of a stage (debug, canonical)")
+    p.add_argument("--stage", choices=["debug", "canonical"], default=None, help="debug: every --emit-* output")
     p.add_argument("--params", type=Path, required=True, help="X.msgpack from `gptoss convert`")
     p.add_argument("--config", type=Path, default=None, help="default: X.config.json next to --params")
     p.add_argument("--output", type=Path, required=True, help="model.onnx (model.onnx.data is written next to it)")
@@ -174,21 +184,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--emit-block-debug", action="store_true", help="add block_{i}_{tap} outputs")
     p.add_argument("--skip-validation", action="store_true", help="skip the JAX vs ONNX Runtime check")
     p.add_argument("--opset", type=int, default=21)
-    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
+    _threads_argument(p)
 
-    p = sub.add_parser("parity", help="JAX vs ONNX Runtime on real prompts -> CSV")
-    _comparison_arguments(p)
-    p.add_argument("--onnx", type=Path, required=True)
+    p = sub.add_parser("parity", help="JAX vs ONNX Runtime (or transformers: --stage reference) -> CSV")
+    p.add_argument(
+        "--stage",
+        choices=["debug", "canonical", "reference"],
+        default=None,
+        help="debug: hidden states and block taps too; reference: transformers on --checkpoint instead of a graph "
+        "(default: debug if a --compare-* flag is given, else canonical)",
+    )
+    p.add_argument("--params", type=Path, required=True)
+    p.add_argument("--config", type=Path, default=None, help="default: X.config.json next to --params")
+    p.add_argument("--onnx", type=Path, default=None, help="the graph to compare (every stage but reference)")
+    p.add_argument("--checkpoint", type=Path, default=None, help="(reference) the checkpoint the params came from")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--token-ids", action="append", default=[], help="comma-separated token ids (repeatable)")
+    p.add_argument("--tokenizer", type=Path, default=None, help="default: the one recorded in the params config")
+    p.add_argument("--sequence-length", type=int, default=32)
     p.add_argument("--compare-hidden-states", action="store_true")
     p.add_argument("--compare-block-debug", action="store_true")
-    p.add_argument("--stage", choices=["debug", "canonical"], default=None, help="default: from the compare flags")
+    p.add_argument("--csv", type=Path, required=True)
     p.add_argument("--logits-diffs", type=Path, default=None, help="also save every logits |diff| (.npz)")
-    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
-
-    p = sub.add_parser("reference", help="transformers GptOssForCausalLM vs JAX -> stage=reference CSV rows")
-    _comparison_arguments(p)
-    p.add_argument("--checkpoint", type=Path, required=True, help="the HF-layout checkpoint the params came from")
-    p.add_argument("--logits-only", action="store_true", help="skip the hidden states")
+    _threads_argument(p)
+    Tolerances.add_arguments(p)
 
     p = sub.add_parser("gate", help="parity CSVs + tolerances -> verdict JSON + summary; exit 1 on any breach")
     p.add_argument("--csv", type=Path, nargs="+", required=True)
@@ -216,16 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _comparison_arguments(p: argparse.ArgumentParser) -> None:
-    """What parity and reference share: the params, the prompts, the CSV and the tolerances."""
-    p.add_argument("--params", type=Path, required=True)
-    p.add_argument("--config", type=Path, default=None, help="default: X.config.json next to --params")
-    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
-    p.add_argument("--token-ids", action="append", default=[], help="comma-separated token ids (repeatable)")
-    p.add_argument("--tokenizer", type=Path, default=None, help="default: the one recorded in the params config")
-    p.add_argument("--sequence-length", type=int, default=32)
-    p.add_argument("--csv", type=Path, required=True)
-    Tolerances.add_arguments(p)
+def _threads_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

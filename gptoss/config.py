@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ def default_layer_types(num_layers: int) -> tuple[str, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-    """YaRN parameters (DESIGN §3): fractional low/high when ``truncate`` is false."""
+    """YaRN parameters: fractional ramp boundaries (low/high) when ``truncate`` is false."""
 
     factor: float = 32.0
     beta_fast: float = 32.0
@@ -90,26 +91,19 @@ class GptOssConfig:
         return {
             "architectures": ["GptOssForCausalLM"],
             "model_type": "gpt_oss",
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_hidden_layers,
-            "num_attention_heads": self.num_attention_heads,
-            "num_key_value_heads": self.num_key_value_heads,
-            "head_dim": self.head_dim,
-            "num_local_experts": self.num_local_experts,
-            "num_experts_per_tok": self.num_experts_per_tok,
-            "sliding_window": self.sliding_window,
+            **{hf: getattr(self, field) for field, (hf, _) in CONFIG_KEYS.items()},
             "layer_types": list(self.layer_types),
-            "rms_norm_eps": self.rms_norm_eps,
-            "rope_theta": self.rope_theta,
             "rope_scaling": {"rope_type": "yarn", **dataclasses.asdict(rs)},
-            "swiglu_limit": self.swiglu_limit,
             "attention_bias": True,
             "tie_word_embeddings": False,
             "max_position_embeddings": int(rs.original_max_position_embeddings * rs.factor),
             "initial_context_length": rs.original_max_position_embeddings,
         }
+
+    def to_original_dict(self) -> dict[str, Any]:
+        """OpenAI's ``original/config.json`` form."""
+        rope = {original: getattr(self.rope_scaling, field) for field, original in ROPE_ORIGINAL_KEYS.items()}
+        return {original: getattr(self, field) for field, (_, original) in CONFIG_KEYS.items() if original} | rope
 
     @classmethod
     def from_hf_dict(cls, raw: dict[str, Any], source: str = "config.json") -> GptOssConfig:
@@ -119,90 +113,69 @@ class GptOssConfig:
         if model_type != "gpt_oss" and "GptOssForCausalLM" not in arch:
             raise GptOssError(f"{source}: not a GPT-OSS config (model_type={model_type!r}, architectures={arch!r})")
         rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
-        theta = raw.get("rope_theta", rope.get("rope_theta", 150000.0))
         rope_type = rope.get("rope_type", rope.get("type", "yarn"))
         if rope_type != "yarn":
             raise GptOssError(f"{source}: rope type {rope_type!r} is not supported (GPT-OSS uses 'yarn')")
-        num_layers = _require(raw, "num_hidden_layers", source)
-        layer_types = raw.get("layer_types") or default_layer_types(num_layers)
-        defaults = RopeScaling()
-        return cls(
-            vocab_size=_require(raw, "vocab_size", source),
-            hidden_size=_require(raw, "hidden_size", source),
-            intermediate_size=_require(raw, "intermediate_size", source),
-            num_hidden_layers=num_layers,
-            num_attention_heads=_require(raw, "num_attention_heads", source),
-            num_key_value_heads=raw.get("num_key_value_heads") or _require(raw, "num_attention_heads", source),
-            head_dim=raw.get("head_dim")
-            or _require(raw, "hidden_size", source) // _require(raw, "num_attention_heads", source),
-            num_local_experts=_require(raw, "num_local_experts", source),
-            num_experts_per_tok=_require(raw, "num_experts_per_tok", source),
-            sliding_window=_require(raw, "sliding_window", source),
-            layer_types=tuple(layer_types),
-            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
-            rope_theta=float(theta),
-            rope_scaling=RopeScaling(
-                factor=float(rope.get("factor", defaults.factor)),
-                beta_fast=float(rope.get("beta_fast", defaults.beta_fast)),
-                beta_slow=float(rope.get("beta_slow", defaults.beta_slow)),
-                original_max_position_embeddings=int(
-                    rope.get("original_max_position_embeddings", defaults.original_max_position_embeddings)
-                ),
-                truncate=bool(rope.get("truncate", defaults.truncate)),
-            ),
-            swiglu_limit=float(raw.get("swiglu_limit", 7.0)),
-            swiglu_alpha=float(raw.get("swiglu_alpha", 1.702)),
-        )
+        raw = {"rope_theta": rope.get("rope_theta"), **raw}  # v5 keeps theta among the rope parameters
+        heads = _require(raw, "num_attention_heads", source)
+        fields = _fields(raw, {field: hf for field, (hf, _) in CONFIG_KEYS.items()}, source, derived=_DERIVED)
+        fields.setdefault("num_key_value_heads", heads)
+        fields.setdefault("head_dim", _require(raw, "hidden_size", source) // heads)
+        layer_types = raw.get("layer_types") or default_layer_types(fields["num_hidden_layers"])
+        scaling = _fields(rope, {field: field for field in ROPE_ORIGINAL_KEYS} | {"truncate": "truncate"}, source)
+        return cls(**fields, layer_types=tuple(layer_types), rope_scaling=RopeScaling(**scaling))
 
     @classmethod
     def from_original_dict(cls, raw: dict[str, Any], source: str = "original/config.json") -> GptOssConfig:
-        """Parse OpenAI's ``original/config.json`` (sliding window on even layers)."""
-        num_layers = _require(raw, "num_hidden_layers", source)
-        return cls(
-            vocab_size=_require(raw, "vocab_size", source),
-            hidden_size=_require(raw, "hidden_size", source),
-            intermediate_size=_require(raw, "intermediate_size", source),
-            num_hidden_layers=num_layers,
-            num_attention_heads=_require(raw, "num_attention_heads", source),
-            num_key_value_heads=_require(raw, "num_key_value_heads", source),
-            head_dim=_require(raw, "head_dim", source),
-            num_local_experts=_require(raw, "num_experts", source),
-            num_experts_per_tok=_require(raw, "experts_per_token", source),
-            sliding_window=_require(raw, "sliding_window", source),
-            layer_types=default_layer_types(num_layers),
-            rope_theta=float(raw.get("rope_theta", 150000.0)),
-            rope_scaling=RopeScaling(
-                factor=float(raw.get("rope_scaling_factor", 32.0)),
-                # OpenAI's ntk_beta is the fast boundary, ntk_alpha the slow one.
-                beta_fast=float(raw.get("rope_ntk_beta", 32.0)),
-                beta_slow=float(raw.get("rope_ntk_alpha", 1.0)),
-                original_max_position_embeddings=int(raw.get("initial_context_length", 4096)),
-                truncate=False,
-            ),
-            swiglu_limit=float(raw.get("swiglu_limit", 7.0)),
-        )
+        """Parse OpenAI's ``original/config.json`` (sliding window on even layers, no truncation of YaRN)."""
+        fields = _fields(raw, {field: original for field, (_, original) in CONFIG_KEYS.items() if original}, source)
+        scaling = _fields(raw, ROPE_ORIGINAL_KEYS, source)
+        layer_types = default_layer_types(fields["num_hidden_layers"])
+        return cls(**fields, layer_types=layer_types, rope_scaling=RopeScaling(**scaling, truncate=False))
 
-    def to_original_dict(self) -> dict[str, Any]:
-        """OpenAI's ``original/config.json`` form."""
-        rs = self.rope_scaling
-        return {
-            "num_hidden_layers": self.num_hidden_layers,
-            "num_experts": self.num_local_experts,
-            "experts_per_token": self.num_experts_per_tok,
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "swiglu_limit": self.swiglu_limit,
-            "head_dim": self.head_dim,
-            "num_attention_heads": self.num_attention_heads,
-            "num_key_value_heads": self.num_key_value_heads,
-            "sliding_window": self.sliding_window,
-            "initial_context_length": rs.original_max_position_embeddings,
-            "rope_theta": self.rope_theta,
-            "rope_scaling_factor": rs.factor,
-            "rope_ntk_alpha": rs.beta_slow,
-            "rope_ntk_beta": rs.beta_fast,
-        }
+
+# GptOssConfig field -> (HF config.json key, original/config.json key or None). Fields without a default are
+# required in both files; the others fall back to the dataclass defaults.
+CONFIG_KEYS = {
+    "vocab_size": ("vocab_size", "vocab_size"),
+    "hidden_size": ("hidden_size", "hidden_size"),
+    "intermediate_size": ("intermediate_size", "intermediate_size"),
+    "num_hidden_layers": ("num_hidden_layers", "num_hidden_layers"),
+    "num_attention_heads": ("num_attention_heads", "num_attention_heads"),
+    "num_key_value_heads": ("num_key_value_heads", "num_key_value_heads"),
+    "head_dim": ("head_dim", "head_dim"),
+    "num_local_experts": ("num_local_experts", "num_experts"),
+    "num_experts_per_tok": ("num_experts_per_tok", "experts_per_token"),
+    "sliding_window": ("sliding_window", "sliding_window"),
+    "rms_norm_eps": ("rms_norm_eps", None),
+    "rope_theta": ("rope_theta", "rope_theta"),
+    "swiglu_limit": ("swiglu_limit", "swiglu_limit"),
+    "swiglu_alpha": ("swiglu_alpha", None),
+}
+# RopeScaling field -> original/config.json key (HF uses the field names). OpenAI's ntk_beta is the fast
+# boundary, ntk_alpha the slow one.
+ROPE_ORIGINAL_KEYS = {
+    "factor": "rope_scaling_factor",
+    "beta_fast": "rope_ntk_beta",
+    "beta_slow": "rope_ntk_alpha",
+    "original_max_position_embeddings": "initial_context_length",
+}
+# HF configs may leave these out (transformers derives them from the head count and hidden size).
+_DERIVED = frozenset({"num_key_value_heads", "head_dim"})
+
+
+def _fields(raw: dict[str, Any], keys: dict[str, str], source: str, derived: frozenset = frozenset()) -> dict[str, Any]:
+    """Dataclass fields from ``raw`` through ``keys`` (field -> file key), typed like the field's default;
+    a field without a default must be present (unless ``derived``), the others are omitted when absent."""
+    found: dict[str, Any] = {}
+    defaults = {f.name: f.default for f in dataclasses.fields(GptOssConfig) + dataclasses.fields(RopeScaling)}
+    for field, key in keys.items():
+        default = defaults[field]
+        if raw.get(key) is not None:
+            found[field] = type(default)(raw[key]) if default is not dataclasses.MISSING else raw[key]
+        elif default is dataclasses.MISSING and field not in derived:
+            _require(raw, key, source)
+    return found
 
 
 def _require(raw: dict[str, Any], key: str, source: str) -> Any:
@@ -250,8 +223,12 @@ class ParamsConfig:
     origin: dict[str, Any] | None = None
 
     def checkpoint_info(self) -> dict[str, Any]:
-        """Where the params came from: the folder and, for hub checkpoints, repo and resolved commit."""
-        return {"path": self.source_checkpoint, **(self.origin or {})}
+        """What identifies the source without naming this machine's folders: the hub repo and resolved commit or
+        the synthetic preset and seed (the origin file convert found), else the folder relative to the working
+        directory (the workflow's)."""
+        if self.origin:
+            return dict(self.origin)
+        return {"local": os.path.relpath(self.source_checkpoint)}
 
     def to_dict(self) -> dict[str, Any]:
         return {

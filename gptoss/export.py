@@ -33,7 +33,7 @@ from gptoss.atomic import require_free_space, temporary_name
 from gptoss.checkpoint import DTYPES
 from gptoss.config import ParamsConfig, params_config_path
 from gptoss.errors import GptOssError
-from gptoss.model import GptOss, abstract_model, build_model, flat_param_specs, forward, output_names
+from gptoss.model import GptOss, abstract_model, flat_param_specs, forward, output_names
 from gptoss.names import INPUT_NAME, data_path
 from gptoss.params_io import iter_params
 
@@ -63,20 +63,6 @@ class ExportSpec:
     def input_shape(self) -> tuple[str | int, str | int]:
         # The debug graph may fix the sequence length; the canonical graph keeps both axes symbolic.
         return ("batch", self.sequence_length) if self.debug else ("batch", "sequence")
-
-
-def load_model(params: Path, config: Path | None = None) -> tuple[ParamsConfig, GptOss]:
-    """Read params + config and build the Flax model; mismatches become one clear error."""
-    config = config or params_config_path(params)
-    params_cfg = ParamsConfig.read(config)
-    # On CPU, `jax.device_put` adopts each freshly read (64-byte aligned) numpy buffer without a copy, so the
-    # params are in memory once (`jnp.asarray` would copy each one: +1.2 GB peak at 20b bf16).
-    arrays = {name: jax.device_put(arr) for name, arr in iter_params(params)}
-    try:
-        model = build_model(params_cfg.model, arrays)
-    except GptOssError as exc:
-        raise GptOssError(f"{params} does not match {config}: {exc}") from None
-    return params_cfg, model
 
 
 class _Traceable:
@@ -258,7 +244,7 @@ def validate(
     params: Path, config: Path | None, onnx_path: Path, spec: ExportSpec, seed: int = 0, threads: int | None = None
 ) -> float:
     """Random token ids (not zeros) through JAX, then (JAX freed) ONNX Runtime; fail if logits differ > 1e-4."""
-    from gptoss.ort import ort_session
+    from gptoss.runtime import load_model, ort_session
 
     _, model = load_model(params, config)
     rng = np.random.default_rng(seed)

@@ -7,86 +7,17 @@ rows fail it names the first block and tap in forward order whose difference exc
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from gptoss.atomic import atomic_output
+from gptoss.atomic import atomic_output, sha256
+from gptoss.compare import breach, first_failure, read_rows
 from gptoss.errors import GptOssError
-from gptoss.names import BLOCK_TAPS
-from gptoss.ort import sha256
 from gptoss.tolerances import GROUPS, Tolerances
 
 log = logging.getLogger("gptoss.gate")
-
-NUMERIC = ("max_abs_diff", "mean_abs_diff", "max_rel_diff", "cosine", "ref_abs_max", "atol")
-
-
-def read_rows(paths: Sequence[Path]) -> list[dict]:
-    rows: list[dict] = []
-    for path in paths:
-        if not path.is_file():
-            raise GptOssError(f"{path}: parity CSV not found")
-        with open(path, newline="") as fh:
-            reader = csv.DictReader(fh)
-            missing = {"stage", "tensor", "group", "max_abs_diff", "nonfinite"} - set(reader.fieldnames or [])
-            if missing:
-                raise GptOssError(f"{path}: not a parity CSV (missing columns {sorted(missing)})")
-            for row in reader:
-                for key in NUMERIC:
-                    row[key] = float(row[key]) if row.get(key) not in (None, "") else math.nan
-                row["nonfinite"] = int(row["nonfinite"])
-                row["block"] = int(row["block"]) if row.get("block") not in (None, "") else None
-                row["source"] = str(path)
-                rows.append(row)
-    return rows
-
-
-def breach(row: dict, tol: Tolerances) -> float:
-    """How far over its tolerance a row is (> 1 fails; inf for NaN/Inf or a routing disagreement)."""
-    if row["nonfinite"] > 0 or math.isnan(row["max_abs_diff"]):
-        return math.inf
-    if row["group"] == "routing":
-        return math.inf if row["max_abs_diff"] > 0 else 0.0
-    atol = tol.atol(row["group"])
-    return row["max_abs_diff"] / atol if atol > 0 else (math.inf if row["max_abs_diff"] > 0 else 0.0)
-
-
-def forward_order(row: dict) -> tuple[int, int]:
-    """Position of a row in the forward pass: (block, tap index); hidden states close their block."""
-    block = row["block"] if row["block"] is not None else 1 << 30
-    tap = row.get("tap") or ""
-    index = BLOCK_TAPS.index(tap) if tap in BLOCK_TAPS else len(BLOCK_TAPS)
-    return block, index
-
-
-def first_failure(rows: list[dict], tol: Tolerances) -> dict | None:
-    """The first tap in forward order that exceeds its tolerance, and the step from the tap before it."""
-    ordered = sorted((r for r in rows if r["block"] is not None), key=forward_order)
-    worst_at: dict[tuple[int, int], dict] = {}
-    for r in ordered:
-        key = forward_order(r)
-        if key not in worst_at or breach(r, tol) > breach(worst_at[key], tol):
-            worst_at[key] = r
-    previous = None
-    for key in sorted(worst_at):
-        r = worst_at[key]
-        if breach(r, tol) > 1:
-            return {
-                "stage": r["stage"],
-                "block": r["block"],
-                "tap": r["tap"],
-                "tensor": r["tensor"],
-                "max_abs_diff": r["max_abs_diff"],
-                "atol": tol.atol(r["group"]),
-                "previous_tensor": previous["tensor"] if previous else None,
-                "previous_max_abs_diff": previous["max_abs_diff"] if previous else None,
-            }
-        previous = r
-    return None
 
 
 def _describe(row: dict, tol: Tolerances) -> str:

@@ -1,4 +1,5 @@
-"""GPT-OSS in Flax NNX, faithful to Hugging Face ``GptOssForCausalLM`` (DESIGN §3).
+"""GPT-OSS in Flax NNX, faithful to Hugging Face ``GptOssForCausalLM``
+(the traps each computation handles are listed in docs/gpt_oss/model.md).
 
 Parameter layout (our names; every linear kernel is ``[in, out]``)::
 

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from gptoss.atomic import atomic_output
+from gptoss.compare import read_rows
 from gptoss.config import read_json
 from gptoss.errors import GptOssError
-from gptoss.gate import read_rows
 from gptoss.names import BLOCK_TAPS
 from gptoss.tolerances import Tolerances
 

@@ -18,11 +18,10 @@ from pathlib import Path
 import onnx
 
 from gptoss import __version__
-from gptoss.atomic import atomic_output, require_free_space
+from gptoss.atomic import atomic_output, require_free_space, sha256
 from gptoss.config import ParamsConfig, read_json
 from gptoss.errors import GptOssError
 from gptoss.names import data_path
-from gptoss.ort import sha256
 
 log = logging.getLogger("gptoss.promote")
 
@@ -110,10 +109,7 @@ def manifest(
 def readme(m: dict) -> str:
     lines = [f"# {m['tag']}", "", "ONNX graph promoted by `gptoss promote` after passing the parity gate.", ""]
     if m["checkpoint"]:
-        lines.append(
-            f"- checkpoint: `{m['checkpoint'].get('repo_id') or m['checkpoint'].get('path')}` "
-            f"(commit `{m['checkpoint'].get('commit', 'n/a')}`)"
-        )
+        lines.append(f"- checkpoint: {', '.join(f'{k} `{v}`' for k, v in m['checkpoint'].items())}")
     if m["model"]:
         lines.append(f"- layers: {m['model']['layers']} of {m['model']['source_layers']}, dtype {m['model']['dtype']}")
     lines += [

@@ -16,17 +16,19 @@ from pathlib import Path
 
 import numpy as np
 
+from gptoss.checkpoint import Checkpoint
+from gptoss.compare import compare_prompt, logits_diff, write_results
 from gptoss.config import ParamsConfig
 from gptoss.errors import GptOssError
-from gptoss.parity import Prompt, compare_prompt, log_summary, padded, prompt_inputs, run_jax_side, write_csv
-from gptoss.safetensors_io import TensorStore
+from gptoss.prompts import Prompt, padded, prompt_inputs
+from gptoss.runtime import spill_jax_outputs
 from gptoss.tolerances import Tolerances
 
 log = logging.getLogger("gptoss.reference")
 
 
 def hf_model(checkpoint: Path, params_cfg: ParamsConfig):
-    """A float32 ``GptOssForCausalLM`` with the checkpoint's first N layers (HF layout)."""
+    """A float32 ``GptOssForCausalLM`` with the checkpoint's first N layers."""
     try:
         import torch
         from transformers import GptOssConfig, GptOssForCausalLM
@@ -40,9 +42,7 @@ def hf_model(checkpoint: Path, params_cfg: ParamsConfig):
     hf_cfg._attn_implementation = "eager"
     with torch.device("meta"):  # no random init of weights that are replaced anyway (11 GB at 20b)
         model = GptOssForCausalLM(hf_cfg)
-    store = TensorStore.open(checkpoint)
-    if "model.embed_tokens.weight" not in store:
-        raise GptOssError(f"{checkpoint}: the transformers reference reads HF-layout checkpoints only")
+    store = Checkpoint.open(checkpoint)  # tensors by their HF names, whatever the layout
     state = {}
     for name, param in model.state_dict().items():
         if name.endswith(("experts.gate_up_proj", "experts.down_proj")) and f"{name}_blocks" in store:
@@ -61,8 +61,8 @@ def hf_model(checkpoint: Path, params_cfg: ParamsConfig):
     return model.eval()
 
 
-def run_hf_side(model, prompts: list[Prompt], sequence_length: int, hidden: bool) -> dict[str, dict[str, np.ndarray]]:
-    """Logits and (optionally) every block's output, per prompt, via forward hooks on the decoder layers."""
+def run_hf_side(model, prompts: list[Prompt], sequence_length: int) -> dict[str, dict[str, np.ndarray]]:
+    """Logits and every block's output, per prompt, via forward hooks on the decoder layers."""
     import torch
 
     results: dict[str, dict[str, np.ndarray]] = {}
@@ -77,10 +77,9 @@ def run_hf_side(model, prompts: list[Prompt], sequence_length: int, hidden: bool
             for hook in hooks:
                 hook.remove()
         out = {"logits": logits.numpy()}
-        if hidden:
-            for i, value in enumerate(captured):
-                value = value[0] if isinstance(value, tuple) else value
-                out[f"hidden_state_{i}"] = value.numpy()
+        for i, value in enumerate(captured):
+            value = value[0] if isinstance(value, tuple) else value
+            out[f"hidden_state_{i}"] = value.numpy()
         results[prompt.prompt_id] = out
     return results
 
@@ -94,24 +93,26 @@ def reference(
     token_ids: Sequence[str] = (),
     tokenizer: Path | None = None,
     config: Path | None = None,
-    compare_hidden_states: bool = True,
     tolerances: Tolerances | None = None,
+    logits_diffs: Path | None = None,
 ) -> list[dict]:
+    """Run JAX, then transformers, on every prompt; write the CSV (and the logits |diff| per prompt) atomically."""
     tolerances = tolerances or Tolerances()
     config, params_cfg, resolved = prompt_inputs(params, config, prompts, token_ids, tokenizer, sequence_length)
     rows: list[dict] = []
+    diffs: dict[str, np.ndarray] = {}
     with tempfile.TemporaryDirectory(prefix="gptoss-reference-") as spill_dir:
         spill = Path(spill_dir)
         log.info("JAX side: %d prompt(s)", len(resolved))
-        run_jax_side(params, config, resolved, sequence_length, compare_hidden_states, False, spill)
+        spill_jax_outputs(params, config, resolved, sequence_length, True, False, spill)
         log.info("transformers side: %s, %d layers", checkpoint, params_cfg.model.num_hidden_layers)
         model = hf_model(checkpoint, params_cfg)
-        got = run_hf_side(model, resolved, sequence_length, compare_hidden_states)
+        got = run_hf_side(model, resolved, sequence_length)
         del model
         gc.collect()
         for prompt in resolved:
             with np.load(spill / f"{prompt.prompt_id}.npz") as ref:
                 rows += list(compare_prompt("reference", prompt, ref, got[prompt.prompt_id], tolerances))
-    write_csv(csv_path, rows)
-    log_summary(rows, tolerances)
+                diffs[prompt.prompt_id] = logits_diff(prompt, ref, got[prompt.prompt_id])
+    write_results(csv_path, rows, tolerances, diffs, logits_diffs)
     return rows

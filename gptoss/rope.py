@@ -1,4 +1,4 @@
-"""Rotary position embedding with YaRN scaling, as GPT-OSS uses it (DESIGN §3)."""
+"""Rotary position embedding with YaRN scaling, as GPT-OSS uses it."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tolerances per tensor group (DESIGN §6), shared by ``parity`` (the ``atol``/``passed`` columns) and ``gate``."""
+"""Tolerances per tensor group, shared by ``parity`` (the ``atol``/``passed`` columns) and ``gate``."""
 
 from __future__ import annotations
 

@@ -253,7 +253,7 @@ def test_synth_writes_a_real_hf_checkpoint(toy):
 
 
 def test_synth_toy_engages_clamps_and_routes_every_expert(toy, tmp_path):
-    """DESIGN §4: the synthetic weights make the swiglu clamps engage and routing vary across tokens."""
+    """The synthetic weights make the swiglu clamps engage and routing vary across tokens."""
     out = tmp_path / "toy.msgpack"
     params_cfg = convert(toy, out)
     cfg = params_cfg.model

@@ -1,4 +1,4 @@
-"""Bad input to ``gptoss convert`` (DESIGN §7): one clear line on stderr, no traceback, no half-written artifact.
+"""Bad input to ``gptoss convert``: one clear line on stderr, no traceback, no half-written artifact.
 
 Each case corrupts a copy of a synthetic toy checkpoint and runs the real command line in a subprocess.
 """

@@ -17,16 +17,17 @@ from conftest import assert_one_clean_error, file_sha256, require_torch, run_cli
 from flax import nnx
 
 from gptoss import model as model_module
+from gptoss.compare import COLUMNS
 from gptoss.convert import convert
 from gptoss.errors import GptOssError
-from gptoss.export import ExportSpec, export, load_model
+from gptoss.export import ExportSpec, export
 from gptoss.gate import gate
 from gptoss.model import abstract_model, cast_slices, forward
 from gptoss.names import BLOCK_TAPS, data_path
-from gptoss.ort import ort_session
 from gptoss.params_io import read_params, write_params
-from gptoss.parity import COLUMNS, parity
+from gptoss.parity import parity
 from gptoss.promote import promote
+from gptoss.runtime import load_model, ort_session
 from gptoss.synth import preset_config, synthesize
 from gptoss.tolerances import Tolerances
 

@@ -1,4 +1,4 @@
-"""Oracle: our converted Flax model against Hugging Face transformers ``GptOssForCausalLM`` (DESIGN §3, §7).
+"""Oracle: our converted Flax model against Hugging Face transformers ``GptOssForCausalLM``.
 
 Each case builds a tiny random HF model (experts exactly MXFP4-representable), writes it as a checkpoint,
 runs the real ``gptoss convert`` command, loads the params and compares logits and per-block hidden states.
@@ -23,7 +23,7 @@ from gptoss.model import build_model
 from gptoss.params_io import read_params
 from gptoss.safetensors_io import INDEX_NAME
 
-TOL = 2e-5  # DESIGN §7: Flax logits vs HF, fp32 — relative to max(1, max|reference|)
+TOL = 2e-5  # Flax logits vs HF, fp32 — relative to max(1, max|reference|)
 
 # name → OracleCase fields (hf_oracle imports torch, so the cases are built inside the fixture).
 CASES = {

@@ -1,6 +1,6 @@
-"""One test per trap of DESIGN §3/§4 — each fails if the trap is mishandled, and shows that it would.
+"""One test per GPT-OSS trap (docs/gpt_oss/model.md) — each fails if the trap is mishandled, and shows that it would.
 
-References are written here from the DESIGN text (NumPy) or taken from transformers, never from gptoss code.
+References are written here from that page (NumPy) or taken from transformers, never from gptoss code.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ CFG = GptOssConfig(
     layer_types=(SLIDING, FULL),
 )
 SEQ = 12  # 3x the window
-E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]  # DESIGN §4
+E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
 
 
 def hf_config(cfg: GptOssConfig, **rope_overrides):
@@ -76,7 +76,8 @@ def ids() -> np.ndarray:
 def reference_attention(
     q, k, v, sinks, window, sink_scale=1.0, renormalise=False, no_sink=False, gqa="h//group", extra_key=False
 ):
-    """DESIGN §3 in NumPy (float64) from rotated ``q [b,s,H,d]``, ``k, v [b,s,KV,d]``; returns ``[b,s,H*d]``.
+    """The attention of docs/gpt_oss/model.md in NumPy (float64) from rotated ``q [b,s,H,d]``,
+    ``k, v [b,s,KV,d]``; returns ``[b,s,H*d]``.
 
     The keyword arguments switch on the classic mistakes, to show the test data tells them apart.
     """
@@ -297,7 +298,7 @@ def test_moe_swiglu_clamps_and_interleave_match_transformers(moe_case):
     gate, linear = preact[..., 0::2], preact[..., 1::2]
     assert (gate > 7).mean() > 0.05 and (gate < -7).mean() > 0.05 and (np.abs(linear) > 7).mean() > 0.05
 
-    # The activation, per DESIGN §3, from the pre-activations.
+    # The activation, per docs/gpt_oss/model.md, from the pre-activations.
     g, lin = np.minimum(gate, 7.0), np.clip(linear, -7.0, 7.0)
     np.testing.assert_allclose(taps["expert_act"], g / (1 + np.exp(-1.702 * g)) * (lin + 1), rtol=1e-5, atol=1e-6)
 

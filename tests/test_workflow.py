@@ -18,14 +18,8 @@ from conftest import file_sha256
 
 REPO = Path(__file__).resolve().parent.parent
 WORKFLOW_FILES = ("Snakefile", "workflow", "config", "profiles", "environment.yml", "environment.post-deploy.sh")
-STAGE_RULES = [
-    "convert_params",
-    "export_onnx_debug",
-    "export_onnx_canonical",
-    "parity_debug",
-    "parity_canonical",
-    "parity_gate",
-]
+# rule -> jobs per checkpoint (one export and one parity job per stage: debug and canonical)
+STAGE_JOBS = {"convert_params": 1, "export_onnx": 2, "parity": 2, "parity_gate": 1}
 TOY_BENCHMARKS = [
     "synth_checkpoint",
     "convert_params_2layers",
@@ -35,22 +29,19 @@ TOY_BENCHMARKS = [
     "parity_canonical",
     "parity_reference",
     "parity_gate",
-    "promote_baseline2",
 ]
 
 
+# The README's way: the venv's snakemake by its path, in a bare shell whose PATH does not hold the venv.
+BARE_PATH = "/usr/bin:/bin"
+SNAKEMAKE = Path(sys.executable).parent / "snakemake"
+
+
 def snakemake(*args: str, cwd: Path = REPO, timeout: float = 120) -> subprocess.CompletedProcess:
-    """Run snakemake with this interpreter; the rules find `gptoss` next to it (the project's venv)."""
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
-    env.setdefault("JAX_PLATFORMS", "cpu")
-    return subprocess.run(
-        [sys.executable, "-m", "snakemake", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    """Run the venv's snakemake as the README says, with a bare environment: the rules must find the `gptoss`
+    that belongs to this Snakemake whatever PATH says."""
+    env = {"PATH": BARE_PATH, "HOME": os.environ.get("HOME", str(cwd))}
+    return subprocess.run([SNAKEMAKE, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def output(proc: subprocess.CompletedProcess) -> str:
@@ -85,12 +76,25 @@ def test_default_config_dry_run_is_the_baseline2_dag(workdir: Path):
     proc = snakemake("-n", "promote_baseline2", cwd=workdir)
     assert proc.returncode == 0, output(proc)
     counts = job_counts(proc.stdout + proc.stderr)
-    assert counts == {rule: 1 for rule in ["download_checkpoint", *STAGE_RULES, "promote_baseline2"]}, counts
+    assert counts == {"download_checkpoint": 1, **STAGE_JOBS, "promote": 1, "promote_baseline2": 1}, counts
     text = proc.stdout + proc.stderr
     assert "--repo-id openai/gpt-oss-20b --revision main" in text
     assert "--dest docs/onnx/examples/nnx_gpt_oss/baseline2 --tag baseline2" in text
     assert "--atol-logits 0.0001 --atol-hidden-states 0.0005 --atol-block-taps 0.002 --near-tie-margin 0.0001" in text
     assert not (workdir / "results").exists(), "a dry run must not create results"
+
+
+def test_readme_command_runs_in_a_bare_shell(workdir: Path):
+    """The README's first command as written (target first, the venv's snakemake by path, PATH without the venv):
+    the dry run plans the toy DAG and the first real rules (synth, convert) run with the venv's gptoss."""
+    assert shutil.which("gptoss", path=BARE_PATH) is None, "a gptoss on the bare PATH would hide the problem"
+    proc = snakemake("-n", "--cores", "2", "promote_baseline2", "--configfile", "config/toy.yaml", cwd=workdir)
+    assert proc.returncode == 0, output(proc)
+    params = "results/toy/flax_params_2layers.msgpack"
+    proc = snakemake("--cores", "2", params, "--configfile", "config/toy.yaml", cwd=workdir)
+    assert proc.returncode == 0, output(proc)
+    assert (workdir / params).stat().st_size > 0
+    assert "convert finished" in (workdir / "results/toy/logs/convert_params_2layers.log").read_text()
 
 
 def test_several_checkpoints_coexist(workdir: Path, tmp_path: Path):
@@ -104,8 +108,9 @@ def test_several_checkpoints_coexist(workdir: Path, tmp_path: Path):
     proc = snakemake("-n", "all", "--configfile", "config/multi.yaml", cwd=workdir)
     assert proc.returncode == 0, output(proc)
     counts = job_counts(proc.stdout + proc.stderr)
-    expected = {rule: 3 for rule in [*STAGE_RULES, "parity_reference"]}  # toy.yaml enables the reference stage
-    expected |= {"synth_checkpoint": 1, "download_checkpoint": 1, "promote_baseline2": 1, "promote_tag": 1, "all": 1}
+    expected = {rule: 3 * jobs for rule, jobs in STAGE_JOBS.items()}
+    expected["parity"] += 3  # toy.yaml enables the reference stage
+    expected |= {"synth_checkpoint": 1, "download_checkpoint": 1, "promote": 2, "all": 1}
     assert counts == expected, counts
     text = proc.stdout + proc.stderr
     assert f"gptoss convert --checkpoint {local}" in text
@@ -146,7 +151,7 @@ def test_schema_fills_defaults(workdir: Path):
 
 @pytest.mark.slow
 def test_toy_dag_end_to_end_and_gate_failure(workdir: Path):
-    from gptoss.parity import COLUMNS
+    from gptoss.compare import COLUMNS
 
     toy = ("--cores", "2", "promote_baseline2", "--configfile", "config/toy.yaml")
     proc = snakemake(*toy, cwd=workdir, timeout=900)
@@ -183,8 +188,9 @@ def test_toy_dag_end_to_end_and_gate_failure(workdir: Path):
         assert bench.is_file(), f"no benchmark for {rule}"
         header, values = bench.read_text().splitlines()[:2]
         assert header.split("\t")[:3] == ["s", "h:m:s", "max_rss"] and float(values.split("\t")[0]) > 0
-    for log in ("parity_gate", "promote_baseline2"):
-        assert (results / f"toy/logs/{log}.log").is_file()
+    assert (results / "benchmarks/promote_baseline2.tsv").is_file()
+    for log in ("toy/logs/parity_gate.log", "logs/promote_baseline2.log"):
+        assert (results / log).is_file()
 
     # The report: figures for baseline2, then `snakemake --report` bundles them into one HTML file.
     proc = snakemake("--cores", "2", "report_baseline2", "--configfile", "config/toy.yaml", cwd=workdir, timeout=300)

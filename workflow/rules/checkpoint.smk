@@ -51,10 +51,11 @@ rule download_checkpoint:
         repo_id=entry_value("repo_id"),
         revision=entry_value("revision"),
         retries=entry_value("retries"),
+        layout=entry_value("layout"),
     message:
         "{wildcards.checkpoint}: downloading {params.repo_id}@{params.revision} from the Hugging Face Hub"
     shell:
         "gptoss download --repo-id {params.repo_id:q} --revision {params.revision:q} --output {params.folder:q} "
-        "--retries {params.retries} > {log} 2>&1 || {{ tail -n 1 {log} >&2; "
+        "--layout {params.layout} --retries {params.retries} > {log} 2>&1 || {{ tail -n 1 {log} >&2; "
         "echo 'download failed; offline? the synthetic toy runs without a network: "
         "snakemake --cores 4 promote_baseline2 --configfile config/toy.yaml' >&2; exit 1; }}"

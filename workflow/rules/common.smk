@@ -1,21 +1,32 @@
-# Helpers shared by the rules: config checks the schema cannot express, output paths, the command-line
-# flags built from the config, and memory estimates scaled to the parameter size.
+# Helpers shared by the rules: config checks the schema cannot express, the stages, output paths, the
+# command-line flags built from the config, and memory estimates scaled to the parameter size.
 
 import functools
-import os
 import re
 import shlex
+import sys
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
+from snakemake_interface_executor_plugins.settings import DeploymentMethod
 from snakemake.utils import validate
 
 RESULTS = "results"
-# The software of every rule (`--sdm conda`); without it, rules use the `gptoss` on PATH (e.g. the project venv).
+# The software of the rules with `--sdm conda` (they then run the `gptoss` of that environment).
 CONDA_ENV = "../../environment.yml"
 BASELINE_TAG = "baseline2"
 # Keys that only mean something for one source (the schema accepts each of them on any entry).
-SOURCE_KEYS = {"hub": {"repo_id", "revision", "retries"}, "synthetic": {"preset", "seed"}, "local": {"path"}}
+SOURCE_KEYS = {"hub": {"repo_id", "revision", "retries", "layout"}, "synthetic": {"preset", "seed"}, "local": {"path"}}
+
+
+def find_gptoss_next_to_snakemake():
+    """Rules run `gptoss`. With `--sdm conda` the conda environment provides it; otherwise the bin folder of the
+    running Snakemake's Python goes first on PATH, so the venv's snakemake started by its path runs that venv's
+    gptoss whatever PATH says (a job on a cluster node runs the same interpreter, on the shared filesystem)."""
+    if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method:
+        return
+    bin_folder = shlex.quote(str(Path(sys.executable).parent))
+    shell.prefix(f'set -euo pipefail; export PATH={bin_folder}:"$PATH"; ')
 
 
 # --- the config -----------------------------------------------------------------------------------------------
@@ -90,14 +101,30 @@ def promotions():
     return {BASELINE_TAG: baseline()} | extra
 
 
-def extra_tags():
-    return [tag for tag in promotions() if tag != BASELINE_TAG]
-
-
 def one_of(names):
     """A wildcard regex matching exactly ``names`` (and nothing when there are none)."""
     names = sorted(names)
     return "|".join(re.escape(n) for n in names) if names else "(?!)"
+
+
+# --- stages ---------------------------------------------------------------------------------------------------
+# One export rule and one parity rule serve every stage; `gptoss export/parity --stage S` decides what the
+# graph holds and what is compared. The messages say it in words.
+
+EXPORT_STAGES = {
+    "debug": "the debug ONNX graph (hidden states + block taps)",
+    "canonical": "the canonical ONNX graph (logits only)",
+}
+PARITY_STAGES = {
+    "debug": "parity of the debug graph (logits, hidden states, block taps)",
+    "canonical": "parity of the canonical graph (logits)",
+    "reference": "transformers reference vs JAX (logits, hidden states)",
+}
+
+
+def parity_stages():
+    """The CSVs the gate reads: debug and canonical, plus reference when `reference: transformers`."""
+    return ["debug", "canonical"] + (["reference"] if config["reference"] == "transformers" else [])
 
 
 # --- paths -------------------------------------------------------------------------------------------------
@@ -125,8 +152,13 @@ def params_config_path(name):
     return f"{RESULTS}/{name}/flax_params_{checkpoints()[name]['layers']}layers.config.json"
 
 
-def onnx_path(name, stage):
-    return f"{RESULTS}/{name}/onnx/{stage}/model.onnx"
+def graph_folder(name, stage):
+    """An exported graph: model.onnx + model.onnx.data (written together, as one folder)."""
+    return f"{RESULTS}/{name}/onnx/{stage}"
+
+
+def parity_csv(name, stage):
+    return f"{RESULTS}/{name}/parity/{stage}.csv"
 
 
 def verdict_path(name):
@@ -145,17 +177,27 @@ def params_inputs(wildcards):
     return {"params": params_path(wildcards.checkpoint), "config": params_config_path(wildcards.checkpoint)}
 
 
-def parity_inputs(stage):
-    def inputs(wildcards):
-        onnx = onnx_path(wildcards.checkpoint, stage)
-        return params_inputs(wildcards) | {"onnx": onnx, "data": f"{onnx}.data"}
+def parity_inputs(wildcards):
+    """The params, and what they are compared with: the stage's graph, or the checkpoint (reference)."""
+    name, stage = wildcards.checkpoint, wildcards.stage
+    other = checkpoint_target(name) if stage == "reference" else graph_folder(name, stage)
+    return params_inputs(wildcards) | {"other": other}
 
-    return inputs
+
+def parity_source(wildcards, input):
+    """The flag naming the other side of the comparison."""
+    if wildcards.stage == "reference":
+        return f"--checkpoint {shlex.quote(checkpoint_folder(wildcards.checkpoint))}"
+    return f"--onnx {input.other}/model.onnx"
 
 
-def promote_inputs(name):
-    onnx = onnx_path(name, "canonical")
-    return {"onnx": onnx, "data": f"{onnx}.data", "verdict": verdict_path(name), "config": params_config_path(name)}
+def promote_inputs(wildcards):
+    name = promotions()[wildcards.tag]
+    return {
+        "graph": graph_folder(name, "canonical"),
+        "verdict": verdict_path(name),
+        "config": params_config_path(name),
+    }
 
 
 def entry_value(key):
@@ -167,20 +209,19 @@ def baseline_benchmarks():
     """The baseline's benchmark files in DAG order (what the benchmark figure shows)."""
     name, entry = baseline(), checkpoints()[baseline()]
     first = {"hub": ["download_checkpoint"], "synthetic": ["synth_checkpoint"], "local": []}[entry["source"]]
-    rules = [*first, f"convert_params_{entry['layers']}layers", "export_onnx_debug", "export_onnx_canonical"]
-    rules += [f"parity_{stage}" for stage in parity_stages()] + ["parity_gate", "promote_baseline2"]
-    return [f"{RESULTS}/{name}/benchmarks/{rule}.tsv" for rule in rules]
+    rules = [*first, f"convert_params_{entry['layers']}layers", *(f"export_onnx_{s}" for s in EXPORT_STAGES)]
+    rules += [f"parity_{stage}" for stage in parity_stages()] + ["parity_gate"]
+    return [f"{RESULTS}/{name}/benchmarks/{rule}.tsv" for rule in rules] + [promote_benchmark(BASELINE_TAG)]
+
+
+def promote_benchmark(tag):
+    return f"{RESULTS}/benchmarks/promote_{tag}.tsv"
 
 
 REPORT_DIR = f"{RESULTS}/report/{BASELINE_TAG}"
 
 
 # --- command-line flags from the config -----------------------------------------------------------------------
-
-
-def parity_stages():
-    """The CSVs the gate reads: debug and canonical, plus reference when `reference: transformers`."""
-    return ["debug", "canonical"] + (["reference"] if config["reference"] == "transformers" else [])
 
 
 def prompt_args():
@@ -262,10 +303,10 @@ def mem_mb(stage):
 
 
 # The model-sized stages use several cores once the model is big (XLA compilation, ONNX Runtime); a toy model
-# gains more from running the debug and canonical branches side by side.
+# gains more from running the stages' branches side by side.
 BIG_MODEL_MB = 1000
 
 
-def threads_for(stage):
+def model_threads(wildcards):
     """A threads function for rules with a ``{checkpoint}`` wildcard (capped by --cores)."""
-    return lambda wildcards: 4 if params_mb(wildcards.checkpoint) >= BIG_MODEL_MB else 1
+    return 4 if params_mb(wildcards.checkpoint) >= BIG_MODEL_MB else 1

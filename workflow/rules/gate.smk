@@ -1,13 +1,13 @@
-# Stage 5: both CSVs + the configured tolerances -> verdict.json + summary.md. On a breach the run stops here
-# with the gate's one-line message (worst tensor, block, difference, tolerance); Snakemake removes the failed
-# verdict, so the summary table is appended to the log, which is kept.
+# Stage 5: every stage's CSV + the configured tolerances -> verdict.json + summary.md. On a breach the run stops
+# here with the gate's one-line message (worst tensor, block, difference, tolerance); Snakemake removes the
+# failed verdict, so the summary table is appended to the log, which is kept.
 
 
 rule parity_gate:
     input:
-        lambda wildcards: [f"{RESULTS}/{wildcards.checkpoint}/parity/{stage}.csv" for stage in parity_stages()],
+        lambda wildcards: [parity_csv(wildcards.checkpoint, stage) for stage in parity_stages()],
     output:
-        verdict=f"{RESULTS}/{{checkpoint}}/gate/verdict.json",
+        verdict=verdict_path("{checkpoint}"),
         summary=f"{RESULTS}/{{checkpoint}}/gate/summary.md",
     log:
         f"{RESULTS}/{{checkpoint}}/logs/parity_gate.log",

@@ -1,85 +1,35 @@
-# Stage 4: JAX vs ONNX Runtime on the configured prompts, one CSV per graph (columns: gptoss.parity.COLUMNS).
-# Parity never fails on a difference (the gate decides); the tolerances only fill the atol/passed columns.
+# Stage 4: one CSV per stage (PARITY_STAGES; columns: gptoss.parity.COLUMNS): JAX vs ONNX Runtime on the
+# stage's graph, or (reference, with `reference: transformers`) JAX vs Hugging Face GptOssForCausalLM on the
+# same checkpoint and layers. Parity never fails on a difference (the gate decides); the tolerances only fill
+# the atol/passed columns.
 
 
-rule parity_debug:
+rule parity:
     input:
-        unpack(parity_inputs("debug")),
+        unpack(parity_inputs),
     output:
-        csv=f"{RESULTS}/{{checkpoint}}/parity/debug.csv",
-        diffs=f"{RESULTS}/{{checkpoint}}/parity/debug_logits_diff.npz",
+        csv=parity_csv("{checkpoint}", "{stage}"),
+        diffs=f"{RESULTS}/{{checkpoint}}/parity/{{stage}}_logits_diff.npz",
     log:
-        f"{RESULTS}/{{checkpoint}}/logs/parity_debug.log",
+        f"{RESULTS}/{{checkpoint}}/logs/parity_{{stage}}.log",
     benchmark:
-        f"{RESULTS}/{{checkpoint}}/benchmarks/parity_debug.tsv"
+        f"{RESULTS}/{{checkpoint}}/benchmarks/parity_{{stage}}.tsv"
+    wildcard_constraints:
+        stage=one_of(PARITY_STAGES),
     conda:
         CONDA_ENV
-    threads: threads_for("parity")
+    threads: model_threads
     resources:
         mem_mb=mem_mb("parity"),
     params:
+        source=parity_source,
         sequence_length=config["sequence_length"],
         prompts=prompt_args(),
         tolerances=tolerance_args(),
+        what=lambda wildcards: PARITY_STAGES[wildcards.stage],
     message:
-        "{wildcards.checkpoint}: parity of the debug graph (logits, hidden states, block taps)"
+        "{wildcards.checkpoint}: {params.what}"
     shell:
-        "gptoss parity --params {input.params} --config {input.config} --onnx {input.onnx} "
-        "--sequence-length {params.sequence_length} {params.prompts} --compare-hidden-states --compare-block-debug "
-        "--stage debug {params.tolerances} --csv {output.csv} --logits-diffs {output.diffs} > {log} 2>&1"
-
-
-rule parity_canonical:
-    input:
-        unpack(parity_inputs("canonical")),
-    output:
-        csv=f"{RESULTS}/{{checkpoint}}/parity/canonical.csv",
-        diffs=f"{RESULTS}/{{checkpoint}}/parity/canonical_logits_diff.npz",
-    log:
-        f"{RESULTS}/{{checkpoint}}/logs/parity_canonical.log",
-    benchmark:
-        f"{RESULTS}/{{checkpoint}}/benchmarks/parity_canonical.tsv"
-    conda:
-        CONDA_ENV
-    threads: threads_for("parity")
-    resources:
-        mem_mb=mem_mb("parity"),
-    params:
-        sequence_length=config["sequence_length"],
-        prompts=prompt_args(),
-        tolerances=tolerance_args(),
-    message:
-        "{wildcards.checkpoint}: parity of the canonical graph (logits)"
-    shell:
-        "gptoss parity --params {input.params} --config {input.config} --onnx {input.onnx} "
-        "--sequence-length {params.sequence_length} {params.prompts} "
-        "--stage canonical {params.tolerances} --csv {output.csv} --logits-diffs {output.diffs} > {log} 2>&1"
-
-
-# Optional (config `reference: transformers`): Hugging Face GptOssForCausalLM on the same checkpoint and layers
-# vs the Flax model -> stage=reference rows (logits, hidden states), which the gate then covers too.
-rule parity_reference:
-    input:
-        unpack(params_inputs),
-        checkpoint=lambda wildcards: checkpoint_target(wildcards.checkpoint),
-    output:
-        f"{RESULTS}/{{checkpoint}}/parity/reference.csv",
-    log:
-        f"{RESULTS}/{{checkpoint}}/logs/parity_reference.log",
-    benchmark:
-        f"{RESULTS}/{{checkpoint}}/benchmarks/parity_reference.tsv"
-    conda:
-        CONDA_ENV
-    threads: threads_for("parity")
-    resources:
-        mem_mb=mem_mb("parity"),
-    params:
-        folder=lambda wildcards: checkpoint_folder(wildcards.checkpoint),
-        sequence_length=config["sequence_length"],
-        prompts=prompt_args(),
-        tolerances=tolerance_args(),
-    message:
-        "{wildcards.checkpoint}: transformers reference vs JAX (logits, hidden states)"
-    shell:
-        "gptoss reference --checkpoint {params.folder} --params {input.params} --config {input.config} "
-        "--sequence-length {params.sequence_length} {params.prompts} {params.tolerances} --csv {output} > {log} 2>&1"
+        "gptoss parity --stage {wildcards.stage} --params {input.params} --config {input.config} "
+        "{params.source} --sequence-length {params.sequence_length} {params.prompts} {params.tolerances} "
+        "--threads {threads} --csv {output.csv} --logits-diffs {output.diffs} > {log} 2>&1"

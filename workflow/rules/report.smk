@@ -6,7 +6,7 @@
 
 rule report_baseline2:
     input:
-        csvs=lambda wildcards: [f"{RESULTS}/{baseline()}/parity/{stage}.csv" for stage in parity_stages()],
+        csvs=[parity_csv(baseline(), stage) for stage in parity_stages()],
         diffs=[f"{RESULTS}/{baseline()}/parity/{stage}_logits_diff.npz" for stage in ("debug", "canonical")],
         benchmarks=baseline_benchmarks(),
         verdict=verdict_path(baseline()),

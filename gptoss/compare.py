@@ -1,0 +1,259 @@
+"""Parity rows: comparing a reference and a candidate tensor per prompt, writing and reading the CSV, and
+judging rows against the tolerances (shared by ``parity``, the reference stage, ``gate`` and ``plots``).
+
+One row per (prompt, tensor, block), real (non-padding) positions only.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from gptoss.atomic import atomic_output
+from gptoss.errors import GptOssError
+from gptoss.names import BLOCK_TAPS
+from gptoss.prompts import Prompt
+from gptoss.tolerances import GROUPS, ROUTING_TAP, Tolerances, classify
+
+log = logging.getLogger("gptoss.compare")
+
+COLUMNS = [
+    "stage",
+    "prompt_id",
+    "tensor",
+    "group",
+    "block",
+    "tap",
+    "shape",
+    "positions",
+    "max_abs_diff",
+    "mean_abs_diff",
+    "max_rel_diff",
+    "cosine",
+    "ref_abs_max",
+    "nonfinite",
+    "atol",
+    "passed",
+    "argmax_agreement",
+    "topk_overlap",
+    "expert_agreement",
+    "near_ties",
+    "onnx_sha256",
+    "data_sha256",
+]
+
+
+TOPK = 5
+
+
+# Taps laid out per routing slot: compared only on tokens whose selected experts agree slot by slot.
+PER_SLOT_TAPS = {"expert_weights", "expert_preact", "expert_act", "expert_out"}
+
+
+def diff_metrics(ref: np.ndarray, got: np.ndarray) -> dict[str, float | int]:
+    """Max/mean |diff|, max |diff| relative to the reference magnitude, cosine, non-finite count."""
+    ref64, got64 = ref.astype(np.float64).reshape(-1), got.astype(np.float64).reshape(-1)
+    nonfinite = int((~np.isfinite(ref64)).sum() + (~np.isfinite(got64)).sum())
+    if ref64.size == 0:
+        return dict(max_abs_diff=0.0, mean_abs_diff=0.0, max_rel_diff=0.0, cosine=1.0, ref_abs_max=0.0, nonfinite=0)
+    if nonfinite:
+        nan = float("nan")
+        return dict(
+            max_abs_diff=nan, mean_abs_diff=nan, max_rel_diff=nan, cosine=nan, ref_abs_max=nan, nonfinite=nonfinite
+        )
+    diff = np.abs(got64 - ref64)
+    ref_abs_max = float(np.abs(ref64).max())
+    norms = float(np.linalg.norm(ref64) * np.linalg.norm(got64))
+    cosine = float(ref64 @ got64 / norms) if norms > 0 else float(np.array_equal(ref64, got64))
+    return dict(
+        max_abs_diff=float(diff.max()),
+        mean_abs_diff=float(diff.mean()),
+        max_rel_diff=float(diff.max() / ref_abs_max) if ref_abs_max > 0 else float(diff.max()),
+        cosine=cosine,
+        ref_abs_max=ref_abs_max,
+        nonfinite=0,
+    )
+
+
+def logits_agreement(ref: np.ndarray, got: np.ndarray, k: int = TOPK) -> tuple[float, float]:
+    """Fraction of positions with the same argmax; mean top-k overlap."""
+    ref2, got2 = ref.reshape(-1, ref.shape[-1]), got.reshape(-1, got.shape[-1])
+    argmax = float(np.mean(ref2.argmax(-1) == got2.argmax(-1)))
+    k = min(k, ref2.shape[-1])
+    top_ref = np.argpartition(-ref2, k - 1, axis=-1)[:, :k]
+    top_got = np.argpartition(-got2, k - 1, axis=-1)[:, :k]
+    overlap = np.mean([len(set(a) & set(b)) / k for a, b in zip(top_ref, top_got, strict=True)])
+    return argmax, float(overlap)
+
+
+def routing_agreement(
+    ref_idx: np.ndarray, got_idx: np.ndarray, router_logits: np.ndarray, margin: float
+) -> tuple[float, int, int]:
+    """(fraction of tokens selecting the same experts, near-tie tokens, disagreements outside near ties)."""
+    k = ref_idx.shape[-1]
+    same = np.array([set(a) == set(b) for a, b in zip(ref_idx.reshape(-1, k), got_idx.reshape(-1, k), strict=True)])
+    ordered = -np.sort(-router_logits.reshape(-1, router_logits.shape[-1]), axis=-1)
+    if ordered.shape[-1] > k:
+        near = (ordered[:, k - 1] - ordered[:, k]) < margin
+    else:
+        near = np.zeros(len(same), dtype=bool)
+    return float(same.mean()), int(near.sum()), int((~same & ~near).sum())
+
+
+def compare_prompt(
+    stage: str, prompt: Prompt, ref: np.lib.npyio.NpzFile, got: dict[str, np.ndarray], tol: Tolerances
+) -> Iterator[dict]:
+    """One CSV row per output, real positions only."""
+    n = len(prompt.ids)
+    for tensor, got_full in got.items():
+        group, block, tap = classify(tensor)
+        ref_t, got_t = ref[tensor][:, :n], got_full[:, :n]
+        row = dict(stage=stage, prompt_id=prompt.prompt_id, tensor=tensor, group=group, tap=tap, positions=n)
+        row.update(block=block, shape="x".join(map(str, ref_t.shape)), atol=tol.atol(group))
+        if tap == ROUTING_TAP:
+            agreement, near, disagreements = routing_agreement(
+                ref_t, got_t, ref[f"block_{block}_router_logits"][:, :n], tol.near_tie_margin
+            )
+            row.update(diff_metrics(ref_t, got_t))
+            row.update(max_abs_diff=float(disagreements), expert_agreement=agreement, near_ties=near)
+            row["passed"] = breach(row, tol) <= 1
+            yield row
+            continue
+        if tap in PER_SLOT_TAPS:
+            idx_name = f"block_{block}_{ROUTING_TAP}"
+            same_slots = np.all(ref[idx_name][:, :n] == got[idx_name][:, :n], axis=-1)
+            ref_t, got_t = ref_t[same_slots], got_t[same_slots]
+        row.update(diff_metrics(ref_t, got_t))
+        if group == "logits":
+            row["argmax_agreement"], row["topk_overlap"] = logits_agreement(ref_t, got_t)
+        row["passed"] = breach(row, tol) <= 1
+        yield row
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    with atomic_output(path) as tmp, open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=COLUMNS, restval="")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()})
+
+
+def log_summary(rows: list[dict], tolerances: Tolerances | None = None) -> None:
+    """Worst row per group, as a compact table in the log, and the first failing tap in forward order."""
+    tolerances = tolerances or Tolerances()
+    log.info("%-14s %-34s %12s %10s %6s", "group", "worst tensor", "max|diff|", "atol", "ok")
+    for group in GROUPS:
+        members = [r for r in rows if r["group"] == group]
+        if not members:
+            continue
+        worst = max(members, key=lambda r: breach(r, tolerances))
+        ok = all(r["passed"] for r in members)
+        log.info(
+            "%-14s %-34s %12.3g %10.3g %6s",
+            group,
+            f"{worst['tensor']} ({worst['prompt_id']})",
+            worst["max_abs_diff"],
+            worst["atol"],
+            "yes" if ok else "NO",
+        )
+    first = first_failure(rows, tolerances)
+    if first:
+        log.warning(
+            "first tap over its tolerance in forward order: block %s %s (max |diff| %.3g, atol %.3g; the tap "
+            "before it, %s: %.3g)",
+            first["block"],
+            first["tap"],
+            first["max_abs_diff"],
+            first["atol"],
+            first["previous_tensor"],
+            first["previous_max_abs_diff"] or 0.0,
+        )
+
+
+NUMERIC = ("max_abs_diff", "mean_abs_diff", "max_rel_diff", "cosine", "ref_abs_max", "atol")
+
+
+def read_rows(paths: Sequence[Path]) -> list[dict]:
+    rows: list[dict] = []
+    for path in paths:
+        if not path.is_file():
+            raise GptOssError(f"{path}: parity CSV not found")
+        with open(path, newline="") as fh:
+            reader = csv.DictReader(fh)
+            missing = {"stage", "tensor", "group", "max_abs_diff", "nonfinite"} - set(reader.fieldnames or [])
+            if missing:
+                raise GptOssError(f"{path}: not a parity CSV (missing columns {sorted(missing)})")
+            for row in reader:
+                for key in NUMERIC:
+                    row[key] = float(row[key]) if row.get(key) not in (None, "") else math.nan
+                row["nonfinite"] = int(row["nonfinite"])
+                row["block"] = int(row["block"]) if row.get("block") not in (None, "") else None
+                row["source"] = str(path)
+                rows.append(row)
+    return rows
+
+
+def breach(row: dict, tol: Tolerances) -> float:
+    """How far over its tolerance a row is (> 1 fails; inf for NaN/Inf or a routing disagreement)."""
+    if row["nonfinite"] > 0 or math.isnan(row["max_abs_diff"]):
+        return math.inf
+    if row["group"] == "routing":
+        return math.inf if row["max_abs_diff"] > 0 else 0.0
+    atol = tol.atol(row["group"])
+    return row["max_abs_diff"] / atol if atol > 0 else (math.inf if row["max_abs_diff"] > 0 else 0.0)
+
+
+def forward_order(row: dict) -> tuple[int, int]:
+    """Position of a row in the forward pass: (block, tap index); hidden states close their block."""
+    block = row["block"] if row["block"] is not None else 1 << 30
+    tap = row.get("tap") or ""
+    index = BLOCK_TAPS.index(tap) if tap in BLOCK_TAPS else len(BLOCK_TAPS)
+    return block, index
+
+
+def first_failure(rows: list[dict], tol: Tolerances) -> dict | None:
+    """The first tap in forward order that exceeds its tolerance, and the step from the tap before it."""
+    ordered = sorted((r for r in rows if r["block"] is not None), key=forward_order)
+    worst_at: dict[tuple[int, int], dict] = {}
+    for r in ordered:
+        key = forward_order(r)
+        if key not in worst_at or breach(r, tol) > breach(worst_at[key], tol):
+            worst_at[key] = r
+    previous = None
+    for key in sorted(worst_at):
+        r = worst_at[key]
+        if breach(r, tol) > 1:
+            return {
+                "stage": r["stage"],
+                "block": r["block"],
+                "tap": r["tap"],
+                "tensor": r["tensor"],
+                "max_abs_diff": r["max_abs_diff"],
+                "atol": tol.atol(r["group"]),
+                "previous_tensor": previous["tensor"] if previous else None,
+                "previous_max_abs_diff": previous["max_abs_diff"] if previous else None,
+            }
+        previous = r
+    return None
+
+
+def logits_diff(prompt: Prompt, ref: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray]) -> np.ndarray:
+    """Every real position's logits |diff| (float32, flat), for the report's histogram."""
+    n = len(prompt.ids)
+    return np.abs(got["logits"][:, :n] - ref["logits"][:, :n]).astype(np.float32).ravel()
+
+
+def write_results(
+    csv_path: Path, rows: list[dict], tol: Tolerances, diffs: dict[str, np.ndarray], diffs_path: Path | None
+) -> None:
+    """The CSV and (if asked) the logits |diff| per prompt (``.npz``), each written atomically; a summary logged."""
+    write_csv(csv_path, rows)
+    log_summary(rows, tol)
+    if diffs_path is not None:
+        with atomic_output(diffs_path) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, **diffs)

@@ -1,0 +1,73 @@
+"""Parity prompts: text tokenized with the checkpoint's tokenizer or literal token ids, right-padded."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from gptoss.config import ParamsConfig, params_config_path
+from gptoss.errors import GptOssError
+
+PAD_ID = 0
+
+
+@dataclass(frozen=True)
+class Prompt:
+    prompt_id: str
+    ids: list[int]
+
+
+def resolve_prompts(
+    prompts: Sequence[str], token_ids: Sequence[str], tokenizer_path: Path | None, sequence_length: int
+) -> list[Prompt]:
+    """Prompts (tokenized with the checkpoint's tokenizer) and/or literal comma-separated token id lists."""
+    resolved: list[Prompt] = []
+    if prompts:
+        from gptoss.tokenizer import encode, load_tokenizer
+
+        if tokenizer_path is None:
+            raise GptOssError("no tokenizer: the params config records none; pass --tokenizer or --token-ids")
+        tokenizer = load_tokenizer(tokenizer_path)
+        resolved += [Prompt(f"p{i}", encode(tokenizer, text)) for i, text in enumerate(prompts)]
+    for i, text in enumerate(token_ids):
+        try:
+            resolved.append(Prompt(f"t{i}", [int(t) for t in text.replace(" ", "").split(",") if t]))
+        except ValueError:
+            raise GptOssError(f"--token-ids {text!r}: expected comma-separated integers") from None
+    if not resolved:
+        raise GptOssError("nothing to compare: pass at least one --prompt or --token-ids")
+    for p in resolved:
+        if not p.ids:
+            raise GptOssError(f"prompt {p.prompt_id} has no tokens")
+        if len(p.ids) > sequence_length:
+            raise GptOssError(
+                f"prompt {p.prompt_id} has {len(p.ids)} tokens, more than --sequence-length {sequence_length} "
+                "(prompts are never truncated)"
+            )
+    return resolved
+
+
+def prompt_inputs(
+    params: Path,
+    config: Path | None,
+    prompts: Sequence[str],
+    token_ids: Sequence[str],
+    tokenizer: Path | None,
+    sequence_length: int,
+) -> tuple[Path, ParamsConfig, list[Prompt]]:
+    """The params config (path and contents) and the prompts, tokenized with ``tokenizer`` or else the one the
+    params config records."""
+    config = config or params_config_path(params)
+    params_cfg = ParamsConfig.read(config)
+    tokenizer = tokenizer or (Path(params_cfg.tokenizer) if params_cfg.tokenizer else None)
+    return config, params_cfg, resolve_prompts(prompts, token_ids, tokenizer, sequence_length)
+
+
+def padded(prompt: Prompt, sequence_length: int) -> np.ndarray:
+    """``[1, sequence_length]`` int32, right-padded: causal attention keeps real positions independent of padding."""
+    ids = np.full((1, sequence_length), PAD_ID, dtype=np.int32)
+    ids[0, : len(prompt.ids)] = prompt.ids
+    return ids
