@@ -61,54 +61,39 @@ def _export(args: argparse.Namespace) -> None:
     hidden, debug = args.emit_hidden_states, args.emit_block_debug
     if args.stage == "debug":
         hidden = debug = True
-    spec = ExportSpec(args.sequence_length, hidden, debug, args.opset)
+    spec = ExportSpec(args.sequence_length, hidden, debug, args.opset, args.stage == "decoder", args.context_length)
     export(args.params, args.output, spec, args.config, args.skip_validation, args.threads)
 
 
 @command("parity")
 def _parity(args: argparse.Namespace) -> int:
-    tolerances = Tolerances.from_args(args)
+    prompts = dict(prompts=args.prompt, token_ids=args.token_ids, tokenizer=args.tokenizer, config=args.config)
+    common = dict(tolerances=Tolerances.from_args(args), logits_diffs=args.logits_diffs, **prompts)
     if args.stage == "reference":
         from gptoss.reference import reference
 
         if args.checkpoint is None:
             raise GptOssError("--stage reference compares with transformers on a checkpoint: pass --checkpoint DIR")
         rows = reference(
-            args.checkpoint,
-            args.params,
-            args.csv,
-            args.sequence_length,
-            args.prompt,
-            args.token_ids,
-            args.tokenizer,
-            args.config,
-            tolerances,
-            logits_diffs=args.logits_diffs,
+            args.checkpoint, args.params, args.csv, args.sequence_length, generate_tokens=args.generate_tokens, **common
+        )
+    elif args.onnx is None:
+        raise GptOssError(f"--stage {args.stage or 'canonical'} compares with an ONNX graph: pass --onnx M.onnx")
+    elif args.stage == "decoder":
+        from gptoss.parity import parity_decoder
+
+        rows = parity_decoder(
+            args.params, args.onnx, args.csv, args.generate_tokens or 16, threads=args.threads, **common
         )
     else:
         from gptoss.parity import parity
 
-        if args.onnx is None:
-            raise GptOssError(f"--stage {args.stage or 'canonical'} compares with an ONNX graph: pass --onnx M.onnx")
-        hidden, debug = args.compare_hidden_states, args.compare_block_debug
-        if args.stage == "debug":
-            hidden = debug = True
+        hidden = args.compare_hidden_states or args.stage == "debug"
+        debug = args.compare_block_debug or args.stage == "debug"
         rows = parity(
-            args.params,
-            args.onnx,
-            args.csv,
-            args.sequence_length,
-            args.prompt,
-            args.token_ids,
-            args.tokenizer,
-            args.config,
-            hidden,
-            debug,
-            args.stage,
-            tolerances,
-            threads=args.threads,
-            logits_diffs=args.logits_diffs,
-        )
+            args.params, args.onnx, args.csv, args.sequence_length, compare_hidden_states=hidden,
+            compare_block_debug=debug, stage=args.stage, threads=args.threads, **common,
+        )  # fmt: skip
     failed = sum(not r["passed"] for r in rows)
     if failed:
         log.warning("%d of %d rows exceed their tolerance (the gate decides)", failed, len(rows))
@@ -126,7 +111,7 @@ def _gate(args: argparse.Namespace) -> int:
 def _promote(args: argparse.Namespace) -> None:
     from gptoss.promote import promote
 
-    promote(args.onnx, args.verdict, args.dest, args.tag, args.config, args.sequence_length)
+    promote(args.onnx, args.verdict, args.dest, args.tag, args.config, args.sequence_length, args.decoder)
 
 
 @command("plots")
@@ -174,8 +159,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=None, help="keep only the first N layers")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
 
-    p = sub.add_parser("export", help="Flax params -> ONNX graph of a stage (debug, canonical)")
-    p.add_argument("--stage", choices=["debug", "canonical"], default=None, help="debug: every --emit-* output")
+    p = sub.add_parser("export", help="Flax params -> ONNX graph of a stage (debug, canonical, decoder)")
+    p.add_argument(
+        "--stage",
+        choices=["debug", "canonical", "decoder"],
+        default=None,
+        help="debug: every --emit-* output; decoder: the KV-cache graph for onnxruntime-genai, with "
+        "genai_config.json and the tokenizer files beside it (default: debug if an --emit-* flag is given)",
+    )
+    p.add_argument("--context-length", type=int, default=None, help="decoder: longest prompt + generation")
     p.add_argument("--params", type=Path, required=True, help="X.msgpack from `gptoss convert`")
     p.add_argument("--config", type=Path, default=None, help="default: X.config.json next to --params")
     p.add_argument("--output", type=Path, required=True, help="model.onnx (model.onnx.data is written next to it)")
@@ -189,10 +181,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("parity", help="JAX vs ONNX Runtime (or transformers: --stage reference) -> CSV")
     p.add_argument(
         "--stage",
-        choices=["debug", "canonical", "reference"],
+        choices=["debug", "canonical", "decoder", "reference"],
         default=None,
-        help="debug: hidden states and block taps too; reference: transformers on --checkpoint instead of a graph "
-        "(default: debug if a --compare-* flag is given, else canonical)",
+        help="debug: hidden states and block taps too; decoder: greedy generation on the KV-cache graph (JAX, ONNX "
+        "Runtime, onnxruntime-genai); reference: transformers on --checkpoint instead of a graph (default: debug "
+        "if a --compare-* flag is given, else canonical)",
+    )
+    p.add_argument(
+        "--generate-tokens",
+        type=int,
+        default=None,
+        help="greedy steps after each prompt (decoder: default 16; reference: also compare transformers' "
+        "generate(), end-of-sequence suppressed)",
     )
     p.add_argument("--params", type=Path, required=True)
     p.add_argument("--config", type=Path, default=None, help="default: X.config.json next to --params")
@@ -232,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tag", required=True, help="e.g. baseline2")
     p.add_argument("--config", type=Path, default=None, help="params config (.config.json) to describe in the manifest")
     p.add_argument("--sequence-length", type=int, default=None, help="recorded in the manifest")
+    p.add_argument(
+        "--decoder", type=Path, default=None, help="a decoder folder (export --stage decoder) to promote too"
+    )
     return parser
 
 

@@ -16,9 +16,10 @@ import numpy as np
 
 from gptoss.atomic import atomic_output
 from gptoss.errors import GptOssError
+from gptoss.generation import Generation, compare_tokens
 from gptoss.names import BLOCK_TAPS
 from gptoss.prompts import Prompt
-from gptoss.tolerances import GROUPS, ROUTING_TAP, Tolerances, classify
+from gptoss.tolerances import EXACT_GROUPS, GROUPS, ROUTING_TAP, Tolerances, classify
 
 log = logging.getLogger("gptoss.compare")
 
@@ -43,6 +44,9 @@ COLUMNS = [
     "topk_overlap",
     "expert_agreement",
     "near_ties",
+    "step",
+    "tokens",
+    "ref_tokens",
     "onnx_sha256",
     "data_sha256",
 ]
@@ -199,10 +203,10 @@ def read_rows(paths: Sequence[Path]) -> list[dict]:
 
 
 def breach(row: dict, tol: Tolerances) -> float:
-    """How far over its tolerance a row is (> 1 fails; inf for NaN/Inf or a routing disagreement)."""
+    """How far over its tolerance a row is (> 1 fails; inf for NaN/Inf or a routing or token disagreement)."""
     if row["nonfinite"] > 0 or math.isnan(row["max_abs_diff"]):
         return math.inf
-    if row["group"] == "routing":
+    if row["group"] in EXACT_GROUPS:
         return math.inf if row["max_abs_diff"] > 0 else 0.0
     atol = tol.atol(row["group"])
     return row["max_abs_diff"] / atol if atol > 0 else (math.inf if row["max_abs_diff"] > 0 else 0.0)
@@ -240,6 +244,44 @@ def first_failure(rows: list[dict], tol: Tolerances) -> dict | None:
             }
         previous = r
     return None
+
+
+def logits_row(
+    stage: str, prompt: Prompt, tensor: str, step: int, ref: np.ndarray, got: np.ndarray, tol: Tolerances
+) -> dict:
+    """A ``decode_logits`` row: one generation step's logits ``[positions, vocab]``."""
+    row = dict(stage=stage, prompt_id=prompt.prompt_id, tensor=tensor, group="decode_logits", block=None, step=step)
+    row.update(positions=ref.shape[0], shape="x".join(map(str, ref.shape)), atol=tol.decode_logits)
+    row.update(diff_metrics(ref, got))
+    row["argmax_agreement"], row["topk_overlap"] = logits_agreement(ref, got)
+    row["passed"] = breach(row, tol) <= 1
+    return row
+
+
+def step_rows(stage: str, prompt: Prompt, reference: Generation, got: Generation, tol: Tolerances) -> list[dict]:
+    """``decode_logits`` rows, one per step whose prefix both runtimes share: up to and including the first step
+    where their tokens differ. Step 0 covers every prompt position."""
+    rows = []
+    for step, (ref_logits, got_logits) in enumerate(zip(reference.logits, got.logits, strict=False)):
+        rows.append(logits_row(stage, prompt, "logits", step, ref_logits, got_logits, tol))
+        if reference.tokens[step] != got.tokens[step]:
+            break
+    return rows
+
+
+def token_row(
+    stage: str, prompt: Prompt, runtime: str, reference: Generation, tokens: list[int], suppress, tol: Tolerances
+) -> dict:
+    """A ``greedy_tokens`` row: ``runtime``'s tokens against the reference's (JAX's) under the near-tie rule;
+    ``max_abs_diff`` is 1 for a disagreement outside a near tie, ``step`` the first step that differs."""
+    compared, near_tie, failed = compare_tokens(reference, tokens, suppress, tol.near_tie_margin)
+    differs = compared - 1 if (near_tie or failed) else None
+    return dict(
+        stage=stage, prompt_id=prompt.prompt_id, tensor=f"tokens_{runtime}", group="greedy_tokens", block=None,
+        shape=str(len(reference.tokens)), positions=compared, max_abs_diff=float(failed), nonfinite=0, atol=0.0,
+        near_ties=int(near_tie), step=differs, tokens=" ".join(map(str, tokens)),
+        ref_tokens=" ".join(map(str, reference.tokens)), passed=not failed,
+    )  # fmt: skip
 
 
 def logits_diff(prompt: Prompt, ref: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray]) -> np.ndarray:

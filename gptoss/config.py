@@ -70,6 +70,11 @@ class GptOssConfig:
                 f"num_experts_per_tok={self.num_experts_per_tok} exceeds num_local_experts={self.num_local_experts}"
             )
 
+    @property
+    def max_position_embeddings(self) -> int:
+        """The context YaRN stretches the original one to (131072 for gpt-oss)."""
+        return int(self.rope_scaling.original_max_position_embeddings * self.rope_scaling.factor)
+
     def truncated(self, num_layers: int) -> GptOssConfig:
         """The same architecture with only the first ``num_layers`` blocks."""
         if not 1 <= num_layers <= self.num_hidden_layers:
@@ -96,7 +101,7 @@ class GptOssConfig:
             "rope_scaling": {"rope_type": "yarn", **dataclasses.asdict(rs)},
             "attention_bias": True,
             "tie_word_embeddings": False,
-            "max_position_embeddings": int(rs.original_max_position_embeddings * rs.factor),
+            "max_position_embeddings": self.max_position_embeddings,
             "initial_context_length": rs.original_max_position_embeddings,
         }
 
@@ -221,6 +226,9 @@ class ParamsConfig:
     source_layers: int
     # How the checkpoint was made: the hub's download.json (repo_id, revision, resolved commit) or synth.json.
     origin: dict[str, Any] | None = None
+    # The checkpoint's special tokens and sampling default: bos_token_id, eos_token_id (a list), pad_token_id,
+    # do_sample (from generation_config.json, else config.json).
+    generation: dict[str, Any] | None = None
 
     def checkpoint_info(self) -> dict[str, Any]:
         """What identifies the source without naming this machine's folders: the hub repo and resolved commit or
@@ -240,6 +248,7 @@ class ParamsConfig:
                 "source_layers": self.source_layers,
                 "tokenizer": self.tokenizer,
                 "origin": self.origin,
+                "generation": self.generation,
             },
         }
 
@@ -257,7 +266,23 @@ class ParamsConfig:
             tokenizer=meta.get("tokenizer"),
             source_layers=int(meta.get("source_layers", model.num_hidden_layers)),
             origin=meta.get("origin"),
+            generation=meta.get("generation"),
         )
+
+
+def generation_tokens(checkpoint_dir: Path) -> dict[str, Any] | None:
+    """A checkpoint's special token ids and sampling default, as its ``generation_config.json`` gives them (else
+    its ``config.json``); eos ids always as a list. None when neither names an eos id."""
+    found: dict[str, Any] = {}
+    for name in ("config.json", "generation_config.json"):  # the generation config wins
+        path = checkpoint_dir / name
+        if path.is_file():
+            raw = read_json(path)
+            found |= {k: raw[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id", "do_sample") if k in raw}
+    if found.get("eos_token_id") is None:
+        return None
+    eos = found["eos_token_id"]
+    return found | {"eos_token_id": eos if isinstance(eos, list) else [eos]}
 
 
 def params_config_path(params_path: Path) -> Path:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from gptoss.atomic import atomic_output, require_free_space
 from gptoss.checkpoint import load_params
-from gptoss.config import ParamsConfig, params_config_path, read_json
+from gptoss.config import ParamsConfig, generation_tokens, params_config_path, read_json
 from gptoss.hub import REVISION_FILE
 from gptoss.params_io import write_params
 from gptoss.synth import SYNTH_FILE
@@ -61,6 +61,7 @@ def convert(checkpoint: Path, output: Path, num_layers: int | None = None, dtype
         tokenizer=str(tokenizer) if tokenizer else None,
         source_layers=full_cfg.num_hidden_layers,
         origin=checkpoint_origin(Path(checkpoint)),
+        generation=generation_tokens(Path(checkpoint)),
     )
     config_path = params_config_path(output)
     try:

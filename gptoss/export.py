@@ -14,10 +14,12 @@ about one tensor of memory whatever the model size. Validation runs JAX first, f
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,10 +33,11 @@ from flax import nnx
 from gptoss import __version__
 from gptoss.atomic import require_free_space, temporary_name
 from gptoss.checkpoint import DTYPES
-from gptoss.config import ParamsConfig, params_config_path
+from gptoss.config import GptOssConfig, ParamsConfig, params_config_path
+from gptoss.decoder import TOTAL_LENGTH, past_names, present_names, write_companions
 from gptoss.errors import GptOssError
 from gptoss.model import GptOss, abstract_model, flat_param_specs, forward, output_names
-from gptoss.names import INPUT_NAME, data_path
+from gptoss.names import INPUT_NAME, MASK_NAME, PAST_PREFIX, data_path
 from gptoss.params_io import iter_params
 
 log = logging.getLogger("gptoss.export")
@@ -49,16 +52,22 @@ DATA_ALIGNMENT = 64 * 1024
 
 @dataclass(frozen=True)
 class ExportSpec:
-    """What to export: which outputs, which axes are symbolic."""
+    """What to export: which outputs, which axes are symbolic; ``decoder`` for the KV-cache graph."""
 
     sequence_length: int
     emit_hidden_states: bool = False
     emit_block_debug: bool = False
     opset: int = DEFAULT_OPSET
+    decoder: bool = False
+    context_length: int | None = None  # decoder: genai_config's context length (default: the model's)
 
     @property
     def debug(self) -> bool:
         return self.emit_hidden_states or self.emit_block_debug
+
+    @property
+    def stage(self) -> str:
+        return "decoder" if self.decoder else "debug" if self.debug else "canonical"
 
     def input_shape(self) -> tuple[str | int, str | int]:
         # The debug graph may fix the sequence length; the canonical graph keeps both axes symbolic.
@@ -66,60 +75,73 @@ class ExportSpec:
 
 
 class _Traceable:
-    """The model as a function of ``(input_ids, *weights)``: weights become graph inputs, never constants."""
+    """The model as a function of its inputs and ``*weights``: weights become graph inputs, never constants."""
 
-    def __init__(self, model: GptOss, spec: ExportSpec) -> None:
-        self.spec = spec
+    def __init__(self, model: GptOss) -> None:
         self.graphdef, state = nnx.split(model)
         flat = flat_param_specs(state)
         self.paths = [path for path, _, _ in flat]
         self.weight_names = [name for _, name, _ in flat]
         self.weight_specs = [spec for _, _, spec in flat]
 
-    def outputs(self, input_ids: jax.Array, *weights: jax.Array) -> dict[str, jax.Array]:
-        live = nnx.merge(self.graphdef, nnx.from_flat_state(list(zip(self.paths, weights, strict=True))))
-        spec = self.spec
-        return live(input_ids, emit_hidden_states=spec.emit_hidden_states, emit_block_debug=spec.emit_block_debug)
+    def live(self, weights: tuple[jax.Array, ...]) -> GptOss:
+        return nnx.merge(self.graphdef, nnx.from_flat_state(list(zip(self.paths, weights, strict=True))))
 
-    def aliases(self) -> dict[str, str]:
-        """Outputs that are the very same value as an earlier one (name → earlier name).
 
-        ``hidden_state_{i}`` is ``block_{i}_output`` and ``block_{i+1}_input``; an ONNX value has one name, so
-        such duplicates become Identity nodes after export. Found by one abstract trace (no computation).
-        """
-        aliases: dict[str, str] = {}
+def forward_outputs(traceable: _Traceable, spec: ExportSpec) -> Callable[..., dict[str, jax.Array]]:
+    def outputs(input_ids: jax.Array, *weights: jax.Array) -> dict[str, jax.Array]:
+        return traceable.live(weights)(input_ids, spec.emit_hidden_states, spec.emit_block_debug)
 
-        def probe(input_ids: jax.Array, *weights: jax.Array) -> jax.Array:
-            outputs = self.outputs(input_ids, *weights)
-            first_by_id: dict[int, str] = {}
-            for name, value in outputs.items():
-                if id(value) in first_by_id:
-                    aliases[name] = first_by_id[id(value)]
-                else:
-                    first_by_id[id(value)] = name
-            return outputs["logits"]
+    return outputs
 
-        jax.eval_shape(probe, jax.ShapeDtypeStruct((1, self.spec.sequence_length), jnp.int32), *self.weight_specs)
-        return aliases
+
+def aliases(outputs: Callable[..., dict[str, jax.Array]], specs: list[jax.ShapeDtypeStruct]) -> dict[str, str]:
+    """Outputs that are the very same value as an earlier one (name → earlier name).
+
+    ``hidden_state_{i}`` is ``block_{i}_output`` and ``block_{i+1}_input``; an ONNX value has one name, so
+    such duplicates become Identity nodes after export. Found by one abstract trace (no computation).
+    """
+    found: dict[str, str] = {}
+
+    def probe(*args: jax.Array) -> jax.Array:
+        values = outputs(*args)
+        first_by_id: dict[int, str] = {}
+        for name, value in values.items():
+            found.setdefault(name, first_by_id.setdefault(id(value), name))
+        return values["logits"]
+
+    jax.eval_shape(probe, *specs)
+    return {name: first for name, first in found.items() if name != first}
 
 
 def build_onnx(model: GptOss, spec: ExportSpec) -> ir.Model:
     """Trace ``model`` (usually abstract) with jax2onnx; every weight is a graph input named after the param."""
     from jax2onnx import to_onnx
 
-    traceable = _Traceable(model, spec)
-    names = output_names(model.cfg, spec.emit_hidden_states, spec.emit_block_debug)
-    aliases = traceable.aliases()
-    unique = [name for name in names if name not in aliases]
+    traceable = _Traceable(model)
+    if spec.decoder:
+        input_names, input_specs, outputs = decoder_inputs(model.cfg, traceable)
+    else:
+        input_names = [INPUT_NAME]
+        input_specs = [jax.ShapeDtypeStruct(spec.input_shape(), jnp.int32)]
+        outputs = forward_outputs(traceable, spec)
+    weight_specs = traceable.weight_specs
+    probe_specs = [jax.ShapeDtypeStruct((1, spec.sequence_length), jnp.int32), *weight_specs]
+    duplicates = {} if spec.decoder else aliases(outputs, probe_specs)
+    if spec.decoder:
+        names = ["logits", *present_names(model.cfg.num_hidden_layers)]
+    else:
+        names = output_names(model.cfg, spec.emit_hidden_states, spec.emit_block_debug)
+    unique = [name for name in names if name not in duplicates]
 
-    def fn(input_ids: jax.Array, *weights: jax.Array) -> tuple[jax.Array, ...]:
-        outputs = traceable.outputs(input_ids, *weights)
-        return tuple(outputs[name] for name in unique)
+    def selected(*args: jax.Array) -> tuple[jax.Array, ...]:
+        values = outputs(*args)  # one trace of the model
+        return tuple(values[name] for name in unique)
 
     onnx_model = to_onnx(
-        fn,
-        [jax.ShapeDtypeStruct(spec.input_shape(), jnp.int32), *traceable.weight_specs],
-        input_names=[INPUT_NAME, *traceable.weight_names],
+        selected,
+        [*input_specs, *weight_specs],
+        input_names=[*input_names, *traceable.weight_names],
         output_names=unique,
         opset=spec.opset,
         model_name="gpt_oss",
@@ -127,7 +149,7 @@ def build_onnx(model: GptOss, spec: ExportSpec) -> ir.Model:
     )
     graph = onnx_model.graph
     by_name = {v.name: v for v in graph.outputs}
-    for alias, target in aliases.items():
+    for alias, target in duplicates.items():
         source = by_name[target]
         node = ir.node("Identity", inputs=[source], outputs=[ir.Value(name=alias)])
         node.outputs[0].type = source.type
@@ -136,10 +158,47 @@ def build_onnx(model: GptOss, spec: ExportSpec) -> ir.Model:
         by_name[alias] = node.outputs[0]
     graph.outputs.clear()
     graph.outputs.extend(by_name[name] for name in names)
+    if spec.decoder:
+        genai_interface(graph)
     log.info("%d matmul-shaped Einsum nodes rewritten as MatMul", einsums_to_matmul(graph))
     onnx_model.producer_name = "gptoss"
     onnx_model.producer_version = __version__
     return onnx_model
+
+
+def decoder_inputs(
+    cfg: GptOssConfig, traceable: _Traceable
+) -> tuple[list[str], list[jax.ShapeDtypeStruct], Callable[..., dict[str, jax.Array]]]:
+    """The decoder's input names and symbolic specs (the mask spans past + new positions), and its outputs."""
+    batch, seq, past = jax.export.symbolic_shape("batch_size, sequence_length, past_sequence_length")
+    kv = jax.ShapeDtypeStruct((batch, cfg.num_key_value_heads, past, cfg.head_dim), jnp.float32)
+    layers = cfg.num_hidden_layers
+    specs = [jax.ShapeDtypeStruct((batch, seq), jnp.int32), jax.ShapeDtypeStruct((batch, past + seq), jnp.int32)]
+    presents = present_names(layers)
+
+    def outputs(input_ids: jax.Array, mask: jax.Array, *rest: jax.Array) -> dict[str, jax.Array]:
+        caches, weights = rest[: 2 * layers], rest[2 * layers :]
+        past_kv = [(caches[2 * i], caches[2 * i + 1]) for i in range(layers)]
+        logits, present = traceable.live(weights).decode(input_ids, mask, past_kv)
+        return {"logits": logits, **dict(zip(presents, [t for kv in present for t in kv], strict=True))}
+
+    return [INPUT_NAME, MASK_NAME, *past_names(layers)], specs + [kv] * (2 * layers), outputs
+
+
+def genai_interface(graph: ir.Graph) -> None:
+    """onnxruntime-genai's side of the decoder: int64 ``input_ids``/``attention_mask`` (cast to the int32 the
+    model computes with) and the axis name ``total_sequence_length`` for past + new positions."""
+    for value in list(graph.inputs):
+        if value.name in (INPUT_NAME, MASK_NAME):
+            wide = ir.Value(name=value.name, shape=value.shape, type=ir.TensorType(ir.DataType.INT64))
+            value.name = f"{value.name}_int32"
+            cast = ir.node("Cast", inputs=[wide], attributes={"to": ir.DataType.INT32})
+            ir.convenience.replace_all_uses_with(value, cast.outputs[0])
+            graph.inputs[graph.inputs.index(value)] = wide
+            graph.insert_before(graph.node(0), cast)
+    for value in [*graph.inputs, *graph.outputs]:
+        if value.shape is not None and any(not isinstance(d, int) and "+" in str(d) for d in value.shape):
+            value.shape = ir.Shape([TOTAL_LENGTH if "+" in str(d) else d for d in value.shape])
 
 
 def is_matmul_equation(equation: str) -> bool:
@@ -162,14 +221,19 @@ def einsums_to_matmul(graph: ir.Graph) -> int:
     5 GB less resident memory.
     """
     rewritten = 0
-    for node in list(graph):
+    for node in list(ir.traversal.RecursiveGraphIterator(graph)):  # If branches (the decoder's MoE) too
         equation = node.attributes.get("equation")
         if node.op_type != "Einsum" or equation is None or not is_matmul_equation(equation.as_string()):
             continue
         matmul = ir.node("MatMul", inputs=list(node.inputs), name=node.name)
-        ir.convenience.replace_nodes_and_values(graph, node, [node], [matmul], node.outputs, matmul.outputs)
+        ir.convenience.replace_nodes_and_values(node.graph, node, [node], [matmul], node.outputs, matmul.outputs)
         rewritten += 1
     return rewritten
+
+
+def is_data_input(name: str) -> bool:
+    """The graph inputs a caller feeds (token ids, the decoder's mask and cache); every other one is a weight."""
+    return name in (INPUT_NAME, MASK_NAME) or name.startswith(PAST_PREFIX)
 
 
 def attach_weights(
@@ -180,7 +244,7 @@ def attach_weights(
     Large tensors start at 64 KiB-aligned offsets so ONNX Runtime can memory-map them.
     """
     graph = onnx_model.graph
-    weight_inputs = {v.name: v for v in graph.inputs if v.name != INPUT_NAME}
+    weight_inputs = {v.name: v for v in graph.inputs if not is_data_input(v.name)}
     seen: set[str] = set()
     with open(data_file, "wb") as fh:
         for name, arr in iter_params(params):
@@ -215,25 +279,30 @@ def attach_weights(
     missing = sorted(set(weight_inputs) - seen)
     if missing:
         raise GptOssError(f"{params} does not match its config: missing tensors {missing[:3]}")
-    graph.inputs[:] = [v for v in graph.inputs if v.name == INPUT_NAME]
+    graph.inputs[:] = [v for v in graph.inputs if is_data_input(v.name)]
     for value in weight_inputs.values():
         graph.register_initializer(value)
 
 
-def write_onnx(onnx_model: ir.Model, params: Path, output: Path) -> None:
-    """Write ``output`` and ``output.data`` atomically: staged in a temporary folder, checked, then renamed."""
+def write_onnx(
+    onnx_model: ir.Model, params: Path, output: Path, companions: Callable[[Path], object] | None = None
+) -> None:
+    """Write ``output`` and ``output.data`` (and whatever ``companions(folder)`` writes beside them) atomically:
+    staged in a temporary folder, checked, then renamed into place."""
     output.parent.mkdir(parents=True, exist_ok=True)
     require_free_space(output.parent, int(params.stat().st_size * 1.05), data_path(output).name)
     staging = temporary_name(output)
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
-        staged, staged_data = staging / output.name, staging / data_path(output).name
-        attach_weights(onnx_model, params, staged_data)
+        staged = staging / output.name
+        attach_weights(onnx_model, params, data_path(staged))
         ir.save(onnx_model, staged)
         onnx.checker.check_model(str(staged), full_check=False)
-        os.replace(staged_data, data_path(output))
-        os.replace(staged, output)
+        if companions is not None:
+            companions(staging)
+        for path in sorted(staging.iterdir(), key=lambda p: p == staged):  # the graph last
+            os.replace(path, output.parent / path.name)
     except onnx.checker.ValidationError as exc:
         raise GptOssError(f"{output}: exported graph fails onnx.checker: {str(exc).splitlines()[0]}") from None
     finally:
@@ -276,12 +345,16 @@ def export(
     if not params.is_file():
         raise GptOssError(f"{params}: params file not found")
     params_cfg = ParamsConfig.read(config or params_config_path(params))
-    log.info("tracing %s graph %s", "debug" if spec.debug else "canonical", spec.input_shape())
+    log.info("tracing the %s graph", spec.stage)
     onnx_model = build_onnx(abstract_model(params_cfg.model, jnp.dtype(DTYPES[params_cfg.dtype])), spec)
     log.info("writing %s (+ %s), streaming weights from %s", output, data_path(output).name, params)
-    write_onnx(onnx_model, params, output)
+    companions = None
+    if spec.decoder:
+        context = spec.context_length or params_cfg.model.max_position_embeddings
+        companions = functools.partial(write_companions, params_cfg=params_cfg, context_length=context)
+    write_onnx(onnx_model, params, output, companions)
     del onnx_model
-    if skip_validation:
+    if skip_validation or spec.decoder:  # the decoder is checked by `gptoss parity --stage decoder`
         return None
     diff = validate(params, config, output, spec, threads=threads)
     log.info("validation: logits max |diff| JAX vs ONNX Runtime = %.3g", diff)

@@ -26,6 +26,12 @@ def _describe(row: dict, tol: Tolerances) -> str:
         return f"{row['stage']} {row['tensor']}{where} has {row['nonfinite']} NaN/Inf values"
     if row["group"] == "routing":
         return f"{row['stage']} {row['tensor']}{where}: {int(row['max_abs_diff'])} tokens route to other experts"
+    if row["group"] == "greedy_tokens":
+        return (
+            f"{row['stage']} {row['tensor']} (prompt {row.get('prompt_id')}): differs from JAX's greedy tokens at "
+            f"step {row.get('step')}, where JAX's top-2 logits are not a near tie"
+        )
+    where += f" step {row['step']}" if row.get("step") not in (None, "") else ""
     return (
         f"{row['stage']} {row['tensor']}{where} max |diff| {row['max_abs_diff']:.3g} > atol "
         f"{tol.atol(row['group']):.3g} (prompt {row.get('prompt_id')})"
@@ -71,8 +77,21 @@ def evaluate(rows: list[dict], tol: Tolerances, expect_stages: Sequence[str]) ->
         "stages": {s: sum(r["stage"] == s for r in rows) for s in stages},
         "worst": worst,
         "graphs": [{"stage": s, "onnx_sha256": o, "data_sha256": d} for s, o, d in graphs],
+        "generation": generation_summary(rows, tol),
         "csv_files": [{"path": str(p), "sha256": sha256(Path(p))} for p in sorted({r["source"] for r in rows})],
     }
+
+
+def generation_summary(rows: list[dict], tol: Tolerances) -> dict:
+    """Per runtime (``tokens_onnxruntime``, ``tokens_genai``, ``tokens_transformers``): prompts whose greedy tokens
+    equal JAX's, those that stopped at a near tie, those that differ, and the steps generated."""
+    summary: dict[str, dict] = {}
+    for r in (r for r in rows if r["group"] == "greedy_tokens"):
+        runtime = summary.setdefault(r["tensor"].removeprefix("tokens_"), {"identical": 0, "near_tie": 0, "differ": 0})
+        runtime["steps"] = int(float(r["shape"]))
+        key = "differ" if breach(r, tol) > 1 else "near_tie" if int(r.get("near_ties") or 0) else "identical"
+        runtime[key] += 1
+    return summary
 
 
 def summary_markdown(verdict: dict) -> str:
@@ -92,6 +111,11 @@ def summary_markdown(verdict: dict) -> str:
         ]
     if verdict["problems"]:
         lines += ["", "## Problems", ""] + [f"- {p}" for p in verdict["problems"]]
+    if verdict["generation"]:
+        lines += ["", "## Greedy generation vs JAX", "", "| runtime | steps | identical | near tie | differ |"]
+        lines.append("|---|---|---|---|---|")
+        for name, g in verdict["generation"].items():
+            lines.append(f"| {name} | {g['steps']} | {g['identical']} | {g['near_tie']} | {g['differ']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -22,8 +22,9 @@ The forward pass returns a dict of named outputs (``logits`` and, on request, ``
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -71,6 +72,21 @@ def _param(shape: tuple[int, ...], dtype: jnp.dtype) -> nnx.Param:
     return nnx.Param(jnp.zeros(shape, dtype))
 
 
+KeyValues = tuple[jax.Array, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class Cache:
+    """What one layer attends to besides its new tokens: the cached keys (after RoPE) and values
+    ``[b, kv_heads, past, head_dim]``, and the position and validity (``attention_mask``) of every key,
+    past and new ``[b, past + new]``."""
+
+    keys: jax.Array
+    values: jax.Array
+    key_positions: jax.Array
+    key_valid: jax.Array
+
+
 class Linear(nnx.Module):
     """``x @ kernel + bias`` with a ``[in, out]`` kernel."""
 
@@ -115,7 +131,11 @@ class Attention(nnx.Module):
         # Trap: sliding window only on the layers `layer_types` names (even layers in gpt-oss).
         self.window = cfg.sliding_window if cfg.layer_types[layer] == SLIDING else None
 
-    def __call__(self, x: jax.Array, positions: jax.Array, taps: Outputs | None) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, positions: jax.Array, taps: Outputs | None, cache: Cache | None = None
+    ) -> tuple[jax.Array, KeyValues]:
+        """Attention of ``x [b, s, hidden]`` at ``positions [b, s]`` over the cached keys (if any) and its own;
+        returns the output and the keys/values of every position ``[b, kv_heads, past + s, head_dim]``."""
         cfg = self.cfg
         batch, seq = x.shape[0], x.shape[1]
         n_kv, d = cfg.num_key_value_heads, cfg.head_dim
@@ -128,16 +148,26 @@ class Attention(nnx.Module):
         if taps is not None:
             taps.update(q=q, k=k, v=v)
 
+        # Keys and values by head, the cache's layout (keys after RoPE); the new ones follow the cached ones.
+        keys, values = (jnp.swapaxes(t, 1, 2).astype(jnp.float32) for t in (k, v))
+        key_positions, key_valid = positions, None
+        if cache is not None:
+            keys = jax.lax.concatenate([cache.keys, keys], 2)
+            values = jax.lax.concatenate([cache.values, values], 2)
+            key_positions, key_valid = cache.key_positions, cache.key_valid
+
         # Trap: GQA — query head h uses kv head h // group, i.e. heads are [kv, group] in that order.
         q = q.reshape(batch, seq, n_kv, group, d).astype(jnp.float32)
-        scores = jnp.einsum("bqngd,bsnd->bngqs", q, k.astype(jnp.float32)) * np.float32(d**-0.5)
+        scores = jnp.einsum("bqngd,bnsd->bngqs", q, keys) * np.float32(d**-0.5)
 
         # Masks come from the positions (no arange over a symbolic axis). Causal: k <= q.
         # Trap: sliding keeps `q - window < k <= q`, exactly `window` keys including the current one.
-        q_pos, k_pos = positions[:, :, None], positions[:, None, :]
+        q_pos, k_pos = positions[:, :, None], key_positions[:, None, :]
         allowed = k_pos <= q_pos
         if self.window is not None:
             allowed = allowed & (q_pos - k_pos < self.window)
+        if key_valid is not None:  # padding (attention_mask 0) is never attended to
+            allowed = allowed & key_valid[:, None, :]
         scores = jnp.where(allowed[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
 
         # Trap: sinks are one learned logit per query head, an extra softmax column — not scaled, never
@@ -148,22 +178,14 @@ class Attention(nnx.Module):
         weights = jnp.exp(scores - row_max)
         probs = weights / (jnp.sum(weights, axis=-1, keepdims=True) + jnp.exp(sinks - row_max))
 
-        out = jnp.einsum("bngqs,bsnd->bqngd", probs, v.astype(jnp.float32))
+        out = jnp.einsum("bngqs,bnsd->bqngd", probs, values)
         out = out.reshape(batch, seq, cfg.num_attention_heads * d).astype(x.dtype)
-        return self.o_proj(out)
+        return self.o_proj(out), (keys, values)
 
 
 class MoE(nnx.Module):
-    """Router (linear with bias) → top-k on raw logits → softmax over the k selected → clamped swiglu experts.
-
-    Experts are computed **dense over experts** (every token through every expert, then a weighted sum
-    with zero weight for unselected experts). Trade-off: for prefill of a few dozen tokens this reads
-    each expert weight once and never materialises per-token weight copies (the seed's gather built
-    ``[tokens, k, 2I, H]``: 8.5 GB per 20b layer at 32 tokens); the cost is ``experts/k`` (8×) more FLOPs
-    than grouping tokens by expert, which only pays off for long prompts (and needs data-dependent shapes
-    that ONNX exports poorly). The expert axis is the leading *batch* axis of both matmuls
-    (``[E, tokens, H] × [E, H, 2I]``, a plain batched MatMul in ONNX), so neither XLA nor ONNX Runtime
-    transposes or copies a weight.
+    """Router (linear with bias) → top-k on raw logits → softmax over the k selected → clamped swiglu experts,
+    computed for every expert (:meth:`_dense`) or, when decoding, for the selected ones only (:meth:`_selected`).
     """
 
     def __init__(self, cfg: GptOssConfig, dtype: jnp.dtype) -> None:
@@ -175,30 +197,28 @@ class MoE(nnx.Module):
         self.down_kernel = _param((e, i, h), dtype)
         self.down_bias = _param((e, h), dtype)
 
-    def __call__(self, x: jax.Array, taps: Outputs | None) -> jax.Array:
+    def __call__(self, x: jax.Array, taps: Outputs | None, sparse: bool = False) -> jax.Array:
+        """``sparse``: when few tokens come (decoding), compute only their selected experts (see
+        :meth:`_selected`); the choice is made at run time, so one graph serves prefill and decoding."""
         cfg = self.cfg
         e, k = cfg.num_local_experts, cfg.num_experts_per_tok
         router_logits = self.router(x)
         # Trap: top-k on the raw logits, softmax over the k selected logits only.
         top_logits, top_idx = jax.lax.top_k(router_logits, k)
         top_weights = jax.nn.softmax(top_logits.astype(jnp.float32), axis=-1).astype(x.dtype)
-
-        # Tokens broadcast over experts (small: activations only), experts as the batch axis: [E, N, H].
-        # bfloat16 experts are computed a few at a time (see CAST_SLICE_BYTES); float32 ones all at once.
-        batch, seq, hidden = x.shape
-        flat = x.reshape(1, -1, hidden)
-        dense_weights = jnp.sum(jax.nn.one_hot(top_idx, e, dtype=x.dtype) * top_weights[..., None], axis=-2)
-        dense_weights = dense_weights.reshape(-1, e)
-        slices = cast_slices(self.gate_up_kernel.shape, self.gate_up_kernel.dtype, axis=0)
-        per_slice: list[tuple[jax.Array, ...]] = []
-        for experts in slices:
-            tokens = jnp.broadcast_to(flat, (experts.stop - experts.start, *flat.shape[1:]))
-            gate_up, act, expert_out = self._experts(tokens, None if len(slices) == 1 else experts)
-            weights = dense_weights if len(slices) == 1 else dense_weights[:, experts]
-            per_slice.append((gate_up, act, expert_out, jnp.einsum("ne,enh->nh", weights, expert_out)))
-        out = functools.reduce(jnp.add, [moe for *_, moe in per_slice]).reshape(batch, seq, hidden)
+        if sparse and taps is None:
+            # Fewer (token, expert) pairs than half the experts: reading just those experts costs less than
+            # reading every expert once. A count from the data, not the shape: the graph keeps symbolic axes.
+            pairs = jnp.sum(jnp.ones_like(top_idx))
+            return jax.lax.cond(
+                2 * pairs <= e,
+                lambda: self._selected(x, top_idx, top_weights),
+                lambda: self._dense(x, top_idx, top_weights, None)[0],
+            )
+        out, parts = self._dense(x, top_idx, top_weights, taps)
         if taps is not None:
-            gate_up, act, expert_out = (_concat([p[j] for p in per_slice]) for j in range(3))
+            batch, seq, _ = x.shape
+            gate_up, act, expert_out = parts
 
             def per_slot(t: jax.Array) -> jax.Array:
                 # [E, N, f] → the k selected experts per token: [b, t, k, f]
@@ -216,14 +236,61 @@ class MoE(nnx.Module):
             )
         return out
 
-    def _experts(self, tokens: jax.Array, experts: slice | None) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Experts ``experts`` (``None``: all) on every token ``[e, N, H]``: (preactivation, activation, output)."""
+    def _dense(
+        self, x: jax.Array, top_idx: jax.Array, top_weights: jax.Array, taps: Outputs | None
+    ) -> tuple[jax.Array, tuple[jax.Array, ...] | None]:
+        """Every token through every expert, then the weighted sum with zero weight for unselected experts.
+
+        Trade-off: for a prompt of a few dozen tokens this reads each expert weight once and never
+        materialises per-token weight copies (gathering the selected experts per token would be
+        ``[tokens, k, 2I, H]``: 8.5 GB per 20b layer at 32 tokens); the cost is ``experts/k`` (8×) more FLOPs
+        than grouping tokens by expert. The expert axis is the leading *batch* axis of both matmuls
+        (``[E, tokens, H] × [E, H, 2I]``, a plain batched MatMul in ONNX), so neither XLA nor ONNX Runtime
+        transposes or copies a weight. bfloat16 experts are computed a few at a time (``CAST_SLICE_BYTES``).
+        Returns the output and, if ``taps`` asks for them, the per-expert intermediates ``[E, N, f]``.
+        """
+        e = self.cfg.num_local_experts
+        batch, seq, hidden = x.shape
+        flat = x.reshape(1, -1, hidden)
+        dense_weights = jnp.sum(jax.nn.one_hot(top_idx, e, dtype=x.dtype) * top_weights[..., None], axis=-2)
+        dense_weights = dense_weights.reshape(-1, e)
+        slices = cast_slices(self.gate_up_kernel.shape, self.gate_up_kernel.dtype, axis=0)
+        per_slice: list[tuple[jax.Array, ...]] = []
+        for experts in slices:
+            tokens = jnp.broadcast_to(flat, (experts.stop - experts.start, *flat.shape[1:]))
+            gate_up, act, expert_out = self._experts(tokens, self._expert_weights(experts))
+            weights = dense_weights if len(slices) == 1 else dense_weights[:, experts]
+            per_slice.append((gate_up, act, expert_out, jnp.einsum("ne,enh->nh", weights, expert_out)))
+        out = functools.reduce(jnp.add, [moe for *_, moe in per_slice]).reshape(batch, seq, hidden)
+        if taps is None:
+            return out, None
+        return out, tuple(_concat([p[j] for p in per_slice]) for j in range(3))
+
+    def _selected(self, x: jax.Array, top_idx: jax.Array, top_weights: jax.Array) -> jax.Array:
+        """Only the selected experts: each (token, slot) pair gathers its expert's weights and computes one row.
+        A decoding step of one token reads k experts instead of all of them (at 20b shapes 4 of 32)."""
+        k = self.cfg.num_experts_per_tok
+        batch, seq, hidden = x.shape
+        tokens = jnp.broadcast_to(x.reshape(-1, 1, 1, hidden), (batch * seq, k, 1, hidden)).reshape(-1, 1, hidden)
+        _, _, expert_out = self._experts(tokens, self._expert_weights(top_idx.reshape(-1)))  # [N·k, 1, H]
+        weighted = expert_out.reshape(batch * seq, k, hidden) * top_weights.reshape(-1, k, 1)
+        return jnp.sum(weighted, axis=1).reshape(batch, seq, hidden)
+
+    def _expert_weights(self, experts: slice | jax.Array) -> tuple[jax.Array, ...]:
+        """(gate_up kernel, gate_up bias, down kernel, down bias) of a slice of experts or of the experts at
+        given indices (a gather), in the compute dtype."""
+
+        def pick(param: nnx.Param) -> jax.Array:
+            value = param[experts] if isinstance(experts, slice) else jnp.take(param[...], experts, axis=0)
+            return value.astype(COMPUTE_DTYPE)
+
+        return tuple(pick(p) for p in (self.gate_up_kernel, self.gate_up_bias, self.down_kernel, self.down_bias))
+
+    def _experts(self, tokens: jax.Array, weights: tuple[jax.Array, ...]) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Experts (``weights``, one per leading row) on ``tokens [e, N, H]``: (preactivation, activation, output)."""
         cfg = self.cfg
-
-        def weight(param: nnx.Param) -> jax.Array:
-            return _compute(param if experts is None else param[experts])
-
-        gate_up = _expert_matmul(tokens, weight(self.gate_up_kernel)) + weight(self.gate_up_bias)[:, None, :]
+        gate_up_kernel, gate_up_bias, down_kernel, down_bias = weights
+        gate_up = _expert_matmul(tokens, gate_up_kernel) + gate_up_bias[:, None, :]
         # Trap: gate_up columns are interleaved — even columns gate, odd columns linear.
         pairs = gate_up.reshape(*gate_up.shape[:-1], cfg.intermediate_size, 2)
         gate, linear = pairs[..., 0], pairs[..., 1]
@@ -232,7 +299,7 @@ class MoE(nnx.Module):
         gate = jnp.minimum(gate, limit)
         linear = jnp.clip(linear, -limit, limit)
         act = gate * jax.nn.sigmoid(cfg.swiglu_alpha * gate) * (linear + 1)
-        expert_out = _expert_matmul(act, weight(self.down_kernel)) + weight(self.down_bias)[:, None, :]
+        expert_out = _expert_matmul(act, down_kernel) + down_bias[:, None, :]
         return gate_up, act, expert_out
 
 
@@ -254,12 +321,16 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg, dtype)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, taps: Outputs | None) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, positions: jax.Array, taps: Outputs | None, cache: Cache | None = None
+    ) -> tuple[jax.Array, KeyValues]:
+        """The block's output and its keys/values (past and new). With a ``cache`` (decoding), the MoE computes
+        only the selected experts when few tokens come."""
         normed = self.attn_norm(x)
-        attn_out = self.attn(normed, positions, taps)
+        attn_out, present = self.attn(normed, positions, taps, cache)
         residual = x + attn_out
         mlp_normed = self.mlp_norm(residual)
-        out = residual + self.mlp(mlp_normed, taps)
+        out = residual + self.mlp(mlp_normed, taps, sparse=cache is not None)
         if taps is not None:
             taps.update(
                 input=x,
@@ -269,7 +340,7 @@ class Block(nnx.Module):
                 mlp_norm=mlp_normed,
                 output=out,
             )
-        return out
+        return out, present
 
 
 class Embed(nnx.Module):
@@ -292,13 +363,10 @@ class GptOss(nnx.Module):
         self.unembed = Linear(cfg.hidden_size, cfg.vocab_size, dtype, bias=False)
 
     def __call__(
-        self,
-        input_ids: jax.Array,
-        position_offset: jax.Array | int = 0,
-        emit_hidden_states: bool = False,
-        emit_block_debug: bool = False,
+        self, input_ids: jax.Array, emit_hidden_states: bool = False, emit_block_debug: bool = False
     ) -> Outputs:
-        positions = token_positions(input_ids, position_offset)
+        """Logits of a whole sequence (no cache) and, on request, the hidden states and block taps."""
+        positions = token_positions(input_ids)
         x = self.embed(input_ids)
         outputs: Outputs = {}
         for i, block in enumerate(self.layers):
@@ -306,21 +374,44 @@ class GptOss(nnx.Module):
             collect(outputs, i, x, taps, emit_hidden_states)
         return {"logits": self.head(x), **outputs}
 
+    def decode(
+        self, input_ids: jax.Array, attention_mask: jax.Array, past: Sequence[KeyValues]
+    ) -> tuple[jax.Array, list[KeyValues]]:
+        """One step with a KV cache: ``input_ids [b, s]`` after ``past`` (per layer, keys and values
+        ``[b, kv_heads, p, head_dim]``), ``attention_mask [b, p + s]`` (0 marks padding). Returns the logits
+        ``[b, s, vocab]`` and every layer's keys/values ``[b, kv_heads, p + s, head_dim]``."""
+        x = self.embed(input_ids)
+        presents = []
+        for block, layer_past in zip(self.layers, past, strict=True):
+            x, present = block(x, *cache_inputs(input_ids, attention_mask, layer_past))
+            presents.append(present)
+        return self.head(x), presents
+
     def head(self, x: jax.Array) -> jax.Array:
         """Final norm and unembedding → float32 logits."""
         return self.unembed(self.norm(x)).astype(jnp.float32)
 
 
-def token_positions(input_ids: jax.Array, position_offset: jax.Array | int = 0) -> jax.Array:
+def cache_inputs(input_ids: jax.Array, attention_mask: jax.Array, past: KeyValues) -> tuple[jax.Array, None, Cache]:
+    """A block's ``(positions, taps, cache)`` for decoding: positions count the real tokens (``attention_mask``
+    is 1) before each one, so left padding does not shift them; the new tokens' positions are the last ``s``."""
+    key_positions = jnp.cumsum(attention_mask, axis=1, dtype=jnp.int32) - 1
+    past_length = past[0].shape[2]
+    positions = jax.lax.slice_in_dim(key_positions, past_length, past_length + input_ids.shape[1], axis=1)
+    return positions, None, Cache(past[0], past[1], key_positions, attention_mask > 0)
+
+
+def token_positions(input_ids: jax.Array) -> jax.Array:
     """Positions derive from the input itself (cumsum of ones), never arange over a symbolic size, so the graph
-    exports with symbolic batch/sequence axes and takes an offset for a KV cache."""
-    return jnp.cumsum(jnp.ones_like(input_ids, dtype=jnp.int32), axis=1) - 1 + position_offset
+    exports with symbolic batch/sequence axes."""
+    return jnp.cumsum(jnp.ones_like(input_ids, dtype=jnp.int32), axis=1) - 1
 
 
 def block_outputs(block: Block, x: jax.Array, positions: jax.Array, emit_block_debug: bool):
     """One block's output and, on request, its debug taps (dict) — else ``None``."""
     taps: Outputs | None = {} if emit_block_debug else None
-    return block(x, positions, taps), taps
+    out, _ = block(x, positions, taps)
+    return out, taps
 
 
 def collect(outputs: Outputs, i: int, x: jax.Array, taps: Outputs | None, emit_hidden_states: bool) -> None:
@@ -350,6 +441,26 @@ def forward(
         x, taps = _apply_block(block, x, positions, emit_block_debug)
         collect(outputs, i, x, taps, emit_hidden_states)
     return {"logits": _apply(model, "head", x), **outputs}
+
+
+def decode_step(
+    model: GptOss, input_ids: jax.Array, attention_mask: jax.Array, past: Sequence[KeyValues]
+) -> tuple[jax.Array, list[KeyValues]]:
+    """:meth:`GptOss.decode`, jitted one piece at a time like :func:`forward` (one program per block and shape)."""
+    x = _apply(model.embed, "__call__", input_ids)
+    presents = []
+    for block, layer_past in zip(model.layers, past, strict=True):
+        graphdef, state = nnx.split(block)
+        x, present = _jitted_cached_block(graphdef, state, x, input_ids, attention_mask, layer_past)
+        presents.append(present)
+    return _apply(model, "head", x), presents
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _jitted_cached_block(
+    graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array, ids: jax.Array, mask: jax.Array, past: KeyValues
+) -> tuple[jax.Array, KeyValues]:
+    return nnx.merge(graphdef, state)(x, *cache_inputs(ids, mask, past))
 
 
 def _apply(module: nnx.Module, method: str, *args: jax.Array) -> jax.Array:

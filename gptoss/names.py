@@ -8,6 +8,11 @@ import re
 from pathlib import Path
 
 INPUT_NAME = "input_ids"
+# The decoder graph's other inputs and its outputs (onnxruntime-genai's names): per layer i, %d -> i.
+MASK_NAME = "attention_mask"
+PAST_PREFIX, PRESENT_PREFIX = "past_key_values.", "present."
+PAST_KEY, PAST_VALUE = PAST_PREFIX + "%d.key", PAST_PREFIX + "%d.value"
+PRESENT_KEY, PRESENT_VALUE = PRESENT_PREFIX + "%d.key", PRESENT_PREFIX + "%d.value"
 
 # Per-block debug taps, in forward order (the order `parity` uses to localise a discrepancy).
 BLOCK_TAPS = (

@@ -7,6 +7,7 @@ against the JAX tensor loaded on its own.
 
 from __future__ import annotations
 
+import gc
 import logging
 import tempfile
 from collections.abc import Sequence
@@ -16,12 +17,14 @@ import numpy as np
 import onnx
 
 from gptoss.atomic import sha256
-from gptoss.compare import compare_prompt, logits_diff, write_results
+from gptoss.compare import compare_prompt, logits_diff, logits_row, step_rows, token_row, write_results
+from gptoss.decoder import GENAI_CONFIG, check_folder
 from gptoss.errors import GptOssError
+from gptoss.generation import Generation, batched_ort_run, genai_generate, jax_generate, ort_generate
 from gptoss.model import output_names
 from gptoss.names import INPUT_NAME, data_path
-from gptoss.prompts import padded, prompt_inputs
-from gptoss.runtime import ort_session, spill_jax_outputs
+from gptoss.prompts import Prompt, padded, prompt_inputs
+from gptoss.runtime import load_model, ort_session, spill_jax_outputs
 from gptoss.tolerances import Tolerances
 
 log = logging.getLogger("gptoss.parity")
@@ -94,4 +97,100 @@ def parity(
                 diffs[prompt.prompt_id] = logits_diff(prompt, ref, got)
             del got
     write_results(csv_path, rows, tolerances, diffs, logits_diffs)
+    return rows
+
+
+def parity_decoder(
+    params: Path,
+    onnx_path: Path,
+    csv_path: Path,
+    generate_tokens: int,
+    prompts: Sequence[str] = (),
+    token_ids: Sequence[str] = (),
+    tokenizer: Path | None = None,
+    config: Path | None = None,
+    tolerances: Tolerances | None = None,
+    threads: int | None = None,
+    logits_diffs: Path | None = None,
+) -> list[dict]:
+    """Generation parity on the decoder graph: every prompt, then ``generate_tokens`` greedy steps, by the JAX
+    model with its cache, by ONNX Runtime on the graph and by onnxruntime-genai on the graph's folder.
+
+    Rows: ``decode_logits`` per step (JAX vs ONNX Runtime, while their tokens agree), the same for every prompt
+    at once in a left-padded batch (``logits_batched``: each row must equal its prompt run alone), and one
+    ``greedy_tokens`` row per prompt and runtime. The sides run one after the other, as in :func:`parity`.
+    """
+    tolerances = tolerances or Tolerances()
+    if generate_tokens < 1:
+        raise GptOssError(f"--generate-tokens must be at least 1, got {generate_tokens}")
+    config, params_cfg, resolved = prompt_inputs(params, config, prompts, token_ids, tokenizer, 1 << 62)
+    folder = onnx_path.parent
+    context = check_folder(folder)["model"]["context_length"]
+    for prompt in resolved:
+        if len(prompt.ids) + generate_tokens > context:
+            raise GptOssError(
+                f"prompt {prompt.prompt_id} has {len(prompt.ids)} tokens; with --generate-tokens {generate_tokens} "
+                f"that is {len(prompt.ids) + generate_tokens} positions, more than the context length {context} "
+                f"{onnx_path} was exported for ({GENAI_CONFIG})"
+            )
+    suppress = (params_cfg.generation or {}).get("eos_token_id", [])
+    hashes = dict(onnx_sha256=sha256(onnx_path), data_sha256=sha256(data_path(onnx_path)))
+
+    rows: list[dict] = []
+    diffs: dict[str, np.ndarray] = {}
+    with tempfile.TemporaryDirectory(prefix="gptoss-parity-") as spill_dir:
+        spill = Path(spill_dir)
+        log.info("JAX side: %d prompt(s), %d greedy steps each, with the KV cache", len(resolved), generate_tokens)
+        _, model = load_model(params, config)
+        for prompt in resolved:
+            jax_generate(model, prompt.ids, generate_tokens, suppress).save(spill / f"{prompt.prompt_id}.npz")
+        del model
+        gc.collect()
+
+        log.info("ONNX Runtime side: %s", onnx_path)
+        session = ort_session(onnx_path, threads)
+        references = {p.prompt_id: Generation.load(spill / f"{p.prompt_id}.npz") for p in resolved}
+        for prompt in resolved:
+            reference = references[prompt.prompt_id]
+            got = ort_generate(session, prompt.ids, generate_tokens, suppress)
+            rows += step_rows("decoder", prompt, reference, got, tolerances)
+            rows.append(token_row("decoder", prompt, "onnxruntime", reference, got.tokens, suppress, tolerances))
+            diffs[prompt.prompt_id] = np.abs(got.logits[0] - reference.logits[0]).astype(np.float32).ravel()
+        rows += batched_rows(session, resolved, references, tolerances)
+        del session
+
+        log.info("onnxruntime-genai side: %s", folder)
+        for prompt in resolved:
+            tokens = genai_generate(folder, prompt.ids, generate_tokens)
+            reference = references[prompt.prompt_id]
+            rows.append(token_row("decoder", prompt, "genai", reference, tokens, suppress, tolerances))
+    rows = [{**row, **hashes} for row in rows]
+    write_results(csv_path, rows, tolerances, diffs, logits_diffs)
+    return rows
+
+
+def batched_rows(session, prompts: list[Prompt], references: dict[str, Generation], tol: Tolerances) -> list[dict]:
+    """Every prompt and its first half, left-padded into one batch (``attention_mask`` 0 on the padding): a
+    prefill, then one step feeding each row its next token. Each row's logits must be the ones JAX computed for
+    its prompt alone (those of the first half are the first positions of the whole prompt's: attention is
+    causal). Rows ``logits_batched``, step 0 (prefill, every real position) and 1."""
+    batch = [(p, m) for p in prompts for m in sorted({len(p.ids), max(1, len(p.ids) // 2)})]
+    batch = [(p, m) for p, m in batch if m - len(p.ids) + 1 < len(references[p.prompt_id].logits)]
+    if not batch:
+        return []
+    width = max(m for _, m in batch)
+    ids, mask = np.zeros((len(batch), width), np.int64), np.zeros((len(batch), width), np.int64)
+    step_ids = np.zeros((len(batch), 1), np.int64)
+    for row, (prompt, m) in enumerate(batch):
+        sequence = list(prompt.ids) + references[prompt.prompt_id].tokens
+        ids[row, width - m :], mask[row, width - m :], step_ids[row] = sequence[:m], 1, sequence[m]
+    got_prefill, got_step = batched_ort_run(session, ids, mask, step_ids)
+    rows = []
+    for row, (prompt, m) in enumerate(batch):
+        reference, n = references[prompt.prompt_id], len(prompt.ids)
+        want = [reference.logits[0][p] if p < n else reference.logits[p - n + 1][0] for p in range(m + 1)]
+        rows.append(
+            logits_row("decoder", prompt, "logits_batched", 0, np.stack(want[:m]), got_prefill[row, width - m :], tol)
+        )
+        rows.append(logits_row("decoder", prompt, "logits_batched", 1, want[m][None], got_step[row], tol))
     return rows

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import shutil
 import subprocess
@@ -20,6 +21,7 @@ import onnx
 from gptoss import __version__
 from gptoss.atomic import atomic_output, require_free_space, sha256
 from gptoss.config import ParamsConfig, read_json
+from gptoss.decoder import check_folder
 from gptoss.errors import GptOssError
 from gptoss.names import data_path
 
@@ -101,6 +103,7 @@ def manifest(
         "tolerances": verdict["tolerances"],
         "worst_differences": verdict["worst"],
         "parity_stages": verdict["stages"],
+        "generation": verdict.get("generation", {}),
         "versions": versions(),
         "project_commit": git_commit(),
     }
@@ -122,10 +125,54 @@ def readme(m: dict) -> str:
         lines.append(f"| {key} | {w['tensor']} | {w['max_abs_diff']:.3g} | {w['atol']:.3g} |")
     lines += [
         "",
-        "Files and sha256 are in `manifest.json`; inputs `input_ids [batch, sequence]` (int32), "
+        "Files and sha256 are in `manifest.json`. `model.onnx`: inputs `input_ids [batch, sequence]` (int32), "
         "output `logits [batch, sequence, vocab]` (float32).",
     ]
+    if any(f["name"].startswith("decoder/") for f in m["files"]):
+        steps = {name: g["steps"] for name, g in m["generation"].items()}
+        lines += [
+            "",
+            f"`decoder/` is a KV-cache decoder for onnxruntime-genai; its greedy tokens equal JAX's ({steps} steps).",
+            "",
+            "```python",
+            "import onnxruntime_genai as og",
+            'model = og.Model("decoder")',
+            "params = og.GeneratorParams(model)",
+            "params.set_search_options(do_sample=False, max_length=64)",
+            "generator = og.Generator(model, params); generator.append_tokens([1, 2, 3])",
+            "while not generator.is_done(): generator.generate_next_token()",
+            "```",
+        ]
     return "\n".join(lines) + "\n"
+
+
+def place(source: Path, dest: Path, expected: str) -> dict:
+    """``source`` at ``dest`` as a hard link (no second copy on disk; the export replaces files rather than
+    rewriting them, so the link keeps the verified bytes) or, across filesystems, as a checked copy."""
+    try:
+        os.link(source, dest)
+    except OSError:
+        shutil.copyfile(source, dest)
+        if sha256(dest) != expected:
+            raise GptOssError(f"{dest}: copy differs from {source} (disk problem?)") from None
+    return {"bytes": dest.stat().st_size, "sha256": expected}
+
+
+def graph_files(onnx_path: Path, verdict: dict, stage: str | None = None) -> tuple[dict[Path, str], str]:
+    """A verified graph's files (path -> sha256) and the stage that verified them; refuses files parity did not
+    verify, and (decoder) a folder whose genai_config.json disagrees with its graph."""
+    data = data_path(onnx_path)
+    for path in (onnx_path, data):
+        if not path.is_file():
+            raise GptOssError(f"{path}: file to promote not found")
+    hashes = {onnx_path: sha256(onnx_path), data: sha256(data)}
+    verified = verified_stage(verdict, hashes[onnx_path], hashes[data])
+    if stage == "decoder":
+        check_folder(onnx_path.parent)
+        if verified != "decoder":
+            raise GptOssError(f"{onnx_path}: verified as a {verified} graph, not by the decoder stage")
+        hashes |= {p: sha256(p) for p in sorted(onnx_path.parent.iterdir()) if p.is_file() and p not in hashes}
+    return hashes, verified
 
 
 def promote(
@@ -135,31 +182,30 @@ def promote(
     tag: str,
     config: Path | None = None,
     sequence_length: int | None = None,
+    decoder: Path | None = None,
 ) -> Path:
+    """``dest``: the canonical graph and (``decoder``, a decoder folder) ``decoder/`` with everything beside its
+    graph, ``manifest.json`` listing every file with its sha256 and the generation verdict, ``README.md``."""
     verdict = read_json(verdict_path)
     if verdict.get("passed") is not True:
         raise GptOssError(f"{verdict_path}: the gate did not pass; nothing promoted")
-    data = data_path(onnx_path)
-    for path in (onnx_path, data):
-        if not path.is_file():
-            raise GptOssError(f"{path}: file to promote not found")
-    onnx_sha, data_sha = sha256(onnx_path), sha256(data)
-    stage = verified_stage(verdict, onnx_sha, data_sha)
+    files, stage = graph_files(onnx_path, verdict)
+    placed = dict.fromkeys(files, "")
+    if decoder is not None:
+        decoder_files, _ = graph_files(decoder / "model.onnx", verdict, "decoder")
+        files |= decoder_files
+        placed |= dict.fromkeys(decoder_files, "decoder/")
     params_cfg = ParamsConfig.read(config) if config else None
 
-    require_free_space(dest.parent, onnx_path.stat().st_size + data.stat().st_size, f"promoting into {dest}")
+    require_free_space(dest.parent, sum(p.stat().st_size for p in files), f"promoting into {dest}")
     with atomic_output(dest) as staging:
         staging.mkdir()
-        files = []
-        for path, expected in ((onnx_path, onnx_sha), (data, data_sha)):
-            copy = staging / path.name
-            shutil.copyfile(path, copy)
-            if sha256(copy) != expected:
-                raise GptOssError(f"{copy}: copy differs from {path} (disk problem?)")
-            files.append({"name": path.name, "bytes": copy.stat().st_size, "sha256": expected})
-        m = manifest(tag, onnx_path, files, verdict, params_cfg, sequence_length, stage)
+        if decoder is not None:
+            (staging / "decoder").mkdir()
+        listed = [{"name": placed[p] + p.name, **place(p, staging / placed[p] / p.name, h)} for p, h in files.items()]
+        m = manifest(tag, onnx_path, listed, verdict, params_cfg, sequence_length, stage)
         m["verdict_sha256"] = sha256(verdict_path)
         (staging / "manifest.json").write_text(json.dumps(m, indent=2, sort_keys=True) + "\n")
         (staging / "README.md").write_text(readme(m))
-    log.info("promoted %s as %s into %s", onnx_path.name, tag, dest)
+    log.info("promoted %s%s as %s into %s", onnx_path.name, " and the decoder" if decoder else "", tag, dest)
     return dest

@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from gptoss.checkpoint import Checkpoint
-from gptoss.compare import compare_prompt, logits_diff, write_results
+from gptoss.compare import compare_prompt, logits_diff, step_rows, token_row, write_results
 from gptoss.config import ParamsConfig
 from gptoss.errors import GptOssError
+from gptoss.generation import Generation, transformers_generate
 from gptoss.prompts import Prompt, padded, prompt_inputs
 from gptoss.runtime import spill_jax_outputs
 from gptoss.tolerances import Tolerances
@@ -95,24 +96,38 @@ def reference(
     config: Path | None = None,
     tolerances: Tolerances | None = None,
     logits_diffs: Path | None = None,
+    generate_tokens: int | None = None,
 ) -> list[dict]:
-    """Run JAX, then transformers, on every prompt; write the CSV (and the logits |diff| per prompt) atomically."""
+    """Run JAX, then transformers, on every prompt; write the CSV (and the logits |diff| per prompt) atomically.
+
+    With ``generate_tokens``, both also generate greedily from every prompt (JAX with its KV cache, transformers
+    with ``generate``): ``decode_logits`` rows per step and a ``greedy_tokens`` row (``tokens_transformers``).
+    """
     tolerances = tolerances or Tolerances()
     config, params_cfg, resolved = prompt_inputs(params, config, prompts, token_ids, tokenizer, sequence_length)
+    suppress = (params_cfg.generation or {}).get("eos_token_id", [])
     rows: list[dict] = []
     diffs: dict[str, np.ndarray] = {}
     with tempfile.TemporaryDirectory(prefix="gptoss-reference-") as spill_dir:
         spill = Path(spill_dir)
-        log.info("JAX side: %d prompt(s)", len(resolved))
-        spill_jax_outputs(params, config, resolved, sequence_length, True, False, spill)
+        log.info("JAX side: %d prompt(s), %d greedy steps", len(resolved), generate_tokens or 0)
+        spill_jax_outputs(params, config, resolved, sequence_length, True, False, spill, generate_tokens or 0, suppress)
         log.info("transformers side: %s, %d layers", checkpoint, params_cfg.model.num_hidden_layers)
         model = hf_model(checkpoint, params_cfg)
         got = run_hf_side(model, resolved, sequence_length)
+        steps = generate_tokens or 0
+        generated = {p.prompt_id: transformers_generate(model, p.ids, steps, suppress) for p in resolved if steps}
         del model
         gc.collect()
         for prompt in resolved:
             with np.load(spill / f"{prompt.prompt_id}.npz") as ref:
                 rows += list(compare_prompt("reference", prompt, ref, got[prompt.prompt_id], tolerances))
                 diffs[prompt.prompt_id] = logits_diff(prompt, ref, got[prompt.prompt_id])
+            if generate_tokens:
+                jax = Generation.load(spill / f"{prompt.prompt_id}.generation.npz")
+                jax.logits = [step[-1:] for step in jax.logits]  # transformers returns the last position's
+                theirs = generated[prompt.prompt_id]
+                rows += step_rows("reference", prompt, jax, theirs, tolerances)
+                rows.append(token_row("reference", prompt, "transformers", jax, theirs.tokens, suppress, tolerances))
     write_results(csv_path, rows, tolerances, diffs, logits_diffs)
     return rows

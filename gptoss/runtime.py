@@ -4,6 +4,7 @@ prompt spilled to disk) and ONNX Runtime sessions on the exported graphs."""
 from __future__ import annotations
 
 import gc
+from collections.abc import Sequence
 from pathlib import Path
 
 import jax
@@ -41,14 +42,23 @@ def spill_jax_outputs(
     hidden: bool,
     debug: bool,
     spill: Path,
+    generate_tokens: int = 0,
+    suppress: Sequence[int] = (),
 ) -> None:
-    """Run the Flax model on every prompt; write ``spill/{prompt_id}.npz``."""
+    """Run the Flax model on every prompt; write ``spill/{prompt_id}.npz`` and, with ``generate_tokens``, its
+    greedy generation with the KV cache to ``spill/{prompt_id}.generation.npz``."""
+    from gptoss.generation import jax_generate
+
     params_cfg, model = load_model(params, config)
     names = output_names(params_cfg.model, hidden, debug)
     for prompt in prompts:
         outputs = forward(model, jnp.asarray(padded(prompt, sequence_length)), hidden, debug)
         np.savez(spill / f"{prompt.prompt_id}.npz", **{n: np.asarray(outputs[n]) for n in names})
         del outputs
+        if generate_tokens:
+            jax_generate(model, prompt.ids, generate_tokens, suppress).save(
+                spill / f"{prompt.prompt_id}.generation.npz"
+            )
     del model
     gc.collect()
 

@@ -14,19 +14,21 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import file_sha256
+from conftest import file_sha256, require_torch
 
 REPO = Path(__file__).resolve().parent.parent
 WORKFLOW_FILES = ("Snakefile", "workflow", "config", "profiles", "environment.yml", "environment.post-deploy.sh")
-# rule -> jobs per checkpoint (one export and one parity job per stage: debug and canonical)
-STAGE_JOBS = {"convert_params": 1, "export_onnx": 2, "parity": 2, "parity_gate": 1}
+# rule -> jobs per checkpoint (one export and one parity job per stage: debug, canonical, decoder)
+STAGE_JOBS = {"convert_params": 1, "export_onnx": 3, "parity": 3, "parity_gate": 1}
 TOY_BENCHMARKS = [
     "synth_checkpoint",
     "convert_params_2layers",
     "export_onnx_debug",
     "export_onnx_canonical",
+    "export_onnx_decoder",
     "parity_debug",
     "parity_canonical",
+    "parity_decoder",
     "parity_reference",
     "parity_gate",
 ]
@@ -80,7 +82,8 @@ def test_default_config_dry_run_is_the_baseline2_dag(workdir: Path):
     text = proc.stdout + proc.stderr
     assert "--repo-id openai/gpt-oss-20b --revision main" in text
     assert "--dest docs/onnx/examples/nnx_gpt_oss/baseline2 --tag baseline2" in text
-    assert "--atol-logits 0.0001 --atol-hidden-states 0.0005 --atol-block-taps 0.002 --near-tie-margin 0.0001" in text
+    tolerances = "--atol-logits 0.0001 --atol-hidden-states 0.0005 --atol-block-taps 0.002 --atol-decode-logits 0.0001"
+    assert f"{tolerances} --near-tie-margin 0.0001" in text
     assert not (workdir / "results").exists(), "a dry run must not create results"
 
 
@@ -149,6 +152,29 @@ def test_schema_fills_defaults(workdir: Path):
     assert "--dest docs/onnx/examples/nnx_gpt_oss/baseline2" in text
 
 
+def assert_genai_generates_what_transformers_does(decoder: Path, checkpoint: Path, steps: int = 16) -> None:
+    """The promoted decoder opened as a user would (onnxruntime_genai.Model on the folder, its tokenizer) and
+    transformers' own from_pretrained + generate on the checkpoint: the same greedy tokens."""
+    torch, transformers = require_torch()
+    import onnxruntime_genai as og
+
+    model = og.Model(str(decoder))
+    prompt = [int(t) for t in og.Tokenizer(model).encode("What is the capital of France?")]
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=len(prompt) + steps, min_length=len(prompt) + steps)
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompt)
+    while not generator.is_done():
+        generator.generate_next_token()
+    ours = [int(t) for t in generator.get_sequence(0)[len(prompt) :]]
+
+    reference = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = reference.generate(ids, do_sample=False, max_new_tokens=steps, min_new_tokens=steps)
+    assert ours == [int(t) for t in out[0, len(prompt) :]]
+
+
 @pytest.mark.slow
 def test_toy_dag_end_to_end_and_gate_failure(workdir: Path):
     from gptoss.compare import COLUMNS
@@ -158,28 +184,38 @@ def test_toy_dag_end_to_end_and_gate_failure(workdir: Path):
     assert proc.returncode == 0, output(proc)
     results = workdir / "results"
 
-    for stage in ("debug", "canonical", "reference"):
+    for stage in ("debug", "canonical", "decoder", "reference"):
         with open(results / f"toy/parity/{stage}.csv", newline="") as fh:
             reader = csv.DictReader(fh)
             rows = list(reader)
         assert set(COLUMNS) <= set(reader.fieldnames or []), reader.fieldnames
         assert rows and {r["stage"] for r in rows} == {stage}
         groups = {r["group"] for r in rows}
-        expected = {"debug": {"logits", "hidden_states", "block_taps", "routing"}, "canonical": {"logits"}}
-        assert groups == expected.get(stage, {"logits", "hidden_states"})
+        expected = {
+            "debug": {"logits", "hidden_states", "block_taps", "routing"},
+            "canonical": {"logits"},
+            "decoder": {"decode_logits", "greedy_tokens"},
+            "reference": {"logits", "hidden_states", "decode_logits", "greedy_tokens"},
+        }
+        assert groups == expected[stage]
 
     verdict = json.loads((results / "toy/gate/verdict.json").read_text())
     assert verdict["passed"] is True, verdict["problems"]
-    assert verdict["stages"].keys() == {"debug", "canonical", "reference"}  # toy.yaml: reference: transformers
+    assert verdict["stages"].keys() == {"debug", "canonical", "decoder", "reference"}  # toy.yaml: reference
+    for runtime in ("onnxruntime", "genai", "transformers"):
+        assert verdict["generation"][runtime] == {"identical": 1, "near_tie": 0, "differ": 0, "steps": 16}
 
     promoted = results / "promoted/toy/baseline2"
     manifest = json.loads((promoted / "manifest.json").read_text())
     assert manifest["tag"] == "baseline2"
     files = {f["name"]: f["sha256"] for f in manifest["files"]}
-    canonical = results / "toy/onnx/canonical"
-    assert files == {name: file_sha256(canonical / name) for name in ("model.onnx", "model.onnx.data")}
+    canonical, decoder = results / "toy/onnx/canonical", results / "toy/onnx/decoder"
+    expected = {name: file_sha256(canonical / name) for name in ("model.onnx", "model.onnx.data")}
+    expected |= {f"decoder/{p.name}": file_sha256(p) for p in decoder.iterdir()}
+    assert files == expected and "decoder/genai_config.json" in files
     for name in files:
         assert file_sha256(promoted / name) == files[name]
+    assert_genai_generates_what_transformers_does(promoted / "decoder", results / "toy/checkpoint")
     assert manifest["sequence_length"] == 32
     assert not (workdir / "docs").exists(), "a toy run must not touch docs/"
 

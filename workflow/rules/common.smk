@@ -114,17 +114,36 @@ def one_of(names):
 EXPORT_STAGES = {
     "debug": "the debug ONNX graph (hidden states + block taps)",
     "canonical": "the canonical ONNX graph (logits only)",
+    "decoder": "the KV-cache decoder graph for onnxruntime-genai",
 }
 PARITY_STAGES = {
     "debug": "parity of the debug graph (logits, hidden states, block taps)",
     "canonical": "parity of the canonical graph (logits)",
-    "reference": "transformers reference vs JAX (logits, hidden states)",
+    "decoder": "generation parity of the decoder graph (JAX, ONNX Runtime, onnxruntime-genai)",
+    "reference": "transformers reference vs JAX (logits, hidden states, greedy generation)",
 }
 
 
+def export_stages():
+    """The graphs: debug and canonical, plus the decoder unless `generate_tokens: 0`."""
+    return ["debug", "canonical"] + (["decoder"] if config["generate_tokens"] else [])
+
+
 def parity_stages():
-    """The CSVs the gate reads: debug and canonical, plus reference when `reference: transformers`."""
-    return ["debug", "canonical"] + (["reference"] if config["reference"] == "transformers" else [])
+    """The CSVs the gate reads: one per graph, plus reference when `reference: transformers`."""
+    return export_stages() + (["reference"] if config["reference"] == "transformers" else [])
+
+
+def export_flags(wildcards):
+    """The decoder's context length (genai_config.json), when the config sets one."""
+    length = config["context_length"]
+    return f"--context-length {length}" if wildcards.stage == "decoder" and length else ""
+
+
+def parity_flags(wildcards):
+    """The greedy steps of the decoder and reference stages."""
+    steps = config["generate_tokens"]
+    return f"--generate-tokens {steps}" if steps and wildcards.stage in ("decoder", "reference") else ""
 
 
 # --- paths -------------------------------------------------------------------------------------------------
@@ -193,11 +212,12 @@ def parity_source(wildcards, input):
 
 def promote_inputs(wildcards):
     name = promotions()[wildcards.tag]
-    return {
-        "graph": graph_folder(name, "canonical"),
-        "verdict": verdict_path(name),
-        "config": params_config_path(name),
-    }
+    graphs = {stage: graph_folder(name, stage) for stage in export_stages() if stage != "debug"}
+    return graphs | {"verdict": verdict_path(name), "config": params_config_path(name)}
+
+
+def promote_decoder(wildcards, input):
+    return f"--decoder {input.decoder}" if "decoder" in input.keys() else ""
 
 
 def entry_value(key):
@@ -209,7 +229,7 @@ def baseline_benchmarks():
     """The baseline's benchmark files in DAG order (what the benchmark figure shows)."""
     name, entry = baseline(), checkpoints()[baseline()]
     first = {"hub": ["download_checkpoint"], "synthetic": ["synth_checkpoint"], "local": []}[entry["source"]]
-    rules = [*first, f"convert_params_{entry['layers']}layers", *(f"export_onnx_{s}" for s in EXPORT_STAGES)]
+    rules = [*first, f"convert_params_{entry['layers']}layers", *(f"export_onnx_{s}" for s in export_stages())]
     rules += [f"parity_{stage}" for stage in parity_stages()] + ["parity_gate"]
     return [f"{RESULTS}/{name}/benchmarks/{rule}.tsv" for rule in rules] + [promote_benchmark(BASELINE_TAG)]
 
@@ -228,20 +248,19 @@ def prompt_args():
     return " ".join(f"--prompt {shlex.quote(p)}" for p in config["prompts"])
 
 
+TOLERANCE_KEYS = ("logits", "hidden_states", "block_taps", "decode_logits", "near_tie_margin")
+
+
 def tolerance_args():
+    """`--atol-logits X ... --near-tie-margin Y`: the flags of `gptoss parity` and `gptoss gate`."""
     t = config["tolerances"]
-    return (
-        f"--atol-logits {t['logits']:g} --atol-hidden-states {t['hidden_states']:g} "
-        f"--atol-block-taps {t['block_taps']:g} --near-tie-margin {t['near_tie_margin']:g}"
-    )
+    prefix = lambda key: "" if key == "near_tie_margin" else "atol-"
+    return " ".join(f"--{prefix(key)}{key.replace('_', '-')} {t[key]:g}" for key in TOLERANCE_KEYS)
 
 
 def tolerance_summary():
     t = config["tolerances"]
-    return (
-        f"logits <= {t['logits']:g}, hidden states <= {t['hidden_states']:g}, "
-        f"block taps <= {t['block_taps']:g}, near-tie margin {t['near_tie_margin']:g}"
-    )
+    return ", ".join(f"{key.replace('_', ' ')} {'' if key == 'near_tie_margin' else '<= '}{t[key]:g}" for key in TOLERANCE_KEYS)
 
 
 # --- resources ------------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
-# Stage 4: one CSV per stage (PARITY_STAGES; columns: gptoss.parity.COLUMNS): JAX vs ONNX Runtime on the
-# stage's graph, or (reference, with `reference: transformers`) JAX vs Hugging Face GptOssForCausalLM on the
-# same checkpoint and layers. Parity never fails on a difference (the gate decides); the tolerances only fill
+# Stage 4: one CSV per stage (PARITY_STAGES; columns: gptoss.compare.COLUMNS): JAX vs ONNX Runtime on the
+# stage's graph (decoder: greedy generation by JAX, ONNX Runtime and onnxruntime-genai), or (reference, with
+# `reference: transformers`) JAX vs Hugging Face GptOssForCausalLM on the same checkpoint and layers. Parity never fails on a difference (the gate decides); the tolerances only fill
 # the atol/passed columns.
 
 
@@ -27,9 +27,10 @@ rule parity:
         prompts=prompt_args(),
         tolerances=tolerance_args(),
         what=lambda wildcards: PARITY_STAGES[wildcards.stage],
+        flags=parity_flags,
     message:
         "{wildcards.checkpoint}: {params.what}"
     shell:
         "gptoss parity --stage {wildcards.stage} --params {input.params} --config {input.config} "
         "{params.source} --sequence-length {params.sequence_length} {params.prompts} {params.tolerances} "
-        "--threads {threads} --csv {output.csv} --logits-diffs {output.diffs} > {log} 2>&1"
+        "--threads {threads} {params.flags} --csv {output.csv} --logits-diffs {output.diffs} > {log} 2>&1"

@@ -1,6 +1,7 @@
-# Stage 6: copy a gated canonical graph (model.onnx + model.onnx.data) into {promote.dir}/{tag}/ with
-# manifest.json and README.md: baseline2 for the baseline checkpoint, and every `promote_as` tag.
-# `gptoss promote` refuses unless the verdict passed and the files are the ones parity verified.
+# Stage 6: copy a gated canonical graph (model.onnx + model.onnx.data) and the decoder folder (decoder/, what
+# onnxruntime_genai.Model opens) into {promote.dir}/{tag}/ with manifest.json and README.md: baseline2 for the
+# baseline checkpoint, and every `promote_as` tag. `gptoss promote` refuses unless the verdict passed, the files
+# are the ones parity verified and the decoder's genai_config.json agrees with its graph.
 
 
 rule promote:
@@ -22,11 +23,13 @@ rule promote:
     params:
         checkpoint=lambda wildcards: promotions()[wildcards.tag],
         sequence_length=config["sequence_length"],
+        decoder=promote_decoder,
     message:
-        "{params.checkpoint}: promoting the canonical graph as {wildcards.tag} into {output}"
+        "{params.checkpoint}: promoting the gated graphs as {wildcards.tag} into {output}"
     shell:
-        "gptoss promote --onnx {input.graph}/model.onnx --verdict {input.verdict} --dest {output} "
-        "--tag {wildcards.tag} --config {input.config} --sequence-length {params.sequence_length} > {log} 2>&1"
+        "gptoss promote --onnx {input.canonical}/model.onnx {params.decoder} --verdict {input.verdict} "
+        "--dest {output} --tag {wildcards.tag} --config {input.config} --sequence-length {params.sequence_length} "
+        "> {log} 2>&1"
 
 
 # The user's target: the baseline checkpoint promoted as baseline2.
