@@ -12,18 +12,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import jax
-import ml_dtypes
 import numpy as np
 
 from gptoss import mxfp4
 from gptoss.config import GptOssConfig, load_checkpoint_config
 from gptoss.errors import GptOssError
-from gptoss.model import param_specs
+from gptoss.model import WEIGHT_FORMATS, param_specs
 from gptoss.names import fused_qkv, original_name
 from gptoss.safetensors_io import TensorStore
-
-DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
-
 
 # Our parameter -> its HF tensor (in the model's layers: after `layers.{i}.` and `model.layers.{i}.`). Linear
 # modules map as modules: our `X.kernel` is HF's `X.weight` transposed (torch's [out, in] -> our [in, out]) and
@@ -46,6 +42,12 @@ OURS_TO_HF = {
     "mlp.down_bias": "mlp.experts.down_proj_bias",
 }
 OURS_TO_HF_EXPERTS = {"mlp.gate_up_kernel": "mlp.experts.gate_up_proj", "mlp.down_kernel": "mlp.experts.down_proj"}
+# dtype mxfp4: the experts' MXFP4 tensors themselves, copied as they are.
+OURS_TO_HF_MXFP4 = {
+    f"mlp.{ours}_{part}": f"mlp.experts.{ours}_proj_{part}"
+    for ours in ("gate_up", "down")
+    for part in ("blocks", "scales")
+}
 _LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
 
 
@@ -61,6 +63,8 @@ def hf_source(ours: str) -> tuple[str, str]:
         )
     if rest in OURS_TO_HF_EXPERTS:
         return prefix + OURS_TO_HF_EXPERTS[rest], "experts"
+    if rest in OURS_TO_HF_MXFP4:
+        return prefix + OURS_TO_HF_MXFP4[rest], "mxfp4"
     if rest in OURS_TO_HF:
         return prefix + OURS_TO_HF[rest], "copy"
     raise KeyError(f"no checkpoint tensor for parameter {ours!r}")
@@ -130,6 +134,13 @@ class Checkpoint:
             hf, kind = hf_source(ours)
             if kind == "experts":
                 sources[ours] = self._experts(hf, dtype)
+            elif kind == "mxfp4" and hf not in self:
+                dense = hf.rsplit("_", 1)[0]
+                found = f"the dequantized {dense!r}" if dense in self else f"no {hf!r}"
+                raise GptOssError(
+                    f"{self.store.file_of(next(self.store.names()))}: dtype mxfp4 keeps the experts as MXFP4 blocks "
+                    f"and scales, but this checkpoint has {found}; convert it with --dtype float32 or bfloat16"
+                )
             elif kind == "transpose":
                 sources[ours] = lambda hf=hf: self.get(hf).T
             else:
@@ -173,12 +184,12 @@ def load_params(
     Each loader reads one tensor, checks its shape against the model and that it is finite, and casts
     it to ``dtype`` (norm scales stay float32).
     """
-    if dtype not in DTYPES:
-        raise GptOssError(f"--dtype {dtype!r} is not supported; choose one of {sorted(DTYPES)}")
+    if dtype not in WEIGHT_FORMATS:
+        raise GptOssError(f"--dtype {dtype!r} is not supported; choose one of {sorted(WEIGHT_FORMATS)}")
     ckpt = Checkpoint.open(folder)
     cfg = ckpt.config.truncated(ckpt.config.num_hidden_layers if num_layers is None else num_layers)
-    specs = param_specs(cfg, DTYPES[dtype])
-    sources = ckpt.sources(list(specs), DTYPES[dtype])
+    specs = param_specs(cfg, dtype)
+    sources = ckpt.sources(list(specs), np.dtype(WEIGHT_FORMATS[dtype][0]))
 
     def loader(name: str) -> Callable[[], np.ndarray]:
         def load() -> np.ndarray:
@@ -190,6 +201,8 @@ def load_params(
                     "from config.json"
                 )
             out = np.ascontiguousarray(raw, dtype=np.dtype(spec.dtype))
+            if name.endswith("_scales") and (nan := int(np.count_nonzero(out == mxfp4.E8M0_NAN))):
+                raise GptOssError(f"{folder}: MXFP4 scales for {name!r} hold {nan} NaN scales (0xFF)")
             if bad := _count_nonfinite(out):
                 raise GptOssError(f"{folder}: tensor for {name!r} has {bad} NaN/Inf values")
             return out

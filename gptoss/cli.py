@@ -62,7 +62,7 @@ def _export(args: argparse.Namespace) -> None:
     if args.stage == "debug":
         hidden = debug = True
     spec = ExportSpec(args.sequence_length, hidden, debug, args.opset, args.stage == "decoder", args.context_length)
-    export(args.params, args.output, spec, args.config, args.skip_validation, args.threads)
+    export(args.params, args.output, spec, args.config, args.skip_validation, args.threads, args.weights)
 
 
 @command("parity")
@@ -157,7 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, required=True, help="HF or original/ layout checkpoint folder")
     p.add_argument("--output", type=Path, required=True, help="X.msgpack (X.config.json is written next to it)")
     p.add_argument("--layers", type=int, default=None, help="keep only the first N layers")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "mxfp4"],
+        help="params dtype; mxfp4 keeps the experts as the checkpoint's MXFP4 blocks/scales, the rest bfloat16",
+    )
 
     p = sub.add_parser("export", help="Flax params -> ONNX graph of a stage (debug, canonical, decoder)")
     p.add_argument(
@@ -168,6 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
         "genai_config.json and the tokenizer files beside it (default: debug if an --emit-* flag is given)",
     )
     p.add_argument("--context-length", type=int, default=None, help="decoder: longest prompt + generation")
+    p.add_argument(
+        "--weights",
+        type=Path,
+        default=None,
+        help="the .onnx.data an export of the same params wrote: hard-linked beside this graph, not written again",
+    )
     p.add_argument("--params", type=Path, required=True, help="X.msgpack from `gptoss convert`")
     p.add_argument("--config", type=Path, default=None, help="default: X.config.json next to --params")
     p.add_argument("--output", type=Path, required=True, help="model.onnx (model.onnx.data is written next to it)")

@@ -90,6 +90,18 @@ class GptOssConfig:
         block = attn + moe + 2 * h
         return self.num_hidden_layers * block + 2 * self.vocab_size * h + h
 
+    def expert_weight_count(self) -> int:
+        """Expert weights (gate_up and down, no biases): what MXFP4 stores at 4.25 bits each."""
+        return self.num_hidden_layers * self.num_local_experts * 3 * self.hidden_size * self.intermediate_size
+
+    def weight_bytes(self, dtype: str) -> int:
+        """Bytes of the weights in a params dtype: float32, bfloat16, or mxfp4 (experts as 4-bit codes plus one
+        8-bit scale per 32, every other weight bfloat16 — also the size of an HF checkpoint)."""
+        if dtype == "mxfp4":
+            experts = self.expert_weight_count()
+            return int(2 * (self.param_count() - experts) + experts * 17 / 32)
+        return self.param_count() * {"float32": 4, "bfloat16": 2}[dtype]
+
     def to_hf_dict(self) -> dict[str, Any]:
         """An HF-style ``config.json`` dict (transformers accepts it as ``GptOssConfig``)."""
         rs = self.rope_scaling

@@ -14,6 +14,7 @@ about one tensor of memory whatever the model size. Validation runs JAX first, f
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import logging
@@ -32,13 +33,12 @@ from flax import nnx
 
 from gptoss import __version__
 from gptoss.atomic import require_free_space, temporary_name
-from gptoss.checkpoint import DTYPES
 from gptoss.config import GptOssConfig, ParamsConfig, params_config_path
 from gptoss.decoder import TOTAL_LENGTH, past_names, present_names, write_companions
 from gptoss.errors import GptOssError
 from gptoss.model import GptOss, abstract_model, flat_param_specs, forward, output_names
 from gptoss.names import INPUT_NAME, MASK_NAME, PAST_PREFIX, data_path
-from gptoss.params_io import iter_params
+from gptoss.params_io import index_params, read_stored
 
 log = logging.getLogger("gptoss.export")
 # onnx_ir notes every shape-only value it serialises without a type: benign and very chatty.
@@ -237,66 +237,88 @@ def is_data_input(name: str) -> bool:
 
 
 def attach_weights(
-    onnx_model: ir.Model, params: Path, data_file: Path, threshold: int = EXTERNAL_THRESHOLD_BYTES
+    onnx_model: ir.Model,
+    params: Path,
+    data_file: Path,
+    weights: Path | None = None,
+    threshold: int = EXTERNAL_THRESHOLD_BYTES,
 ) -> None:
-    """Turn the weight inputs into initializers, streaming tensors over ``threshold`` bytes into ``data_file``.
+    """Turn the weight inputs into initializers: tensors over ``threshold`` bytes go to ``data_file`` (streamed
+    from the params, one at a time, each at a 64 KiB-aligned offset so ONNX Runtime can memory-map it), the
+    others into the graph.
 
-    Large tensors start at 64 KiB-aligned offsets so ONNX Runtime can memory-map them.
+    ``weights``: the data file an earlier export of the same params wrote (the layout depends on the params
+    only, so every graph of a model shares one): checked against that layout and placed as ``data_file`` by a
+    hard link (a copy across filesystems) instead of being written again.
     """
     graph = onnx_model.graph
     weight_inputs = {v.name: v for v in graph.inputs if not is_data_input(v.name)}
-    seen: set[str] = set()
-    with open(data_file, "wb") as fh:
-        for name, arr in iter_params(params):
-            value = weight_inputs.get(name)
-            if value is None:
-                raise GptOssError(f"{params}: tensor {name!r} is not a parameter of the configured model")
+    stored = index_params(params)
+    missing, extra = sorted(set(weight_inputs) - set(stored)), sorted(set(stored) - set(weight_inputs))
+    if missing or extra:
+        raise GptOssError(f"{params} does not match its config: missing {missing[:3]}, unexpected {extra[:3]}")
+    end = 0
+    with contextlib.ExitStack() as stack:
+        fh = None if weights else stack.enter_context(open(data_file, "wb"))
+        for name, place in stored.items():
+            value = weight_inputs[name]
             expected = tuple(d if isinstance(d, int) else -1 for d in value.shape)
-            if tuple(arr.shape) != expected:
+            if place.shape != expected or place.dtype != value.dtype.numpy():
                 raise GptOssError(
-                    f"{params} does not match its config: {name!r} has shape {list(arr.shape)}, "
-                    f"the config expects {list(expected)}"
+                    f"{params} does not match its config: {name!r} is {list(place.shape)} {place.dtype}, the "
+                    f"config expects {list(expected)} {value.dtype.numpy()}"
                 )
-            arr = np.ascontiguousarray(arr, dtype=value.dtype.numpy())
-            if arr.nbytes > threshold:
-                offset = -fh.tell() % DATA_ALIGNMENT
-                fh.write(b"\0" * offset)
-                start = fh.tell()
-                fh.write(memoryview(arr.reshape(-1).view(np.uint8)))
-                value.const_value = ir.ExternalTensor(
-                    data_file.name,
-                    start,
-                    arr.nbytes,
-                    value.dtype,
-                    shape=value.shape,
-                    name=name,
-                    base_dir=data_file.parent,
-                )
-            else:
-                value.const_value = ir.Tensor(arr, name=name)
-            seen.add(name)
-            del arr
-    missing = sorted(set(weight_inputs) - seen)
-    if missing:
-        raise GptOssError(f"{params} does not match its config: missing tensors {missing[:3]}")
+            nbytes = sum(n for _, n in place.segments)
+            if nbytes <= threshold:
+                value.const_value = ir.Tensor(read_stored(params, place), name=name)
+                continue
+            start = end + (-end % DATA_ALIGNMENT)
+            if fh is not None:
+                fh.write(b"\0" * (start - end))
+                fh.write(memoryview(read_stored(params, place).reshape(-1).view(np.uint8)))
+            end = start + nbytes
+            value.const_value = ir.ExternalTensor(
+                data_file.name, start, nbytes, value.dtype, shape=value.shape, name=name, base_dir=data_file.parent
+            )
+    if weights is not None:
+        if weights.stat().st_size != end:
+            raise GptOssError(
+                f"{weights}: {weights.stat().st_size} bytes, but the weights of {params} take {end}: not the data "
+                "file of these params"
+            )
+        link_or_copy(weights, data_file)
     graph.inputs[:] = [v for v in graph.inputs if is_data_input(v.name)]
     for value in weight_inputs.values():
         graph.register_initializer(value)
 
 
+def link_or_copy(source: Path, dest: Path) -> None:
+    """``dest`` as a hard link to ``source`` (no second copy on disk), or a copy across filesystems."""
+    try:
+        os.link(source, dest)
+    except OSError:
+        require_free_space(dest.parent, source.stat().st_size, dest.name)
+        shutil.copyfile(source, dest)
+
+
 def write_onnx(
-    onnx_model: ir.Model, params: Path, output: Path, companions: Callable[[Path], object] | None = None
+    onnx_model: ir.Model,
+    params: Path,
+    output: Path,
+    companions: Callable[[Path], object] | None = None,
+    weights: Path | None = None,
 ) -> None:
     """Write ``output`` and ``output.data`` (and whatever ``companions(folder)`` writes beside them) atomically:
-    staged in a temporary folder, checked, then renamed into place."""
+    staged in a temporary folder, checked, then renamed into place. ``weights``: see :func:`attach_weights`."""
     output.parent.mkdir(parents=True, exist_ok=True)
-    require_free_space(output.parent, int(params.stat().st_size * 1.05), data_path(output).name)
+    if weights is None:
+        require_free_space(output.parent, int(params.stat().st_size * 1.05), data_path(output).name)
     staging = temporary_name(output)
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
         staged = staging / output.name
-        attach_weights(onnx_model, params, data_path(staged))
+        attach_weights(onnx_model, params, data_path(staged), weights)
         ir.save(onnx_model, staged)
         onnx.checker.check_model(str(staged), full_check=False)
         if companions is not None:
@@ -338,21 +360,25 @@ def export(
     config: Path | None = None,
     skip_validation: bool = False,
     threads: int | None = None,
+    weights: Path | None = None,
 ) -> float | None:
-    """Export and (unless skipped) validate; returns the validation logits max |diff|."""
+    """Export and (unless skipped) validate; returns the validation logits max |diff|. ``weights``: an earlier
+    export's data file of the same params, shared instead of written again (:func:`attach_weights`)."""
+    if weights is not None and not weights.is_file():
+        raise GptOssError(f"{weights}: weights file not found")
     if spec.sequence_length < 1:
         raise GptOssError(f"--sequence-length must be positive, got {spec.sequence_length}")
     if not params.is_file():
         raise GptOssError(f"{params}: params file not found")
     params_cfg = ParamsConfig.read(config or params_config_path(params))
     log.info("tracing the %s graph", spec.stage)
-    onnx_model = build_onnx(abstract_model(params_cfg.model, jnp.dtype(DTYPES[params_cfg.dtype])), spec)
+    onnx_model = build_onnx(abstract_model(params_cfg.model, params_cfg.dtype), spec)
     log.info("writing %s (+ %s), streaming weights from %s", output, data_path(output).name, params)
     companions = None
     if spec.decoder:
         context = spec.context_length or params_cfg.model.max_position_embeddings
         companions = functools.partial(write_companions, params_cfg=params_cfg, context_length=context)
-    write_onnx(onnx_model, params, output, companions)
+    write_onnx(onnx_model, params, output, companions, weights)
     del onnx_model
     if skip_validation or spec.decoder:  # the decoder is checked by `gptoss parity --stage decoder`
         return None

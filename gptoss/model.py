@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gptoss import mxfp4 as mxfp4_format
 from gptoss.config import SLIDING, GptOssConfig
 from gptoss.errors import GptOssError
 from gptoss.names import BLOCK_TAPS
@@ -56,8 +57,14 @@ def _compute(param: nnx.Param | jax.Array) -> jax.Array:
     return param[...].astype(COMPUTE_DTYPE)
 
 
+# The params' dtype names: the dtype of the weights, and whether the experts stay MXFP4 blocks and scales (uint8,
+# decoded to float32 where they are multiplied; the other weights then stay bfloat16, as checkpoints store them).
+WEIGHT_FORMATS = {"float32": (jnp.float32, False), "bfloat16": (jnp.bfloat16, False), "mxfp4": (jnp.bfloat16, True)}
+
+
 def cast_slices(shape: tuple[int, ...], dtype: jnp.dtype, axis: int) -> list[slice]:
-    """Slices along ``axis`` whose float32 casts stay under ``CAST_SLICE_BYTES`` (one whole slice if no cast)."""
+    """Slices along ``axis`` whose float32 casts (of a ``shape`` of ``dtype`` values, or the float32 decode of
+    MXFP4 experts of that shape) stay under ``CAST_SLICE_BYTES``; one whole slice if nothing is converted."""
     n = shape[axis]
     if jnp.dtype(dtype) == COMPUTE_DTYPE:
         return [slice(0, n)]
@@ -188,13 +195,20 @@ class MoE(nnx.Module):
     computed for every expert (:meth:`_dense`) or, when decoding, for the selected ones only (:meth:`_selected`).
     """
 
-    def __init__(self, cfg: GptOssConfig, dtype: jnp.dtype) -> None:
+    def __init__(self, cfg: GptOssConfig, dtype: jnp.dtype, mxfp4: bool = False) -> None:
         h, i, e = cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts
         self.cfg = cfg
+        self.mxfp4 = mxfp4
         self.router = Linear(h, e, dtype)
-        self.gate_up_kernel = _param((e, h, 2 * i), dtype)
+        if mxfp4:  # as the checkpoint stores them: [E, out, in/32, 16] codes and [E, out, in/32] scales
+            self.gate_up_blocks = _param((e, 2 * i, h // mxfp4_format.GROUP, mxfp4_format.GROUP // 2), jnp.uint8)
+            self.gate_up_scales = _param((e, 2 * i, h // mxfp4_format.GROUP), jnp.uint8)
+            self.down_blocks = _param((e, h, i // mxfp4_format.GROUP, mxfp4_format.GROUP // 2), jnp.uint8)
+            self.down_scales = _param((e, h, i // mxfp4_format.GROUP), jnp.uint8)
+        else:  # [E, in, out]
+            self.gate_up_kernel = _param((e, h, 2 * i), dtype)
+            self.down_kernel = _param((e, i, h), dtype)
         self.gate_up_bias = _param((e, 2 * i), dtype)
-        self.down_kernel = _param((e, i, h), dtype)
         self.down_bias = _param((e, h), dtype)
 
     def __call__(self, x: jax.Array, taps: Outputs | None, sparse: bool = False) -> jax.Array:
@@ -254,7 +268,9 @@ class MoE(nnx.Module):
         flat = x.reshape(1, -1, hidden)
         dense_weights = jnp.sum(jax.nn.one_hot(top_idx, e, dtype=x.dtype) * top_weights[..., None], axis=-2)
         dense_weights = dense_weights.reshape(-1, e)
-        slices = cast_slices(self.gate_up_kernel.shape, self.gate_up_kernel.dtype, axis=0)
+        cfg = self.cfg
+        decoded = (e, cfg.hidden_size, 2 * cfg.intermediate_size)  # the float32 gate_up weights of every expert
+        slices = cast_slices(decoded, jnp.uint8 if self.mxfp4 else self.gate_up_bias.dtype, axis=0)
         per_slice: list[tuple[jax.Array, ...]] = []
         for experts in slices:
             tokens = jnp.broadcast_to(flat, (experts.stop - experts.start, *flat.shape[1:]))
@@ -278,19 +294,25 @@ class MoE(nnx.Module):
 
     def _expert_weights(self, experts: slice | jax.Array) -> tuple[jax.Array, ...]:
         """(gate_up kernel, gate_up bias, down kernel, down bias) of a slice of experts or of the experts at
-        given indices (a gather), in the compute dtype."""
+        given indices (a gather), in the compute dtype. MXFP4 experts are decoded here, just these ones, into
+        their stored ``[e, out, in]`` layout (the matmuls then contract the last axes)."""
 
         def pick(param: nnx.Param) -> jax.Array:
-            value = param[experts] if isinstance(experts, slice) else jnp.take(param[...], experts, axis=0)
-            return value.astype(COMPUTE_DTYPE)
+            return param[experts] if isinstance(experts, slice) else jnp.take(param[...], experts, axis=0)
 
-        return tuple(pick(p) for p in (self.gate_up_kernel, self.gate_up_bias, self.down_kernel, self.down_bias))
+        if self.mxfp4:
+            gate_up = decode_mxfp4(pick(self.gate_up_blocks), pick(self.gate_up_scales))
+            down = decode_mxfp4(pick(self.down_blocks), pick(self.down_scales))
+        else:
+            gate_up, down = pick(self.gate_up_kernel), pick(self.down_kernel)
+        bias = (pick(self.gate_up_bias), pick(self.down_bias))
+        return tuple(w.astype(COMPUTE_DTYPE) for w in (gate_up, bias[0], down, bias[1]))
 
     def _experts(self, tokens: jax.Array, weights: tuple[jax.Array, ...]) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Experts (``weights``, one per leading row) on ``tokens [e, N, H]``: (preactivation, activation, output)."""
         cfg = self.cfg
         gate_up_kernel, gate_up_bias, down_kernel, down_bias = weights
-        gate_up = _expert_matmul(tokens, gate_up_kernel) + gate_up_bias[:, None, :]
+        gate_up = _expert_matmul(tokens, gate_up_kernel, self.mxfp4) + gate_up_bias[:, None, :]
         # Trap: gate_up columns are interleaved — even columns gate, odd columns linear.
         pairs = gate_up.reshape(*gate_up.shape[:-1], cfg.intermediate_size, 2)
         gate, linear = pairs[..., 0], pairs[..., 1]
@@ -299,7 +321,7 @@ class MoE(nnx.Module):
         gate = jnp.minimum(gate, limit)
         linear = jnp.clip(linear, -limit, limit)
         act = gate * jax.nn.sigmoid(cfg.swiglu_alpha * gate) * (linear + 1)
-        expert_out = _expert_matmul(act, down_kernel) + down_bias[:, None, :]
+        expert_out = _expert_matmul(act, down_kernel, self.mxfp4) + down_bias[:, None, :]
         return gate_up, act, expert_out
 
 
@@ -307,19 +329,31 @@ def _concat(parts: list[jax.Array], axis: int = 0) -> jax.Array:
     return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=axis)
 
 
-def _expert_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
-    """``[E, N, in] × [E, in, out] → [E, N, out]`` with E as the batch dimension of one dot_general."""
-    return jax.lax.dot_general(x, w, dimension_numbers=(((2,), (1,)), ((0,), (0,))))
+def _expert_matmul(x: jax.Array, w: jax.Array, out_major: bool = False) -> jax.Array:
+    """``[E, N, in] × [E, in, out] → [E, N, out]`` with E as the batch dimension of one dot_general
+    (``out_major``: the weights are ``[E, out, in]``, as MXFP4 experts decode)."""
+    return jax.lax.dot_general(x, w, dimension_numbers=(((2,), (2 if out_major else 1,)), ((0,), (0,))))
+
+
+def decode_mxfp4(blocks: jax.Array, scales: jax.Array) -> jax.Array:
+    """MXFP4 ``blocks [..., G, 16]`` uint8 and ``scales [..., G]`` to float32 ``[..., G·32]``, exactly as
+    :func:`gptoss.mxfp4.decode`: trap, the low nibble is element 2i and the high nibble 2i+1; each code is looked
+    up in the 16-value E2M1 table (bit 3 the sign, so -0.0 stays -0.0) and each scale in the table of 2^(s-127)
+    (255 is NaN). Lookups and integer ops only, so JAX and the ONNX graph multiply bit-identical weights."""
+    codes = jnp.stack([blocks & 0x0F, jax.lax.shift_right_logical(blocks, jnp.uint8(4))], axis=-1)
+    values = jnp.take(jnp.asarray(mxfp4_format.FP4_VALUES), codes.reshape(*blocks.shape[:-1], -1).astype(jnp.int32))
+    factors = jnp.take(jnp.asarray(mxfp4_format.E8M0_VALUES), scales.astype(jnp.int32))
+    return (values * factors[..., None]).reshape(*scales.shape[:-1], -1)
 
 
 class Block(nnx.Module):
     """Pre-norm residual block: attention, then MoE."""
 
-    def __init__(self, cfg: GptOssConfig, layer: int, dtype: jnp.dtype) -> None:
+    def __init__(self, cfg: GptOssConfig, layer: int, dtype: jnp.dtype, mxfp4: bool = False) -> None:
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.attn = Attention(cfg, layer, dtype)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MoE(cfg, dtype)
+        self.mlp = MoE(cfg, dtype, mxfp4)
 
     def __call__(
         self, x: jax.Array, positions: jax.Array, taps: Outputs | None, cache: Cache | None = None
@@ -355,10 +389,12 @@ class Embed(nnx.Module):
 class GptOss(nnx.Module):
     """The full causal LM. ``__call__(input_ids [batch, seq]) -> {"logits": [batch, seq, vocab] float32, ...}``."""
 
-    def __init__(self, cfg: GptOssConfig, dtype: jnp.dtype = jnp.float32) -> None:
+    def __init__(self, cfg: GptOssConfig, weights: str = "float32") -> None:
+        """``weights``: a key of ``WEIGHT_FORMATS`` (float32, bfloat16, or mxfp4 experts with bfloat16 others)."""
+        dtype, mxfp4 = WEIGHT_FORMATS[weights]
         self.cfg = cfg
         self.embed = Embed(cfg.vocab_size, cfg.hidden_size, dtype)
-        self.layers = nnx.List([Block(cfg, i, dtype) for i in range(cfg.num_hidden_layers)])
+        self.layers = nnx.List([Block(cfg, i, dtype, mxfp4) for i in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.unembed = Linear(cfg.hidden_size, cfg.vocab_size, dtype, bias=False)
 
@@ -428,6 +464,8 @@ def forward(
     model: GptOss, input_ids: jax.Array, emit_hidden_states: bool = False, emit_block_debug: bool = False
 ) -> Outputs:
     """The forward pass, jitted one piece at a time (embedding, each block, head), weights as arguments.
+    ``model``: a :class:`GptOss`, or anything with its ``cfg``, ``embed``, ``layers``, ``norm`` and ``unembed``
+    (:class:`gptoss.runtime.StreamedModel` reads each piece from disk as it comes).
 
     Weights are arguments of pure functions: captured as constants they would be copied into the program,
     and ``nnx.jit`` returns the module state as outputs (a second copy). One program per block keeps XLA's
@@ -440,7 +478,7 @@ def forward(
     for i, block in enumerate(model.layers):
         x, taps = _apply_block(block, x, positions, emit_block_debug)
         collect(outputs, i, x, taps, emit_hidden_states)
-    return {"logits": _apply(model, "head", x), **outputs}
+    return {"logits": _head(model, x), **outputs}
 
 
 def decode_step(
@@ -453,7 +491,18 @@ def decode_step(
         graphdef, state = nnx.split(block)
         x, present = _jitted_cached_block(graphdef, state, x, input_ids, attention_mask, layer_past)
         presents.append(present)
-    return _apply(model, "head", x), presents
+    return _head(model, x), presents
+
+
+def _head(model: GptOss, x: jax.Array) -> jax.Array:
+    graphdef, state = nnx.split((model.norm, model.unembed))
+    return _jitted_head(graphdef, state, x)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _jitted_head(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array) -> jax.Array:
+    norm, unembed = nnx.merge(graphdef, state)
+    return unembed(norm(x)).astype(jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnums=(0,))
@@ -498,9 +547,9 @@ def _path_to_name(path: tuple) -> str:
     return ".".join(str(p) for p in path)
 
 
-def abstract_model(cfg: GptOssConfig, dtype: jnp.dtype = jnp.float32) -> GptOss:
+def abstract_model(cfg: GptOssConfig, weights: str = "float32") -> GptOss:
     """The model's structure with shape-only parameters (nothing allocated)."""
-    return nnx.eval_shape(lambda: GptOss(cfg, dtype))
+    return nnx.eval_shape(lambda: GptOss(cfg, weights))
 
 
 def flat_param_specs(state: nnx.State) -> list[tuple[tuple, str, jax.ShapeDtypeStruct]]:
@@ -508,15 +557,22 @@ def flat_param_specs(state: nnx.State) -> list[tuple[tuple, str, jax.ShapeDtypeS
     return [(path, _path_to_name(path), var.get_value()) for path, var in nnx.to_flat_state(state)]
 
 
-def param_specs(cfg: GptOssConfig, dtype: jnp.dtype = jnp.float32) -> dict[str, jax.ShapeDtypeStruct]:
+def param_specs(cfg: GptOssConfig, weights: str = "float32") -> dict[str, jax.ShapeDtypeStruct]:
     """Expected name → shape/dtype of every parameter, without allocating any."""
-    return {name: spec for _, name, spec in flat_param_specs(nnx.state(abstract_model(cfg, dtype)))}
+    return {name: spec for _, name, spec in flat_param_specs(nnx.state(abstract_model(cfg, weights)))}
+
+
+def weight_format(params: Mapping[str, np.ndarray | jax.Array]) -> str:
+    """The ``WEIGHT_FORMATS`` key that params are in (from their names and dtypes)."""
+    if any(name.endswith("gate_up_blocks") for name in params):
+        return "mxfp4"
+    embedding = params.get("embed.embedding")
+    return "bfloat16" if embedding is not None and embedding.dtype == jnp.bfloat16 else "float32"
 
 
 def build_model(cfg: GptOssConfig, params: Mapping[str, np.ndarray | jax.Array]) -> GptOss:
     """A model holding ``params`` (flat dotted names, see the module docstring), checked name by name."""
-    dtype = jnp.dtype(params["embed.embedding"].dtype) if "embed.embedding" in params else jnp.float32
-    graphdef, state = nnx.split(abstract_model(cfg, dtype))
+    graphdef, state = nnx.split(abstract_model(cfg, weight_format(params)))
     flat = flat_param_specs(state)
     names = {name for _, name, _ in flat}
     missing = sorted(names - set(params))

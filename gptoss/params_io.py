@@ -10,6 +10,7 @@ parses the stream and reads each array straight into its final buffer.
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -108,8 +109,13 @@ def aligned_empty(shape: Sequence[int], dtype: np.dtype) -> np.ndarray:
 class _Reader:
     """A minimal msgpack reader for the subset ``write_params`` and flax produce."""
 
-    def __init__(self, fh: IO[bytes], path: Path) -> None:
+    def __init__(self, fh: IO[bytes], path: Path, keep: Callable[[str], bool] | None = None) -> None:
         self.fh, self.path = fh, path
+        self.keep = keep or (lambda _name: True)
+        self.reading = True  # False while passing over an array nobody asked for (seek, no read)
+        self.places: list[tuple[int, int, tuple[int, ...], np.dtype]] = []  # (offset, bytes, shape, dtype) skipped
+        self.index: dict[str, StoredArray] = {}  # where each skipped array's bytes are
+        self._chunk_start = 0
 
     def _read(self, n: int) -> bytes:
         data = self.fh.read(n)
@@ -144,7 +150,10 @@ class _Reader:
         if b in (0xDE, 0xDF):
             return self._map(self._uint(2 if b == 0xDE else 4))
         if b in (0xC7, 0xC8, 0xC9) or 0xD4 <= b <= 0xD8:
-            shape, dtype, _ = self._array_header(b)
+            shape, dtype, nbytes = self._array_header(b)
+            if not self.reading:
+                self._skip(shape, dtype, nbytes)
+                return None
             return self._read_into(aligned_empty(shape, dtype))
         raise GptOssError(f"{self.path}: not a params msgpack file (unexpected byte 0x{b:02x})")
 
@@ -171,14 +180,29 @@ class _Reader:
             raise GptOssError(f"{self.path}: array entry size does not match its shape {shape} {dtype_name}")
         return shape, dtype, nbytes
 
+    def _placed(self, shape: tuple[int, ...] | None, start: int | None = None) -> StoredArray:
+        """The skipped array's place: the segments recorded since ``start`` (a chunked array's since its first
+        chunk), with the whole array's shape (``None``: the one segment's)."""
+        segments = self.places[self._chunk_start if start is None else start :]
+        return StoredArray(
+            tuple(shape or segments[0][2]), segments[0][3], tuple((offset, nbytes) for offset, nbytes, *_ in segments)
+        )
+
+    def _skip(self, shape: list[int], dtype: np.dtype, nbytes: int) -> None:
+        """Pass over an array nobody asked for, noting where its bytes are (:func:`index_params`)."""
+        self.places.append((self.fh.tell(), nbytes, tuple(shape), dtype))
+        self.fh.seek(nbytes, 1)
+
     def _read_into(self, arr: np.ndarray) -> np.ndarray:
         if self.fh.readinto(memoryview(arr.reshape(-1).view(np.uint8))) != arr.nbytes:
             raise GptOssError(f"{self.path}: truncated params file")
         return arr
 
     def _chunked(self, size: int) -> np.ndarray:
-        """flax's chunked array (after its first key): chunks are read straight into one preallocated array."""
+        """flax's chunked array (after its first key): chunks are read straight into one preallocated array (when
+        skipped: its shape, the chunks' places noted)."""
         self.value()  # the marker's value (True)
+        self._chunk_start = len(self.places)
         shape: tuple[int, ...] | None = None
         out: np.ndarray | None = None
         for _ in range(size - 1):
@@ -190,7 +214,10 @@ class _Reader:
                 offset = 0
                 for _ in range(self._map_header() or 0):
                     self.value()  # chunk index
-                    chunk_shape, dtype, _ = self._array_header(self._read(1)[0])
+                    chunk_shape, dtype, nbytes = self._array_header(self._read(1)[0])
+                    if not self.reading:
+                        self._skip(chunk_shape, dtype, nbytes)
+                        continue
                     if out is None:
                         out = aligned_empty((int(np.prod(shape, dtype=np.int64)),), dtype)
                     count = int(np.prod(chunk_shape, dtype=np.int64))
@@ -198,6 +225,8 @@ class _Reader:
                     offset += count
             else:
                 raise GptOssError(f"{self.path}: malformed chunked array (unexpected key {key!r})")
+        if not self.reading:
+            return shape
         if out is None or shape is None or out.size != int(np.prod(shape, dtype=np.int64)):
             raise GptOssError(f"{self.path}: malformed chunked array")
         return out.reshape(shape)
@@ -224,27 +253,72 @@ class _Reader:
         for i in range(size):
             key = str(self.value())
             if i == 0 and key == CHUNKED_KEY:
-                yield prefix.rstrip("."), self._chunked(size)
+                self.reading = self.keep(prefix.rstrip("."))
+                value = self._chunked(size)
+                if self.reading:
+                    yield prefix.rstrip("."), value
+                else:
+                    self.index[prefix.rstrip(".")] = self._placed(value)
                 return
             name = f"{prefix}{key}"
             nested = self._map_header()
             if nested is not None:
                 yield from self.leaves(name + ".", nested)
                 continue
+            self.reading = self.keep(name)
+            start = len(self.places)
             value = self.value()
+            if not self.reading:
+                self.index[name] = self._placed(None, start)
+                continue
             if not isinstance(value, np.ndarray):
                 raise GptOssError(f"{self.path}: params entry {name!r} is not an array")
             yield name, value
 
 
-def iter_params(path: Path) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield ``(dotted name, array)`` from a params msgpack, reading one array at a time."""
+def iter_params(path: Path, keep: Callable[[str], bool] | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield ``(dotted name, array)`` from a params msgpack, reading one array at a time; with ``keep``, only the
+    arrays it accepts (the others are skipped over without being read)."""
     if not path.is_file():
         raise GptOssError(f"{path}: params file not found")
     with open(path, "rb") as fh:
-        yield from _Reader(fh, path).leaves()
+        yield from _Reader(fh, path, keep).leaves()
         if fh.read(1):
             raise GptOssError(f"{path}: trailing bytes after the params map")
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredArray:
+    """Where an array's bytes are in a params file: ``(offset, bytes)`` segments (several for a chunked one)."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    segments: tuple[tuple[int, int], ...]
+
+
+def index_params(path: Path) -> dict[str, StoredArray]:
+    """Name → place of every array, from one pass over the headers (no array is read)."""
+    if not path.is_file():
+        raise GptOssError(f"{path}: params file not found")
+    with open(path, "rb") as fh:
+        reader = _Reader(fh, path, keep=lambda _name: False)
+        for _ in reader.leaves():
+            pass
+        return reader.index
+
+
+def read_stored(path: Path, stored: StoredArray) -> np.ndarray:
+    """One array read from its place (into a 64-byte aligned buffer that JAX adopts without a copy)."""
+    out = aligned_empty(stored.shape, stored.dtype)
+    flat = out.reshape(-1).view(np.uint8)
+    with open(path, "rb") as fh:
+        position = 0
+        for offset, nbytes in stored.segments:
+            fh.seek(offset)
+            if fh.readinto(memoryview(flat[position : position + nbytes])) != nbytes:
+                raise GptOssError(f"{path}: truncated params file")
+            position += nbytes
+    return out
 
 
 def read_params(path: Path) -> dict[str, np.ndarray]:

@@ -1,5 +1,5 @@
-"""The two runtimes the stages compare: the Flax model in JAX (params read into memory, forward pass per
-prompt spilled to disk) and ONNX Runtime sessions on the exported graphs."""
+"""The two runtimes the stages compare: the Flax model in JAX (weights read from the params file one block at a
+time, outputs per prompt spilled to disk) and ONNX Runtime sessions on the exported graphs."""
 
 from __future__ import annotations
 
@@ -12,26 +12,86 @@ import jax.numpy as jnp
 import numpy as np
 import onnx
 import onnxruntime as ort
+from flax import nnx
 
 from gptoss.config import ParamsConfig, params_config_path
 from gptoss.errors import GptOssError
-from gptoss.model import GptOss, build_model, forward, output_names
-from gptoss.params_io import iter_params
+from gptoss.model import abstract_model, flat_param_specs, forward, output_names
+from gptoss.params_io import index_params, read_stored
 from gptoss.prompts import Prompt, padded
 
 
-def load_model(params: Path, config: Path | None = None) -> tuple[ParamsConfig, GptOss]:
-    """Read params + config and build the Flax model; mismatches become one clear error."""
+class StreamedModel:
+    """The Flax model with its weights left in the params file: each piece (the embedding, block ``i``, the final
+    norm, the unembedding) is read when it is used and dropped after, so the process holds one block's weights
+    at a time, whatever the depth. :func:`gptoss.model.forward` and :func:`gptoss.model.decode_step` run it."""
+
+    def __init__(self, params: Path, params_cfg: ParamsConfig) -> None:
+        self.path, self.cfg = params, params_cfg.model
+        self.index = index_params(params)
+        self.skeleton = abstract_model(self.cfg, params_cfg.dtype)
+        specs = {name: spec for _, name, spec in flat_param_specs(nnx.state(self.skeleton))}
+        missing, extra = sorted(set(specs) - set(self.index)), sorted(set(self.index) - set(specs))
+        if missing or extra:
+            raise GptOssError(f"params do not match the config: missing {missing[:3]}, unexpected {extra[:3]}")
+        for name, spec in specs.items():
+            stored = self.index[name]
+            if stored.shape != tuple(spec.shape) or stored.dtype != spec.dtype:
+                raise GptOssError(
+                    f"param {name!r} is {list(stored.shape)} {stored.dtype}, the config expects "
+                    f"{list(spec.shape)} {jnp.dtype(spec.dtype)}"
+                )
+
+    def _load(self, module: nnx.Module, prefix: str) -> nnx.Module:
+        # On CPU, `jax.device_put` adopts each freshly read (64-byte aligned) buffer without a copy.
+        graphdef, state = nnx.split(module)
+        values = [
+            (path, jax.device_put(read_stored(self.path, self.index[prefix + name])))
+            for path, name, _ in flat_param_specs(state)
+        ]
+        return nnx.merge(graphdef, nnx.from_flat_state(values))
+
+    @property
+    def embed(self) -> nnx.Module:
+        return self._load(self.skeleton.embed, "embed.")
+
+    @property
+    def layers(self) -> Sequence[nnx.Module]:
+        return _Blocks(self)
+
+    @property
+    def norm(self) -> nnx.Module:
+        return self._load(self.skeleton.norm, "norm.")
+
+    @property
+    def unembed(self) -> nnx.Module:
+        return self._load(self.skeleton.unembed, "unembed.")
+
+
+class _Blocks(Sequence):
+    """``StreamedModel.layers``: block ``i`` is read when it is asked for."""
+
+    def __init__(self, model: StreamedModel) -> None:
+        self.model = model
+
+    def __len__(self) -> int:
+        return len(self.model.skeleton.layers)
+
+    def __getitem__(self, i: int) -> nnx.Module:
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        i %= len(self)
+        return self.model._load(self.model.skeleton.layers[i], f"layers.{i}.")
+
+
+def load_model(params: Path, config: Path | None = None) -> tuple[ParamsConfig, StreamedModel]:
+    """Params + config as a :class:`StreamedModel`; a mismatch between the two is one clear error."""
     config = config or params_config_path(params)
     params_cfg = ParamsConfig.read(config)
-    # On CPU, `jax.device_put` adopts each freshly read (64-byte aligned) numpy buffer without a copy, so the
-    # params are in memory once (`jnp.asarray` would copy each one: +1.2 GB peak at 20b bf16).
-    arrays = {name: jax.device_put(arr) for name, arr in iter_params(params)}
     try:
-        model = build_model(params_cfg.model, arrays)
+        return params_cfg, StreamedModel(params, params_cfg)
     except GptOssError as exc:
         raise GptOssError(f"{params} does not match {config}: {exc}") from None
-    return params_cfg, model
 
 
 def spill_jax_outputs(

@@ -79,13 +79,6 @@ def preset_config(preset: str, num_layers: int | None = None) -> GptOssConfig:
     return GptOssConfig(layer_types=default_layer_types(n), **fields)
 
 
-def checkpoint_bytes(cfg: GptOssConfig) -> int:
-    """Approximate on-disk size: bf16 dense tensors, 4.25 bits per MXFP4 expert weight."""
-    expert_weights = cfg.num_hidden_layers * cfg.num_local_experts * 3 * cfg.hidden_size * cfg.intermediate_size
-    dense = cfg.param_count() - expert_weights
-    return int(2 * dense + expert_weights * (0.5 + 1 / GROUP))
-
-
 class _Generator:
     def __init__(self, cfg: GptOssConfig, seed: int) -> None:
         self.cfg = cfg
@@ -145,7 +138,7 @@ def synthesize(
     for dim, what in ((cfg.hidden_size, "hidden_size"), (cfg.intermediate_size, "intermediate_size")):
         if dim % GROUP:
             raise GptOssError(f"{what}={dim} is not a multiple of {GROUP} (MXFP4 groups)")
-    require_free_space(output.parent, int(checkpoint_bytes(cfg) * 1.1), f"the {preset} checkpoint")
+    require_free_space(output.parent, int(cfg.weight_bytes("mxfp4") * 1.1), f"the {preset} checkpoint")
     tokenizer = train_synthetic_tokenizer(min(TOKENIZER_VOCAB, cfg.vocab_size), seed)
     special = special_token_ids(tokenizer)
     with atomic_output(output) as tmp:

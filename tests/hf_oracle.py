@@ -29,6 +29,7 @@ class OracleCase:
     vocab: int = 300
     layout: str = "hf"  # hf | original | dense (dequantized input-major experts)
     bf16: bool = False
+    params_dtype: str = "float32"  # gptoss convert --dtype
 
     def config(self) -> GptOssConfig:
         return GptOssConfig(

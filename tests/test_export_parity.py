@@ -342,7 +342,7 @@ def test_xla_keeps_one_cast_slice_alive_at_a_time(monkeypatch):
     """bf16 block compiled by XLA: its temporaries hold about one slice's float32 casts, not the whole block's
     (XLA's default concurrency-optimised scheduler casts every slice first; `gptoss` selects the other one)."""
     cfg = dataclasses.replace(preset_config("toy", 1), intermediate_size=512)
-    block = abstract_model(cfg, jnp.bfloat16).layers[0]
+    block = abstract_model(cfg, "bfloat16").layers[0]
     whole_casts = 4 * (block.mlp.gate_up_kernel.size + block.mlp.down_kernel.size)  # 3 MiB of float32
     monkeypatch.setattr(model_module, "CAST_SLICE_BYTES", whole_casts // 12)  # one expert's casts per slice
     graphdef, state = nnx.split(block)

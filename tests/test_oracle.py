@@ -33,6 +33,8 @@ CASES = {
     "heads6_kv2_bf16": dict(heads=6, kv_heads=2, window=4, seq=10, bf16=True),
     "heads8_kv2_original": dict(heads=8, kv_heads=2, window=4, seq=12, layout="original"),
     "heads4_kv1_dense": dict(heads=4, kv_heads=1, window=5, seq=14, layout="dense"),
+    # experts kept as the checkpoint's MXFP4 blocks/scales, decoded in the forward pass; other weights bf16
+    "heads8_kv2_mxfp4": dict(heads=8, kv_heads=2, window=5, seq=13, bf16=True, params_dtype="mxfp4"),
 }
 
 
@@ -115,12 +117,20 @@ def oracle(request, tmp_path_factory, oracle_report) -> SimpleNamespace:
     hf = hf_oracle.hf_model(case, seed=len(name))
     checkpoint = hf_oracle.write_case(hf, case, tmp / "checkpoint")
     ids = np.random.default_rng(7).integers(0, case.vocab, size=(2, case.seq))
-    ours = convert_and_run(checkpoint, tmp / "params" / f"{name}.msgpack", ids)
+    ours = convert_and_run(checkpoint, tmp / "params" / f"{name}.msgpack", ids, "--dtype", case.params_dtype)
     return SimpleNamespace(name=name, case=case, checkpoint=checkpoint, ids=ids, ours=ours, hf=hf_forward(hf, ids))
 
 
 def test_logits_and_hidden_states_match_transformers(oracle, oracle_report):
     compare(oracle.name, oracle.ours, oracle.hf, oracle.case.layers, oracle_report)
+
+
+def safe_load(folder: Path, name: str) -> np.ndarray:
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), "np") as fh:
+            if name in fh.keys():
+                return fh.get_tensor(name)
+    raise KeyError(name)
 
 
 def test_checkpoint_is_in_the_layout_the_case_claims(oracle):
@@ -146,7 +156,12 @@ def test_checkpoint_is_in_the_layout_the_case_claims(oracle):
     else:
         assert tensors["model.layers.0.mlp.experts.gate_up_proj_blocks"] == "U8"
     assert tensors.get("model.embed_tokens.weight", tensors.get("embedding.weight")) == ("BF16" if case.bf16 else "F32")
-    assert oracle.ours.params_cfg.source_layers == case.layers
+    assert oracle.ours.params_cfg.source_layers == case.layers and oracle.ours.params_cfg.dtype == case.params_dtype
+    if case.params_dtype == "mxfp4":  # the experts are the checkpoint's bytes, not a decoded copy
+        np.testing.assert_array_equal(
+            oracle.ours.params["layers.0.mlp.gate_up_blocks"],
+            safe_load(folder, "model.layers.0.mlp.experts.gate_up_proj_blocks"),
+        )
     assert oracle.ours.params_cfg.model == case.config()
 
 

@@ -134,10 +134,22 @@ def parity_stages():
     return export_stages() + (["reference"] if config["reference"] == "transformers" else [])
 
 
-def export_flags(wildcards):
-    """The decoder's context length (genai_config.json), when the config sets one."""
-    length = config["context_length"]
-    return f"--context-length {length}" if wildcards.stage == "decoder" and length else ""
+# The canonical graph's export writes the weights (model.onnx.data); the other graphs of the same params share
+# that file by a hard link instead of writing it again (one copy on disk: 13 GB for the full gpt-oss-20b).
+WEIGHTS_STAGE = "canonical"
+
+
+def export_inputs(wildcards):
+    shared = {} if wildcards.stage == WEIGHTS_STAGE else {"weights": graph_folder(wildcards.checkpoint, WEIGHTS_STAGE)}
+    return params_inputs(wildcards) | shared
+
+
+def export_flags(wildcards, input):
+    """The shared weights file, and the decoder's context length (genai_config.json) when the config sets one."""
+    flags = [f"--weights {input.weights}/model.onnx.data"] if "weights" in input.keys() else []
+    if wildcards.stage == "decoder" and config["context_length"]:
+        flags.append(f"--context-length {config['context_length']}")
+    return " ".join(flags)
 
 
 def parity_flags(wildcards):
@@ -265,11 +277,9 @@ def tolerance_summary():
 
 # --- resources ------------------------------------------------------------------------------------------------
 
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
-# Resident memory per stage: fixed MB + a multiple of the converted params' size (calibration: workflow/README.md).
-# The stages that read or write the checkpoint scale with the float32 size whatever `dtype` says (MXFP4 experts
-# are decoded through float32; synth writes the same checkpoint either way); the others with the params' dtype.
-CHECKPOINT_STAGES = {"synth", "download", "convert"}
+# Resident memory per stage: fixed MB + a multiple of the converted params' size in MB (float32, bfloat16 or
+# mxfp4 bytes; calibration: workflow/README.md). The stages that read or write a checkpoint scale with its float32
+# size when they decode the MXFP4 experts (synth, and convert to float32/bfloat16); the others with the params.
 MEMORY_MODEL = {
     "synth": (1000, 0.45),  # measured 5.6 GB at 20b
     "download": (1000, 0.0),
@@ -280,12 +290,13 @@ MEMORY_MODEL = {
     "promote": (500, 0.0),
     "report": (1000, 0.0),
 }
+DECODING_STAGES = {"synth", "convert"}
 
 
 @functools.cache
-def param_count(name):
-    """Parameters of the converted model: from the checkpoint's config.json when it is already on disk,
-    else from the synthetic preset, else (a hub repo not yet downloaded) from the gpt-oss-20b/120b shapes."""
+def model_config(name):
+    """The converted model's architecture: from the checkpoint's config.json when it is already on disk, else
+    from the synthetic preset, else (a hub repo not yet downloaded) from the gpt-oss-20b/120b shapes."""
     from gptoss.config import load_checkpoint_config
     from gptoss.errors import GptOssError
     from gptoss.synth import preset_config
@@ -296,24 +307,25 @@ def param_count(name):
     if (folder / "config.json").is_file() or (folder / "original" / "config.json").is_file():
         try:
             full = load_checkpoint_config(folder)
-            return full.truncated(min(layers, full.num_hidden_layers)).param_count()
+            return full.truncated(min(layers, full.num_hidden_layers))
         except GptOssError:
             pass  # the convert rule reports a broken checkpoint properly
     preset = entry.get("preset")
     if preset is None:
         where = (entry.get("repo_id") or entry.get("path") or "").lower()
         preset = "gpt-oss-120b" if "120b" in where else "gpt-oss-20b"
-    return preset_config(preset, layers).param_count()
+    return preset_config(preset, layers)
 
 
 def params_mb(name):
-    return param_count(name) * DTYPE_BYTES[checkpoints()[name]["dtype"]] / 1e6
+    return model_config(name).weight_bytes(checkpoints()[name]["dtype"]) / 1e6
 
 
 def estimate_mem_mb(name, stage):
-    fixed, per_param_mb = MEMORY_MODEL[stage]
-    dtype = "float32" if stage in CHECKPOINT_STAGES else checkpoints()[name]["dtype"]
-    return int(fixed + per_param_mb * param_count(name) * DTYPE_BYTES[dtype] / 1e6)
+    fixed, per_params_mb = MEMORY_MODEL[stage]
+    dtype = checkpoints()[name]["dtype"]
+    decodes = stage in DECODING_STAGES and (stage == "synth" or dtype != "mxfp4")
+    return int(fixed + per_params_mb * model_config(name).weight_bytes("float32" if decodes else dtype) / 1e6)
 
 
 def mem_mb(stage):

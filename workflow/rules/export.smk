@@ -1,7 +1,8 @@
 # Stage 3: Flax params -> one ONNX graph per stage (EXPORT_STAGES), each a folder with model.onnx and
 # model.onnx.data written together. The debug graph (fixed sequence length) also outputs every hidden state
 # and the per-block taps; the canonical graph (symbolic batch and sequence) outputs logits only; the decoder
-# graph takes and returns the KV cache, with genai_config.json and the tokenizer files beside it.
+# graph takes and returns the KV cache, with genai_config.json and the tokenizer files beside it. The weights
+# file is the same for every graph of a checkpoint: the canonical export writes it, the others hard-link it.
 # --skip-validation: the export's own JAX vs ONNX Runtime spot check would hold the model twice (JAX weights and
 # an ONNX Runtime session) at the export's peak; the parity rule that follows checks each graph in full, one
 # side at a time, against the configured tolerances.
@@ -9,7 +10,7 @@
 
 rule export_onnx:
     input:
-        unpack(params_inputs),
+        unpack(export_inputs),
     output:
         directory(graph_folder("{checkpoint}", "{stage}")),
     log:
