@@ -62,7 +62,12 @@ def _export(args: argparse.Namespace) -> None:
     if args.stage == "debug":
         hidden = debug = True
     spec = ExportSpec(args.sequence_length, hidden, debug, args.opset, args.stage == "decoder", args.context_length)
-    export(args.params, args.output, spec, args.config, args.skip_validation, args.threads, args.weights)
+    if args.weights_only:
+        from gptoss.export import export_weights
+
+        export_weights(args.params, args.output, args.config)
+        return
+    export(args.params, args.output, spec, args.config, args.skip_validation, args.threads, args.reuse_weights)
 
 
 @command("parity")
@@ -174,10 +179,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--context-length", type=int, default=None, help="decoder: longest prompt + generation")
     p.add_argument(
-        "--weights",
-        type=Path,
-        default=None,
-        help="the .onnx.data an export of the same params wrote: hard-linked beside this graph, not written again",
+        "--weights-only",
+        action="store_true",
+        help="write only the weights file (--output DIR/model.onnx.data) that every graph of these params shares",
+    )
+    p.add_argument(
+        "--reuse-weights",
+        action="store_true",
+        help="model.onnx.data beside --output holds these params' weights already: share it, do not rewrite it",
     )
     p.add_argument("--params", type=Path, required=True, help="X.msgpack from `gptoss convert`")
     p.add_argument("--config", type=Path, default=None, help="default: X.config.json next to --params")

@@ -37,7 +37,7 @@ def present_names(layers: int) -> list[str]:
     return [name % i for i in range(layers) for name in (PRESENT_KEY, PRESENT_VALUE)]
 
 
-def genai_config(params_cfg: ParamsConfig, context_length: int, filename: str = "model.onnx") -> dict[str, Any]:
+def genai_config(params_cfg: ParamsConfig, context_length: int, filename: str) -> dict[str, Any]:
     """``genai_config.json`` for the decoder graph: model shape, token ids, context length, greedy-or-sampling
     defaults from the checkpoint's generation config."""
     cfg, tokens = params_cfg.model, params_cfg.generation or {}
@@ -82,10 +82,11 @@ def genai_config(params_cfg: ParamsConfig, context_length: int, filename: str = 
     }
 
 
-def write_companions(folder: Path, params_cfg: ParamsConfig, context_length: int) -> list[Path]:
-    """Write ``genai_config.json`` and copy the checkpoint's tokenizer files into ``folder``."""
+def write_companions(folder: Path, params_cfg: ParamsConfig, context_length: int, filename: str) -> list[Path]:
+    """Write ``genai_config.json`` (for the graph ``filename``) and copy the checkpoint's tokenizer files into
+    ``folder``."""
     written = [folder / GENAI_CONFIG]
-    written[0].write_text(json.dumps(genai_config(params_cfg, context_length), indent=2) + "\n")
+    written[0].write_text(json.dumps(genai_config(params_cfg, context_length, filename), indent=2) + "\n")
     if params_cfg.tokenizer:
         source = Path(params_cfg.tokenizer).parent
         for name in TOKENIZER_FILES:
@@ -116,6 +117,11 @@ def graph_numbers(onnx_path: Path) -> dict[str, int]:
         "vocab_size": int(dims(logits)[-1]),
         "hidden_size": int(embedding[1]),
     }
+
+
+def companion_files(folder: Path) -> list[Path]:
+    """The files onnxruntime-genai reads beside a decoder graph: its config and the tokenizer files there."""
+    return [folder / name for name in (GENAI_CONFIG, *TOKENIZER_FILES) if (folder / name).is_file()]
 
 
 def check_folder(folder: Path) -> dict[str, Any]:

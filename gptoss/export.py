@@ -14,7 +14,6 @@ about one tensor of memory whatever the model size. Validation runs JAX first, f
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import gc
 import logging
@@ -32,13 +31,13 @@ import onnx_ir as ir
 from flax import nnx
 
 from gptoss import __version__
-from gptoss.atomic import require_free_space, temporary_name
+from gptoss.atomic import atomic_output, require_free_space, temporary_name
 from gptoss.config import GptOssConfig, ParamsConfig, params_config_path
 from gptoss.decoder import TOTAL_LENGTH, past_names, present_names, write_companions
 from gptoss.errors import GptOssError
-from gptoss.model import GptOss, abstract_model, flat_param_specs, forward, output_names
+from gptoss.model import GptOss, abstract_model, flat_param_specs, forward, output_names, param_specs
 from gptoss.names import INPUT_NAME, MASK_NAME, PAST_PREFIX, data_path
-from gptoss.params_io import index_params, read_stored
+from gptoss.params_io import StoredArray, index_params, read_stored
 
 log = logging.getLogger("gptoss.export")
 # onnx_ir notes every shape-only value it serialises without a type: benign and very chatty.
@@ -236,99 +235,111 @@ def is_data_input(name: str) -> bool:
     return name in (INPUT_NAME, MASK_NAME) or name.startswith(PAST_PREFIX)
 
 
-def attach_weights(
-    onnx_model: ir.Model,
-    params: Path,
-    data_file: Path,
-    weights: Path | None = None,
-    threshold: int = EXTERNAL_THRESHOLD_BYTES,
-) -> None:
-    """Turn the weight inputs into initializers: tensors over ``threshold`` bytes go to ``data_file`` (streamed
-    from the params, one at a time, each at a 64 KiB-aligned offset so ONNX Runtime can memory-map it), the
-    others into the graph.
+@dataclass(frozen=True)
+class Placed:
+    """A weight's place in the weights file: ``offset`` and ``nbytes`` there, or ``None`` (small: in the graph)."""
 
-    ``weights``: the data file an earlier export of the same params wrote (the layout depends on the params
-    only, so every graph of a model shares one): checked against that layout and placed as ``data_file`` by a
-    hard link (a copy across filesystems) instead of being written again.
-    """
-    graph = onnx_model.graph
-    weight_inputs = {v.name: v for v in graph.inputs if not is_data_input(v.name)}
+    name: str
+    stored: StoredArray
+    offset: int | None
+    nbytes: int
+
+
+def weights_layout(params: Path, specs: dict[str, tuple[tuple[int, ...], np.dtype]]) -> tuple[list[Placed], int]:
+    """Where each weight of ``params`` goes, checked against the model's ``specs`` (name → shape, dtype); and the
+    weights file's size. Tensors over ``EXTERNAL_THRESHOLD_BYTES`` go to the file, in the params' order, each at a
+    64 KiB-aligned offset so ONNX Runtime can memory-map it. A function of the params alone, so every graph of
+    a model shares one weights file."""
     stored = index_params(params)
-    missing, extra = sorted(set(weight_inputs) - set(stored)), sorted(set(stored) - set(weight_inputs))
+    missing, extra = sorted(set(specs) - set(stored)), sorted(set(stored) - set(specs))
     if missing or extra:
         raise GptOssError(f"{params} does not match its config: missing {missing[:3]}, unexpected {extra[:3]}")
-    end = 0
-    with contextlib.ExitStack() as stack:
-        fh = None if weights else stack.enter_context(open(data_file, "wb"))
-        for name, place in stored.items():
-            value = weight_inputs[name]
-            expected = tuple(d if isinstance(d, int) else -1 for d in value.shape)
-            if place.shape != expected or place.dtype != value.dtype.numpy():
-                raise GptOssError(
-                    f"{params} does not match its config: {name!r} is {list(place.shape)} {place.dtype}, the "
-                    f"config expects {list(expected)} {value.dtype.numpy()}"
-                )
-            nbytes = sum(n for _, n in place.segments)
-            if nbytes <= threshold:
-                value.const_value = ir.Tensor(read_stored(params, place), name=name)
-                continue
-            start = end + (-end % DATA_ALIGNMENT)
-            if fh is not None:
-                fh.write(b"\0" * (start - end))
-                fh.write(memoryview(read_stored(params, place).reshape(-1).view(np.uint8)))
-            end = start + nbytes
-            value.const_value = ir.ExternalTensor(
-                data_file.name, start, nbytes, value.dtype, shape=value.shape, name=name, base_dir=data_file.parent
-            )
-    if weights is not None:
-        if weights.stat().st_size != end:
+    layout, end = [], 0
+    for name, place in stored.items():
+        shape, dtype = specs[name]
+        if place.shape != shape or place.dtype != dtype:
             raise GptOssError(
-                f"{weights}: {weights.stat().st_size} bytes, but the weights of {params} take {end}: not the data "
-                "file of these params"
+                f"{params} does not match its config: {name!r} is {list(place.shape)} {place.dtype}, the config "
+                f"expects {list(shape)} {dtype}"
             )
-        link_or_copy(weights, data_file)
+        nbytes = sum(n for _, n in place.segments)
+        offset = None if nbytes <= EXTERNAL_THRESHOLD_BYTES else end + (-end % DATA_ALIGNMENT)
+        layout.append(Placed(name, place, offset, nbytes))
+        end = end if offset is None else offset + nbytes
+    return layout, end
+
+
+def write_weights(params: Path, layout: list[Placed], data_file: Path) -> None:
+    """Stream the large weights into ``data_file`` (a temporary renamed into place), one tensor at a time."""
+    require_free_space(data_file.parent, params.stat().st_size, data_file.name)
+    with atomic_output(data_file) as tmp, open(tmp, "wb") as fh:
+        for placed in (p for p in layout if p.offset is not None):
+            fh.write(b"\0" * (placed.offset - fh.tell()))
+            fh.write(memoryview(read_stored(params, placed.stored).reshape(-1).view(np.uint8)))
+
+
+def attach_weights(onnx_model: ir.Model, params: Path, data_file: Path) -> None:
+    """Turn the weight inputs into initializers: the large ones point into ``data_file`` (written by
+    :func:`write_weights`, or an earlier export's: it is checked to have the layout's size), the small ones are
+    read into the graph."""
+    graph = onnx_model.graph
+    inputs = {v.name: v for v in graph.inputs if not is_data_input(v.name)}
+    layout, size = weights_layout(params, weight_specs(onnx_model))
+    if not data_file.is_file() or data_file.stat().st_size != size:
+        found = f"{data_file.stat().st_size} bytes" if data_file.is_file() else "no file"
+        raise GptOssError(f"{data_file}: {found}, but the weights of {params} take {size}: export them first")
+    for placed in layout:
+        value = inputs[placed.name]
+        if placed.offset is None:
+            value.const_value = ir.Tensor(read_stored(params, placed.stored), name=placed.name)
+        else:
+            value.const_value = ir.ExternalTensor(
+                data_file.name,
+                placed.offset,
+                placed.nbytes,
+                value.dtype,
+                shape=value.shape,
+                name=placed.name,
+                base_dir=data_file.parent,
+            )
     graph.inputs[:] = [v for v in graph.inputs if is_data_input(v.name)]
-    for value in weight_inputs.values():
+    for value in inputs.values():
         graph.register_initializer(value)
 
 
-def link_or_copy(source: Path, dest: Path) -> None:
-    """``dest`` as a hard link to ``source`` (no second copy on disk), or a copy across filesystems."""
-    try:
-        os.link(source, dest)
-    except OSError:
-        require_free_space(dest.parent, source.stat().st_size, dest.name)
-        shutil.copyfile(source, dest)
+def weight_specs(onnx_model: ir.Model) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Name → (shape, dtype) of the graph's weight inputs."""
+    inputs = (v for v in onnx_model.graph.inputs if not is_data_input(v.name))
+    return {v.name: (tuple(d if isinstance(d, int) else -1 for d in v.shape), v.dtype.numpy()) for v in inputs}
 
 
-def write_onnx(
-    onnx_model: ir.Model,
-    params: Path,
-    output: Path,
-    companions: Callable[[Path], object] | None = None,
-    weights: Path | None = None,
-) -> None:
-    """Write ``output`` and ``output.data`` (and whatever ``companions(folder)`` writes beside them) atomically:
-    staged in a temporary folder, checked, then renamed into place. ``weights``: see :func:`attach_weights`."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    if weights is None:
-        require_free_space(output.parent, int(params.stat().st_size * 1.05), data_path(output).name)
-    staging = temporary_name(output)
+def write_onnx(onnx_model: ir.Model, output: Path, companions: Callable[[Path], object] | None = None) -> None:
+    """Write the graph ``output`` atomically (a hidden temporary beside the weights file it reads, checked with
+    onnx.checker, then renamed), after whatever ``companions(folder)`` writes beside it (staged, then moved)."""
+    staging = temporary_name(output.with_suffix(".companions"))
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+    staging.mkdir(parents=True)
     try:
-        staged = staging / output.name
-        attach_weights(onnx_model, params, data_path(staged), weights)
-        ir.save(onnx_model, staged)
-        onnx.checker.check_model(str(staged), full_check=False)
-        if companions is not None:
-            companions(staging)
-        for path in sorted(staging.iterdir(), key=lambda p: p == staged):  # the graph last
-            os.replace(path, output.parent / path.name)
+        with atomic_output(output) as staged:
+            ir.save(onnx_model, staged)
+            onnx.checker.check_model(str(staged), full_check=False)
+            if companions is not None:
+                companions(staging)
+                for path in staging.iterdir():
+                    os.replace(path, output.parent / path.name)
     except onnx.checker.ValidationError as exc:
         raise GptOssError(f"{output}: exported graph fails onnx.checker: {str(exc).splitlines()[0]}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def export_weights(params: Path, output: Path, config: Path | None = None) -> None:
+    """Only the weights file: what every graph of these params reads (``gptoss export --weights-only``)."""
+    params_cfg = ParamsConfig.read(config or params_config_path(params))
+    specs = param_specs(params_cfg.model, params_cfg.dtype)
+    layout, size = weights_layout(params, {n: (tuple(s.shape), np.dtype(s.dtype)) for n, s in specs.items()})
+    log.info("writing %s (%.2f GB), streaming from %s", output, size / 1e9, params)
+    write_weights(params, layout, output)
 
 
 def validate(
@@ -360,12 +371,11 @@ def export(
     config: Path | None = None,
     skip_validation: bool = False,
     threads: int | None = None,
-    weights: Path | None = None,
+    reuse_weights: bool = False,
 ) -> float | None:
-    """Export and (unless skipped) validate; returns the validation logits max |diff|. ``weights``: an earlier
-    export's data file of the same params, shared instead of written again (:func:`attach_weights`)."""
-    if weights is not None and not weights.is_file():
-        raise GptOssError(f"{weights}: weights file not found")
+    """Export and (unless skipped) validate; returns the validation logits max |diff|. The weights go to
+    ``model.onnx.data`` beside the graph; ``reuse_weights``: that file is already there (an earlier export of the
+    same params, or ``--weights-only``) and every graph in the folder shares it."""
     if spec.sequence_length < 1:
         raise GptOssError(f"--sequence-length must be positive, got {spec.sequence_length}")
     if not params.is_file():
@@ -373,12 +383,18 @@ def export(
     params_cfg = ParamsConfig.read(config or params_config_path(params))
     log.info("tracing the %s graph", spec.stage)
     onnx_model = build_onnx(abstract_model(params_cfg.model, params_cfg.dtype), spec)
-    log.info("writing %s (+ %s), streaming weights from %s", output, data_path(output).name, params)
+    weights = data_path(output)
+    if not reuse_weights:
+        write_weights(params, weights_layout(params, weight_specs(onnx_model))[0], weights)
+    log.info("writing %s (weights in %s)", output, weights)
+    attach_weights(onnx_model, params, weights)
     companions = None
     if spec.decoder:
         context = spec.context_length or params_cfg.model.max_position_embeddings
-        companions = functools.partial(write_companions, params_cfg=params_cfg, context_length=context)
-    write_onnx(onnx_model, params, output, companions, weights)
+        companions = functools.partial(
+            write_companions, params_cfg=params_cfg, context_length=context, filename=output.name
+        )
+    write_onnx(onnx_model, output, companions)
     del onnx_model
     if skip_validation or spec.decoder:  # the decoder is checked by `gptoss parity --stage decoder`
         return None

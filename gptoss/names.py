@@ -35,9 +35,13 @@ BLOCK_TAPS = (
 )
 
 
+WEIGHTS_FILE = "model.onnx.data"
+
+
 def data_path(onnx_path: Path) -> Path:
-    """``x/model.onnx`` → ``x/model.onnx.data``."""
-    return onnx_path.with_name(onnx_path.name + ".data")
+    """The weights of a graph: ``model.onnx.data`` in its folder, which every graph of a model there shares
+    (``x/model.onnx`` and ``x/decoder.onnx`` both read ``x/model.onnx.data``)."""
+    return onnx_path.with_name(WEIGHTS_FILE)
 
 
 # --- checkpoint tensor names -------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import platform
 import shutil
 import subprocess
@@ -21,7 +20,7 @@ import onnx
 from gptoss import __version__
 from gptoss.atomic import atomic_output, require_free_space, sha256
 from gptoss.config import ParamsConfig, read_json
-from gptoss.decoder import check_folder
+from gptoss.decoder import GENAI_CONFIG, check_folder, companion_files
 from gptoss.errors import GptOssError
 from gptoss.names import data_path
 
@@ -128,15 +127,16 @@ def readme(m: dict) -> str:
         "Files and sha256 are in `manifest.json`. `model.onnx`: inputs `input_ids [batch, sequence]` (int32), "
         "output `logits [batch, sequence, vocab]` (float32).",
     ]
-    if any(f["name"].startswith("decoder/") for f in m["files"]):
+    if any(f["name"] == GENAI_CONFIG for f in m["files"]):
         steps = {name: g["steps"] for name, g in m["generation"].items()}
         lines += [
             "",
-            f"`decoder/` is a KV-cache decoder for onnxruntime-genai; its greedy tokens equal JAX's ({steps} steps).",
+            "This folder is also a KV-cache decoder for onnxruntime-genai (`genai_config.json`, the graph it names, "
+            f"the shared `model.onnx.data`); its greedy tokens equal JAX's ({steps} steps).",
             "",
             "```python",
             "import onnxruntime_genai as og",
-            'model = og.Model("decoder")',
+            'model = og.Model(".")  # this folder',
             "params = og.GeneratorParams(model)",
             "params.set_search_options(do_sample=False, max_length=64)",
             "generator = og.Generator(model, params); generator.append_tokens([1, 2, 3])",
@@ -146,21 +146,10 @@ def readme(m: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def place(source: Path, dest: Path, expected: str) -> dict:
-    """``source`` at ``dest`` as a hard link (no second copy on disk; the export replaces files rather than
-    rewriting them, so the link keeps the verified bytes) or, across filesystems, as a checked copy."""
-    try:
-        os.link(source, dest)
-    except OSError:
-        shutil.copyfile(source, dest)
-        if sha256(dest) != expected:
-            raise GptOssError(f"{dest}: copy differs from {source} (disk problem?)") from None
-    return {"bytes": dest.stat().st_size, "sha256": expected}
-
-
-def graph_files(onnx_path: Path, verdict: dict, stage: str | None = None) -> tuple[dict[Path, str], str]:
-    """A verified graph's files (path -> sha256) and the stage that verified them; refuses files parity did not
-    verify, and (decoder) a folder whose genai_config.json disagrees with its graph."""
+def verified_files(onnx_path: Path, verdict: dict, stage: str | None = None) -> tuple[dict[Path, str], str]:
+    """A graph's files (path -> sha256: the graph and its weights, and for the decoder genai_config.json and the
+    tokenizer files) and the stage whose parity run verified them; refuses files parity did not verify, and a
+    decoder whose genai_config.json disagrees with its graph."""
     data = data_path(onnx_path)
     for path in (onnx_path, data):
         if not path.is_file():
@@ -168,10 +157,10 @@ def graph_files(onnx_path: Path, verdict: dict, stage: str | None = None) -> tup
     hashes = {onnx_path: sha256(onnx_path), data: sha256(data)}
     verified = verified_stage(verdict, hashes[onnx_path], hashes[data])
     if stage == "decoder":
-        check_folder(onnx_path.parent)
-        if verified != "decoder":
-            raise GptOssError(f"{onnx_path}: verified as a {verified} graph, not by the decoder stage")
-        hashes |= {p: sha256(p) for p in sorted(onnx_path.parent.iterdir()) if p.is_file() and p not in hashes}
+        config = check_folder(onnx_path.parent)
+        if config["model"]["decoder"]["filename"] != onnx_path.name or verified != "decoder":
+            raise GptOssError(f"{onnx_path}: not the decoder graph the gate verified and genai_config.json names")
+        hashes |= {p: sha256(p) for p in companion_files(onnx_path.parent)}
     return hashes, verified
 
 
@@ -184,28 +173,35 @@ def promote(
     sequence_length: int | None = None,
     decoder: Path | None = None,
 ) -> Path:
-    """``dest``: the canonical graph and (``decoder``, a decoder folder) ``decoder/`` with everything beside its
-    graph, ``manifest.json`` listing every file with its sha256 and the generation verdict, ``README.md``."""
+    """``dest``: the canonical graph as ``model.onnx`` with its weights ``model.onnx.data`` and, with ``decoder``
+    (a decoder graph in the same folder, sharing those weights), that graph, ``genai_config.json`` and the
+    tokenizer files, so that ``onnxruntime_genai.Model(dest)`` generates; ``manifest.json`` lists every file with
+    its sha256 and the generation verdict; ``README.md``. Files are copied and checked (a hard link would make
+    ``onnx.load`` refuse the weights file)."""
     verdict = read_json(verdict_path)
     if verdict.get("passed") is not True:
         raise GptOssError(f"{verdict_path}: the gate did not pass; nothing promoted")
-    files, stage = graph_files(onnx_path, verdict)
-    placed = dict.fromkeys(files, "")
+    files, stage = verified_files(onnx_path, verdict)
+    names = {onnx_path: "model.onnx"}
     if decoder is not None:
-        decoder_files, _ = graph_files(decoder / "model.onnx", verdict, "decoder")
-        files |= decoder_files
-        placed |= dict.fromkeys(decoder_files, "decoder/")
+        if data_path(decoder) != data_path(onnx_path):
+            raise GptOssError(f"{decoder}: the decoder must share the canonical graph's {data_path(onnx_path)}")
+        files |= verified_files(decoder, verdict, "decoder")[0]
     params_cfg = ParamsConfig.read(config) if config else None
 
     require_free_space(dest.parent, sum(p.stat().st_size for p in files), f"promoting into {dest}")
     with atomic_output(dest) as staging:
         staging.mkdir()
-        if decoder is not None:
-            (staging / "decoder").mkdir()
-        listed = [{"name": placed[p] + p.name, **place(p, staging / placed[p] / p.name, h)} for p, h in files.items()]
+        listed = []
+        for path, expected in files.items():
+            copy = staging / names.get(path, path.name)
+            shutil.copyfile(path, copy)
+            if sha256(copy) != expected:
+                raise GptOssError(f"{copy}: copy differs from {path} (disk problem?)")
+            listed.append({"name": copy.name, "bytes": copy.stat().st_size, "sha256": expected})
         m = manifest(tag, onnx_path, listed, verdict, params_cfg, sequence_length, stage)
         m["verdict_sha256"] = sha256(verdict_path)
         (staging / "manifest.json").write_text(json.dumps(m, indent=2, sort_keys=True) + "\n")
         (staging / "README.md").write_text(readme(m))
-    log.info("promoted %s%s as %s into %s", onnx_path.name, " and the decoder" if decoder else "", tag, dest)
+    log.info("promoted %s%s as %s into %s", onnx_path.name, f" and {decoder.name}" if decoder else "", tag, dest)
     return dest

@@ -27,20 +27,23 @@ from gptoss.synth import synthesize
 from gptoss.tolerances import Tolerances
 
 STEPS = 24
+TOKENIZER = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"}
 PROMPT = "What is the capital of France?"
 ORACLE_TOL = 2e-5  # the prefill oracle's bound (tests/test_oracle.py), relative to max(1, max|logit|)
 
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory) -> dict[str, Path]:
-    """A toy checkpoint, its params and its decoder graph (context 64), once per module."""
+    """A toy checkpoint, its params, its canonical graph and its decoder graph (context 64) sharing one weights
+    file, once per module."""
     root = tmp_path_factory.mktemp("decoder")
     synthesize(root / "checkpoint", "toy", 2, seed=0)
     params = root / "flax_params_2layers.msgpack"
     convert(root / "checkpoint", params, 2)
-    decoder = root / "decoder" / "model.onnx"
-    export(params, decoder, ExportSpec(32, decoder=True, context_length=64))
-    return {"root": root, "params": params, "decoder": decoder}
+    canonical, decoder = root / "onnx" / "canonical.onnx", root / "onnx" / "decoder.onnx"
+    export(params, canonical, ExportSpec(32), skip_validation=True)
+    export(params, decoder, ExportSpec(32, decoder=True, context_length=64), reuse_weights=True)
+    return {"root": root, "params": params, "canonical": canonical, "decoder": decoder}
 
 
 @pytest.mark.parametrize(
@@ -116,7 +119,9 @@ def test_decoder_graph_follows_the_genai_contract(toy):
     assert (decoder["num_hidden_layers"], decoder["num_key_value_heads"], decoder["head_size"]) == (2, 2, 16)
     assert config["model"]["context_length"] == 64 and config["search"]["past_present_share_buffer"] is False
     assert (config["model"]["eos_token_id"], config["model"]["pad_token_id"]) == ([2, 0], 0)
+    assert config["model"]["decoder"]["filename"] == "decoder.onnx"
     assert (folder / "tokenizer.json").read_bytes() == (toy["root"] / "checkpoint/tokenizer.json").read_bytes()
+    assert sorted(p.name for p in folder.glob("*.onnx.data")) == ["model.onnx.data"], "one weights file, shared"
 
 
 def test_three_runtimes_generate_the_same_tokens_and_padding_changes_nothing(toy):
@@ -161,21 +166,19 @@ def test_generation_parity_rows_gate_and_promote(toy, tmp_path):
     generation = json.loads(verdict.read_text())["generation"]
     assert generation["genai"] == {"identical": 2, "near_tie": 0, "differ": 0, "steps": 12}
 
-    # Promoting the decoder folder needs the canonical graph's verification too: gate a canonical CSV with it.
-    canonical = toy["root"] / "canonical" / "model.onnx"
-    export(toy["params"], canonical, ExportSpec(32), skip_validation=True)
+    # Promoting the decoder needs the canonical graph's verification too: gate a canonical CSV with it.
     from gptoss.parity import parity
 
-    parity(toy["params"], canonical, tmp_path / "canonical.csv", 32, [PROMPT])
+    parity(toy["params"], toy["canonical"], tmp_path / "canonical.csv", 32, [PROMPT])
     gate([csv_path, tmp_path / "canonical.csv"], Tolerances(), verdict)
-    dest = promote(canonical, verdict, tmp_path / "promoted", "baseline2", decoder=toy["decoder"].parent)
+    dest = promote(toy["canonical"], verdict, tmp_path / "promoted", "baseline2", decoder=toy["decoder"])
     manifest = json.loads((dest / "manifest.json").read_text())
     names = {f["name"] for f in manifest["files"]}
-    assert {"model.onnx", "decoder/model.onnx", "decoder/genai_config.json", "decoder/tokenizer.json"} <= names
+    assert names == {"model.onnx", "model.onnx.data", "decoder.onnx", "genai_config.json", *TOKENIZER}
     assert manifest["generation"]["onnxruntime"]["identical"] == 2
     # What a user does with the promoted folder: onnxruntime-genai generates the tokens parity verified.
     t0 = next(r for r in tokens if r["prompt_id"] == "t0")
-    assert genai_generate(dest / "decoder", list(range(1, 11)), 12) == [int(t) for t in t0["ref_tokens"].split()]
+    assert genai_generate(dest, list(range(1, 11)), 12) == [int(t) for t in t0["ref_tokens"].split()]
 
 
 def test_decoder_bad_inputs(toy, tmp_path):
@@ -203,10 +206,15 @@ def test_decoder_bad_inputs(toy, tmp_path):
     config["model"]["decoder"]["num_key_value_heads"] = 4
     (bad / "genai_config.json").write_text(json.dumps(config))
     verdict = tmp_path / "v.json"
-    hashes = {"onnx_sha256": file_sha256(bad / "model.onnx"), "data_sha256": file_sha256(bad / "model.onnx.data")}
-    verdict.write_text(json.dumps({"passed": True, "graphs": [{"stage": "decoder", **hashes}]}))
+    data = file_sha256(bad / "model.onnx.data")
+    graphs = [
+        {"stage": stage, "onnx_sha256": file_sha256(bad / f"{stage}.onnx"), "data_sha256": data}
+        for stage in ("canonical", "decoder")
+    ]
+    verdict.write_text(json.dumps({"passed": True, "graphs": graphs}))
     out = tmp_path / "promoted"
     proc = run_cli(
-        "promote", "--onnx", bad / "model.onnx", "--decoder", bad, "--verdict", verdict, "--dest", out, "--tag", "t"
-    )
+        "promote", "--onnx", bad / "canonical.onnx", "--decoder", bad / "decoder.onnx", "--verdict", verdict,
+        "--dest", out, "--tag", "t",
+    )  # fmt: skip
     assert_one_clean_error(proc, out, "num_key_value_heads 4 (the graph has 2)", command="promote")

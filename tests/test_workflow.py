@@ -19,10 +19,11 @@ from conftest import file_sha256, require_torch
 REPO = Path(__file__).resolve().parent.parent
 WORKFLOW_FILES = ("Snakefile", "workflow", "config", "profiles", "environment.yml", "environment.post-deploy.sh")
 # rule -> jobs per checkpoint (one export and one parity job per stage: debug, canonical, decoder)
-STAGE_JOBS = {"convert_params": 1, "export_onnx": 3, "parity": 3, "parity_gate": 1}
+STAGE_JOBS = {"convert_params": 1, "export_weights": 1, "export_onnx": 3, "parity": 3, "parity_gate": 1}
 TOY_BENCHMARKS = [
     "synth_checkpoint",
     "convert_params_2layers",
+    "export_weights",
     "export_onnx_debug",
     "export_onnx_canonical",
     "export_onnx_decoder",
@@ -209,13 +210,16 @@ def test_toy_dag_end_to_end_and_gate_failure(workdir: Path):
     manifest = json.loads((promoted / "manifest.json").read_text())
     assert manifest["tag"] == "baseline2"
     files = {f["name"]: f["sha256"] for f in manifest["files"]}
-    canonical, decoder = results / "toy/onnx/canonical", results / "toy/onnx/decoder"
-    expected = {name: file_sha256(canonical / name) for name in ("model.onnx", "model.onnx.data")}
-    expected |= {f"decoder/{p.name}": file_sha256(p) for p in decoder.iterdir()}
-    assert files == expected and "decoder/genai_config.json" in files
+    graphs = results / "toy/onnx"  # every graph of the checkpoint and the one weights file they share
+    assert sorted(p.name for p in graphs.glob("*.onnx*")) == [
+        "canonical.onnx", "debug.onnx", "decoder.onnx", "model.onnx.data"
+    ]  # fmt: skip
+    expected = {"model.onnx": file_sha256(graphs / "canonical.onnx")}
+    expected |= {p.name: file_sha256(p) for p in graphs.iterdir() if p.suffix != ".onnx" or p.name == "decoder.onnx"}
+    assert files == expected and "genai_config.json" in files and "tokenizer.json" in files
     for name in files:
         assert file_sha256(promoted / name) == files[name]
-    assert_genai_generates_what_transformers_does(promoted / "decoder", results / "toy/checkpoint")
+    assert_genai_generates_what_transformers_does(promoted, results / "toy/checkpoint")
     assert manifest["sequence_length"] == 32
     assert not (workdir / "docs").exists(), "a toy run must not touch docs/"
 
@@ -253,3 +257,28 @@ def test_toy_dag_end_to_end_and_gate_failure(workdir: Path):
     assert "Parity gate: FAILED" in (results / "toy/logs/parity_gate.log").read_text()
     with open(results / "toy/parity/canonical.csv", newline="") as fh:
         assert {float(r["atol"]) for r in csv.DictReader(fh)} == {1e-12}, "parity re-ran with the new tolerances"
+
+
+@pytest.mark.slow
+def test_mxfp4_toy_dag_keeps_the_experts_mxfp4_and_passes_the_gate(workdir: Path):
+    """config/toy-mxfp4.yaml from an empty results/ to promotion: transformers (which dequantizes the checkpoint
+    itself), JAX and ONNX Runtime agree at the toy tolerances, all four token sequences are identical, and the
+    promoted graphs hold the experts as the checkpoint's MXFP4 bytes."""
+    import onnx
+
+    proc = snakemake(
+        "--cores", "2", "promote_baseline2", "--configfile", "config/toy-mxfp4.yaml", cwd=workdir, timeout=900
+    )
+    assert proc.returncode == 0, output(proc)
+    results = workdir / "results"
+    verdict = json.loads((results / "toy-mxfp4/gate/verdict.json").read_text())
+    assert verdict["passed"] and verdict["stages"].keys() == {"debug", "canonical", "decoder", "reference"}
+    for runtime in ("onnxruntime", "genai", "transformers"):
+        assert verdict["generation"][runtime]["identical"] == 1
+    promoted = results / "promoted/toy-mxfp4/baseline2"
+    for graph in ("model.onnx", "decoder.onnx"):
+        initializers = {t.name: t for t in onnx.load(str(promoted / graph), load_external_data=False).graph.initializer}
+        assert initializers["layers.1.mlp.down_blocks"].data_type == onnx.TensorProto.UINT8
+        assert "layers.1.mlp.down_kernel" not in initializers
+    assert json.loads((promoted / "manifest.json").read_text())["model"]["dtype"] == "mxfp4"
+    assert_genai_generates_what_transformers_does(promoted, results / "toy-mxfp4/checkpoint")

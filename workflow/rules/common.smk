@@ -134,22 +134,10 @@ def parity_stages():
     return export_stages() + (["reference"] if config["reference"] == "transformers" else [])
 
 
-# The canonical graph's export writes the weights (model.onnx.data); the other graphs of the same params share
-# that file by a hard link instead of writing it again (one copy on disk: 13 GB for the full gpt-oss-20b).
-WEIGHTS_STAGE = "canonical"
-
-
-def export_inputs(wildcards):
-    shared = {} if wildcards.stage == WEIGHTS_STAGE else {"weights": graph_folder(wildcards.checkpoint, WEIGHTS_STAGE)}
-    return params_inputs(wildcards) | shared
-
-
-def export_flags(wildcards, input):
-    """The shared weights file, and the decoder's context length (genai_config.json) when the config sets one."""
-    flags = [f"--weights {input.weights}/model.onnx.data"] if "weights" in input.keys() else []
-    if wildcards.stage == "decoder" and config["context_length"]:
-        flags.append(f"--context-length {config['context_length']}")
-    return " ".join(flags)
+def export_flags(wildcards):
+    """The decoder's context length (genai_config.json), when the config sets one."""
+    length = config["context_length"]
+    return f"--context-length {length}" if wildcards.stage == "decoder" and length else ""
 
 
 def parity_flags(wildcards):
@@ -183,9 +171,13 @@ def params_config_path(name):
     return f"{RESULTS}/{name}/flax_params_{checkpoints()[name]['layers']}layers.config.json"
 
 
-def graph_folder(name, stage):
-    """An exported graph: model.onnx + model.onnx.data (written together, as one folder)."""
-    return f"{RESULTS}/{name}/onnx/{stage}"
+def graph_path(name, stage):
+    """An exported graph; every graph of a checkpoint reads the one weights file beside it."""
+    return f"{RESULTS}/{name}/onnx/{stage}.onnx"
+
+
+def weights_path(name):
+    return f"{RESULTS}/{name}/onnx/model.onnx.data"
 
 
 def parity_csv(name, stage):
@@ -208,24 +200,30 @@ def params_inputs(wildcards):
     return {"params": params_path(wildcards.checkpoint), "config": params_config_path(wildcards.checkpoint)}
 
 
+def graph_inputs(wildcards):
+    """The params, and the weights file every graph of the checkpoint shares."""
+    return params_inputs(wildcards) | {"weights": weights_path(wildcards.checkpoint)}
+
+
 def parity_inputs(wildcards):
-    """The params, and what they are compared with: the stage's graph, or the checkpoint (reference)."""
+    """The params, and what they are compared with: the stage's graph and weights, or the checkpoint (reference)."""
     name, stage = wildcards.checkpoint, wildcards.stage
-    other = checkpoint_target(name) if stage == "reference" else graph_folder(name, stage)
-    return params_inputs(wildcards) | {"other": other}
+    if stage == "reference":
+        return params_inputs(wildcards) | {"other": checkpoint_target(name)}
+    return graph_inputs(wildcards) | {"other": graph_path(name, stage)}
 
 
 def parity_source(wildcards, input):
     """The flag naming the other side of the comparison."""
     if wildcards.stage == "reference":
         return f"--checkpoint {shlex.quote(checkpoint_folder(wildcards.checkpoint))}"
-    return f"--onnx {input.other}/model.onnx"
+    return f"--onnx {input.other}"
 
 
 def promote_inputs(wildcards):
     name = promotions()[wildcards.tag]
-    graphs = {stage: graph_folder(name, stage) for stage in export_stages() if stage != "debug"}
-    return graphs | {"verdict": verdict_path(name), "config": params_config_path(name)}
+    graphs = {stage: graph_path(name, stage) for stage in export_stages() if stage != "debug"}
+    return graphs | {"weights": weights_path(name), "verdict": verdict_path(name), "config": params_config_path(name)}
 
 
 def promote_decoder(wildcards, input):
@@ -241,7 +239,8 @@ def baseline_benchmarks():
     """The baseline's benchmark files in DAG order (what the benchmark figure shows)."""
     name, entry = baseline(), checkpoints()[baseline()]
     first = {"hub": ["download_checkpoint"], "synthetic": ["synth_checkpoint"], "local": []}[entry["source"]]
-    rules = [*first, f"convert_params_{entry['layers']}layers", *(f"export_onnx_{s}" for s in export_stages())]
+    rules = [*first, f"convert_params_{entry['layers']}layers", "export_weights"]
+    rules += [f"export_onnx_{stage}" for stage in export_stages()]
     rules += [f"parity_{stage}" for stage in parity_stages()] + ["parity_gate"]
     return [f"{RESULTS}/{name}/benchmarks/{rule}.tsv" for rule in rules] + [promote_benchmark(BASELINE_TAG)]
 
@@ -284,7 +283,8 @@ MEMORY_MODEL = {
     "synth": (1000, 0.45),  # measured 5.6 GB at 20b
     "download": (1000, 0.0),
     "convert": (1500, 0.5),  # measured 6.4 GB (float32 params) / 5.2 GB (bf16) at 20b
-    "export": (2000, 0.25),  # weights are streamed to .onnx.data (measured 2.8 GB f32 / 1.7 GB bf16 at 20b)
+    "weights": (500, 0.0),  # one tensor at a time
+    "export": (2000, 0.25),  # tracing; the graph reads the weights file's layout only (measured 2.8 GB f32 at 20b)
     "parity": (2000, 1.3),  # JAX side, then ONNX Runtime: never both (measured 11.7 GB f32 / 6.4 GB bf16 at 20b)
     "gate": (500, 0.0),
     "promote": (500, 0.0),

@@ -1,7 +1,8 @@
-# Stage 6: copy a gated canonical graph (model.onnx + model.onnx.data) and the decoder folder (decoder/, what
-# onnxruntime_genai.Model opens) into {promote.dir}/{tag}/ with manifest.json and README.md: baseline2 for the
-# baseline checkpoint, and every `promote_as` tag. `gptoss promote` refuses unless the verdict passed, the files
-# are the ones parity verified and the decoder's genai_config.json agrees with its graph.
+# Stage 6: copy the gated canonical graph (as model.onnx, with model.onnx.data) and the decoder graph with its
+# genai_config.json and tokenizer files (sharing those weights: onnxruntime_genai.Model opens the folder) into
+# {promote.dir}/{tag}/ with manifest.json and README.md: baseline2 for the baseline checkpoint, and every
+# `promote_as` tag. `gptoss promote` refuses unless the verdict passed, the files are the ones parity verified
+# and the decoder's genai_config.json agrees with its graph.
 
 
 rule promote:
@@ -27,7 +28,7 @@ rule promote:
     message:
         "{params.checkpoint}: promoting the gated graphs as {wildcards.tag} into {output}"
     shell:
-        "gptoss promote --onnx {input.canonical}/model.onnx {params.decoder} --verdict {input.verdict} "
+        "gptoss promote --onnx {input.canonical} {params.decoder} --verdict {input.verdict} "
         "--dest {output} --tag {wildcards.tag} --config {input.config} --sequence-length {params.sequence_length} "
         "> {log} 2>&1"
 
