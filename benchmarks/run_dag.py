@@ -97,6 +97,11 @@ def benchmark_rows(results: Path) -> list[dict]:
     return rows
 
 
+def tree_bytes(folder: Path) -> int:
+    """Bytes of the files under ``folder`` (each counted once)."""
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configfile", type=Path, required=True)
@@ -111,11 +116,12 @@ def main() -> int:
     results = ROOT / "results" / name
     promoted = ROOT / config["promote"]["dir"] / "baseline2"
 
-    from gptoss.synth import checkpoint_bytes, preset_config
+    from gptoss.synth import preset_config
 
     cfg = preset_config(entry.get("preset", "gpt-oss-20b"), entry["layers"])
-    params_bytes = cfg.param_count() * (4 if entry.get("dtype", "float32") == "float32" else 2)
-    needed = checkpoint_bytes(cfg) + 4 * params_bytes  # checkpoint, params, two graphs, promoted copy
+    dtype = entry.get("dtype", "float32")
+    params_bytes = cfg.weight_bytes(dtype)
+    needed = cfg.weight_bytes("mxfp4") + 3 * params_bytes  # checkpoint, params, the graphs' one weights file, promoted
     free = shutil.disk_usage(ROOT).free
     if free < needed:
         print(
@@ -126,7 +132,8 @@ def main() -> int:
     shutil.rmtree(results, ignore_errors=True)
     shutil.rmtree(promoted, ignore_errors=True)
     start = time.perf_counter()
-    cmd = ["snakemake", "--cores", str(args.cores), "promote_baseline2", "--configfile", str(args.configfile)]
+    snakemake = [sys.executable, "-m", "snakemake"]
+    cmd = [*snakemake, "--cores", str(args.cores), "promote_baseline2", "--configfile", str(args.configfile)]
     print("running:", " ".join(cmd), flush=True)
     status = subprocess.run(cmd, cwd=ROOT).returncode
     total = time.perf_counter() - start
@@ -136,7 +143,8 @@ def main() -> int:
 
     rows = benchmark_rows(results)
     seq = int(config.get("sequence_length", 32))
-    canonical = results / "onnx" / "canonical" / "model.onnx"
+    canonical = results / "onnx" / "canonical.onnx"
+    disk = {"results": tree_bytes(results), "promoted": tree_bytes(promoted)}
     params = next(results.glob("flax_params_*layers.msgpack"))
     ort_min, ort_med = python_snippet(ORT_LATENCY, str(canonical), str(seq), str(cfg.vocab_size), str(LATENCY_RUNS))
     jax_min, jax_med = python_snippet(JAX_LATENCY, str(params), str(seq), str(LATENCY_RUNS))
@@ -150,7 +158,8 @@ def main() -> int:
         "",
         f"Measured {datetime.date.today()} on {platform.machine()}, {os.cpu_count()} cores, "
         f"`snakemake --cores {args.cores}` from an empty results folder: **{total / 60:.1f} min** in all. "
-        f"{cfg.param_count() / 1e9:.2f} B parameters, {params_bytes / 1e9:.1f} GB.",
+        f"{cfg.param_count() / 1e9:.2f} B parameters, {params_bytes / 1e9:.1f} GB of {dtype} weights. Disk: "
+        f"results/{name} {disk['results'] / 1e9:.1f} GB, promoted {disk['promoted'] / 1e9:.1f} GB.",
         "",
         "| rule | wall s | peak RSS GB (kernel) | max RSS GB (Snakemake, sampled) | CPU s |",
         "|---|---|---|---|---|",

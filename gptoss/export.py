@@ -160,6 +160,7 @@ def build_onnx(model: GptOss, spec: ExportSpec) -> ir.Model:
     if spec.decoder:
         genai_interface(graph)
     log.info("%d matmul-shaped Einsum nodes rewritten as MatMul", einsums_to_matmul(graph))
+    log.info("%d Expand nodes left to the broadcasting of their consumers", drop_expands(graph))
     onnx_model.producer_name = "gptoss"
     onnx_model.producer_version = __version__
     return onnx_model
@@ -278,6 +279,39 @@ def write_weights(params: Path, layout: list[Placed], data_file: Path) -> None:
             fh.write(memoryview(read_stored(params, placed.stored).reshape(-1).view(np.uint8)))
 
 
+BROADCASTING_OPS = {"Add", "Sub", "Mul", "Div"}
+
+
+def drop_expands(graph: ir.Graph) -> int:
+    """Remove Expand nodes (JAX's explicit broadcasts) whose every consumer is an elementwise op that broadcasts
+    by itself and whose other operand already has the expanded shape: same arithmetic, without materialising the
+    broadcast (the MXFP4 scale factors expanded over their 32 values were a 2 GB tensor per 20b layer)."""
+    dropped = 0
+    for node in list(ir.traversal.RecursiveGraphIterator(graph)):
+        if node.op_type != "Expand":
+            continue
+        source, out = node.inputs[0], node.outputs[0]
+        uses = list(out.uses())
+        if not uses or out in node.graph.outputs or source.shape is None or out.shape is None:
+            continue
+        if len(source.shape) != len(out.shape) or any(
+            s != o and s != 1 for s, o in zip(source.shape.dims, out.shape.dims, strict=True)
+        ):
+            continue
+        if any(user.op_type not in BROADCASTING_OPS for user, _ in uses):
+            continue
+        others = [user.inputs[1 - index] for user, index in uses]
+        if any(
+            other is None or other.shape is None or tuple(other.shape.dims) != tuple(out.shape.dims) for other in others
+        ):
+            continue
+        for user, index in uses:
+            user.replace_input_with(index, source)
+        node.graph.remove(node, safe=True)
+        dropped += 1
+    return dropped
+
+
 def attach_weights(onnx_model: ir.Model, params: Path, data_file: Path) -> None:
     """Turn the weight inputs into initializers: the large ones point into ``data_file`` (written by
     :func:`write_weights`, or an earlier export's: it is checked to have the layout's size), the small ones are
@@ -302,7 +336,11 @@ def attach_weights(onnx_model: ir.Model, params: Path, data_file: Path) -> None:
                 name=placed.name,
                 base_dir=data_file.parent,
             )
-    graph.inputs[:] = [v for v in graph.inputs if is_data_input(v.name)]
+    # Weights that are not float32 (bfloat16, MXFP4 blocks and scales) stay graph inputs too, with their
+    # initializers as defaults: ONNX Runtime never constant-folds an overridable initializer. Folded, their
+    # float32 casts and MXFP4 decodes would be computed once at load and kept, four to eight times their size
+    # (onnxruntime-genai, which cannot switch constant folding off, ran out of memory on the 2-layer 20b).
+    graph.inputs[:] = [v for v in graph.inputs if is_data_input(v.name) or v.dtype != ir.DataType.FLOAT]
     for value in inputs.values():
         graph.register_initializer(value)
 

@@ -16,6 +16,8 @@ FP4_VALUES = np.array(
 GROUP = 32
 E8M0_BIAS = 127
 E8M0_NAN = 255
+# Both values of every byte: [low nibble's, high nibble's] (element 2i, then 2i+1), for lookups by the byte.
+FP4_PAIRS = np.stack([FP4_VALUES[np.arange(256) & 0x0F], FP4_VALUES[np.arange(256) >> 4]], axis=-1)
 # Every E8M0 scale's factor 2^(s-127), exactly (2^-127 is a float32 subnormal); 255 is NaN.
 E8M0_VALUES = np.append(np.ldexp(1.0, np.arange(E8M0_NAN) - E8M0_BIAS).astype(np.float32), np.float32(np.nan))
 

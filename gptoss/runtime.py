@@ -10,7 +10,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import onnx
 import onnxruntime as ort
 from flax import nnx
 
@@ -124,7 +123,12 @@ def spill_jax_outputs(
 
 
 def ort_session(onnx_path: Path, threads: int | None = None) -> ort.InferenceSession:
-    """A CPU session; full graph optimisations (what a deployment would use)."""
+    """A CPU session as a deployment (and onnxruntime-genai) makes it: full graph optimisations, memory arena.
+
+    Weights that are not float32 (bfloat16, MXFP4) are overridable graph inputs (see
+    ``gptoss.export.attach_weights``), so constant folding leaves their float32 casts and decodes to run time
+    instead of keeping a float32 copy of every one.
+    """
     if not Path(onnx_path).is_file():
         raise GptOssError(f"{onnx_path}: ONNX file not found")
     options = ort.SessionOptions()
@@ -132,20 +136,7 @@ def ort_session(onnx_path: Path, threads: int | None = None) -> ort.InferenceSes
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
-    # bfloat16 weights are cast to float32 at use. Constant folding would cast them all once at load time, i.e.
-    # hold a float32 copy of every weight; the CPU arena would keep the cast buffers and grow with every run
-    # (measured at 20b: 10 GB after one run, 15.8 GB after two; without it, 9.9 GB whatever the number of runs).
-    bf16 = has_bfloat16_weights(onnx_path)
-    disabled = ["ConstantFolding"] if bf16 else []
-    options.enable_cpu_mem_arena = not bf16
     try:
-        return ort.InferenceSession(
-            str(onnx_path), options, providers=["CPUExecutionProvider"], disabled_optimizers=disabled
-        )
+        return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types
         raise GptOssError(f"{onnx_path}: ONNX Runtime cannot load the graph ({str(exc).splitlines()[0]})") from None
-
-
-def has_bfloat16_weights(onnx_path: Path) -> bool:
-    graph = onnx.load(str(onnx_path), load_external_data=False).graph
-    return any(t.data_type == onnx.TensorProto.BFLOAT16 for t in graph.initializer)
