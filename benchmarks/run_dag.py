@@ -79,11 +79,13 @@ def benchmark_rows(results: Path) -> list[dict]:
     """Snakemake's benchmark numbers per rule, plus the kernel's peak RSS that ``gptoss`` logs at exit
     (Snakemake samples RSS now and then and can miss a short peak)."""
     rows = []
-    for tsv in sorted((results / "benchmarks").glob("*.tsv"), key=lambda p: p.stat().st_mtime):
+    promotion = results.parent / "benchmarks" / "promote_baseline2.tsv"  # per tag, beside every checkpoint's
+    tables = [*(results / "benchmarks").glob("*.tsv"), *([promotion] if promotion.is_file() else [])]
+    for tsv in sorted(tables, key=lambda p: p.stat().st_mtime):
         with open(tsv) as fh:
             row = next(csv.DictReader(fh, delimiter="\t"))
         rss = float(row["max_rss"]) if row.get("max_rss") not in (None, "", "-", "NA") else float("nan")
-        log = results / "logs" / f"{tsv.stem}.log"
+        log = tsv.parent.parent / "logs" / f"{tsv.stem}.log"
         peaks = PEAK.findall(log.read_text()) if log.is_file() else []
         rows.append(
             {

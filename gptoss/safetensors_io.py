@@ -1,8 +1,10 @@
-"""Memory-mapped, validated reading of safetensors files (single or sharded).
+"""Validated reading of safetensors files (single or sharded), one tensor at a time.
 
-We parse the format ourselves (8-byte little-endian header length, JSON header, raw data) so that tensors are
-views of an ``np.memmap`` (nothing is read until used, a 13 GB checkpoint never sits in memory) and bf16 works
-without torch (``ml_dtypes``). Every structural problem becomes a ``GptOssError`` naming the file.
+We parse the format ourselves (8-byte little-endian header length, JSON header, raw data) so that a tensor is
+read only when asked for (a 13 GB checkpoint never sits in memory, and truncating to 2 layers reads only their
+tensors) and bf16 works without torch (``ml_dtypes``). Tensors are read into fresh arrays, not memory-mapped:
+mapped pages a process has touched count in its resident memory until it exits, which for a whole checkpoint
+read once (convert) is its whole size. Every structural problem becomes a ``GptOssError`` naming the file.
 """
 
 from __future__ import annotations
@@ -73,7 +75,6 @@ class SafetensorsFile:
                     f"has {data_size}"
                 )
             self._entries[name] = (dtype, shape, begin, end)
-        self._mmap: np.memmap | None = None
 
     def keys(self) -> list[str]:
         return list(self._entries)
@@ -85,11 +86,13 @@ class SafetensorsFile:
         return self._entries[name][0]
 
     def get(self, name: str) -> np.ndarray:
-        """A read-only memory-mapped view of one tensor."""
+        """One tensor, read from the file into a new array."""
         dtype, shape, begin, end = self._entries[name]
-        if self._mmap is None:
-            self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
-        raw = self._mmap[self._data_start + begin : self._data_start + end]
+        raw = np.empty(end - begin, dtype=np.uint8)
+        with self.path.open("rb") as fh:
+            fh.seek(self._data_start + begin)
+            if fh.readinto(memoryview(raw)) != raw.nbytes:
+                raise GptOssError(f"{self.path}: truncated file while reading tensor {name!r}")
         return raw.view(dtype).reshape(shape)
 
 

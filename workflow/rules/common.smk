@@ -276,19 +276,23 @@ def tolerance_summary():
 
 # --- resources ------------------------------------------------------------------------------------------------
 
-# Resident memory per stage: fixed MB + a multiple of the converted params' size in MB (float32, bfloat16 or
-# mxfp4 bytes; calibration: workflow/README.md). The stages that read or write a checkpoint scale with its float32
-# size when they decode the MXFP4 experts (synth, and convert to float32/bfloat16); the others with the params.
+# Resident memory per stage (calibration: workflow/README.md, docs/performance.md), in MB:
+#   fixed + per_params × the params' MB (float32, bfloat16 or mxfp4 bytes)
+#         + per_embedding × the embedding's MB (the largest single tensor; float32 in the stages that decode
+#           the checkpoint through float32, else in the params' dtype) + per_layer × layers.
+# Streaming keeps most stages independent of depth: synth and convert hold a tensor or a shard at a time, the
+# weights export one tensor, the JAX side of parity one block; ONNX Runtime maps the whole weights file.
 MEMORY_MODEL = {
-    "synth": (1000, 0.45),  # measured 5.6 GB at 20b
-    "download": (1000, 0.0),
-    "convert": (1500, 0.5),  # measured 6.4 GB (float32 params) / 5.2 GB (bf16) at 20b
-    "weights": (500, 0.0),  # one tensor at a time
-    "export": (2000, 0.25),  # tracing; the graph reads the weights file's layout only (measured 2.8 GB f32 at 20b)
-    "parity": (2000, 1.3),  # JAX side, then ONNX Runtime: never both (measured 11.7 GB f32 / 6.4 GB bf16 at 20b)
-    "gate": (500, 0.0),
-    "promote": (500, 0.0),
-    "report": (1000, 0.0),
+    #           fixed, per_params, per_embedding, per_layer
+    "synth": (1000, 0.0, 2.0, 0),  # measured 5.6 GB at 20b (2 layers)
+    "download": (1000, 0.0, 0.0, 0),
+    "convert": (1500, 0.0, 2.0, 0),  # measured 6.4 GB (float32), 5.2 GB (bf16, mxfp4) at 20b (2 layers)
+    "weights": (300, 0.0, 1.0, 0),  # measured 1.4 GB (mxfp4) at 20b
+    "export": (400, 0.0, 0.0, 60),  # tracing only: measured 0.55 GB at 2 layers
+    "parity": (2000, 1.0, 1.0, 0),  # JAX (one block at a time), then ONNX Runtime (the whole model)
+    "gate": (500, 0.0, 0.0, 0),
+    "promote": (500, 0.0, 0.0, 0),
+    "report": (1000, 0.0, 0.0, 0),
 }
 DECODING_STAGES = {"synth", "convert"}
 
@@ -322,10 +326,11 @@ def params_mb(name):
 
 
 def estimate_mem_mb(name, stage):
-    fixed, per_params_mb = MEMORY_MODEL[stage]
-    dtype = checkpoints()[name]["dtype"]
-    decodes = stage in DECODING_STAGES and (stage == "synth" or dtype != "mxfp4")
-    return int(fixed + per_params_mb * model_config(name).weight_bytes("float32" if decodes else dtype) / 1e6)
+    fixed, per_params, per_embedding, per_layer = MEMORY_MODEL[stage]
+    cfg, dtype = model_config(name), checkpoints()[name]["dtype"]
+    embedding_bytes = 4 if stage in DECODING_STAGES or dtype == "float32" else 2
+    embedding_mb = cfg.vocab_size * cfg.hidden_size * embedding_bytes / 1e6
+    return int(fixed + per_params * params_mb(name) + per_embedding * embedding_mb + per_layer * cfg.num_hidden_layers)
 
 
 def mem_mb(stage):
