@@ -113,9 +113,29 @@ def aliases(outputs: Callable[..., dict[str, jax.Array]], specs: list[jax.ShapeD
     return {name: first for name, first in found.items() if name != first}
 
 
+def _linear_output_check() -> None:
+    """jax2onnx 0.17 checks, after lowering each equation, that its outputs are connected by scanning every node
+    built so far: quadratic in the graph's size (a 24-layer debug graph traced for over an hour). A value that a
+    node produced is connected; only the others get the original scan (and onnx.checker checks the written graph
+    whole)."""
+    from jax2onnx.converter import output_binding
+
+    original = output_binding._value_is_graph_connected
+    if getattr(original, "linear", False):
+        return
+
+    def connected(ctx: object, value: ir.Value) -> bool:
+        return value.producer() is not None or original(ctx, value)
+
+    connected.linear = True
+    output_binding._value_is_graph_connected = connected
+
+
 def build_onnx(model: GptOss, spec: ExportSpec) -> ir.Model:
     """Trace ``model`` (usually abstract) with jax2onnx; every weight is a graph input named after the param."""
     from jax2onnx import to_onnx
+
+    _linear_output_check()
 
     traceable = _Traceable(model)
     if spec.decoder:
