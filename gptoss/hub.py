@@ -6,7 +6,7 @@ import json
 import logging
 from pathlib import Path
 
-from gptoss.atomic import atomic_output
+from gptoss.atomic import atomic_output, require_free_space
 from gptoss.errors import GptOssError
 
 log = logging.getLogger("gptoss.download")
@@ -30,6 +30,21 @@ LAYOUTS = tuple(ALLOW_PATTERNS)
 REVISION_FILE = "download.json"
 
 
+def missing_bytes(info: object, output: Path, layout: str) -> int:
+    """Bytes still to fetch: the layout's files in the repository listing, less those already complete in
+    ``output`` (a resumed download)."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    files = filter_repo_objects(
+        getattr(info, "siblings", None) or [], allow_patterns=ALLOW_PATTERNS[layout], key=lambda f: f.rfilename
+    )
+    total = 0
+    for f in files:
+        size, local = f.size or 0, output / f.rfilename
+        total += 0 if local.is_file() and local.stat().st_size == size else size
+    return total
+
+
 def download(repo_id: str, revision: str, output: Path, retries: int = 3, layout: str = "hf") -> str:
     """Snapshot one layout of ``repo_id@revision`` into ``output`` (resumable: files already there are kept).
 
@@ -46,8 +61,9 @@ def download(repo_id: str, revision: str, output: Path, retries: int = 3, layout
     last_error: Exception | None = None
     for attempt in range(1, retries + 1):
         try:
-            info = HfApi().model_info(repo_id, revision=revision)
+            info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
             commit = info.sha or revision
+            require_free_space(output, missing_bytes(info, output, layout), f"{repo_id} ({layout} layout)")
             log.info(
                 "downloading %s@%s (commit %s, %s layout) into %s, attempt %d",
                 repo_id,
@@ -61,6 +77,8 @@ def download(repo_id: str, revision: str, output: Path, retries: int = 3, layout
                 repo_id=repo_id, revision=commit, local_dir=str(output), allow_patterns=ALLOW_PATTERNS[layout]
             )
             break
+        except GptOssError:
+            raise
         except Exception as exc:  # noqa: BLE001 — network errors come from several libraries (httpx, requests, OS)
             last_error = exc
             log.warning("download attempt %d failed: %s", attempt, str(exc).splitlines()[0])

@@ -225,9 +225,13 @@ def test_download_cli_passes_the_layout_and_records_it(tmp_path, monkeypatch):
 
     calls: list[dict] = []
 
+    sizes = {"config.json": 2000, "model-00000-of-00002.safetensors": 4_600_000_000}
+    sizes["original/model.safetensors"] = 13_800_000_000  # listed, never fetched with the hf layout
+
     class FakeApi:
-        def model_info(self, repo_id: str, revision: str):
-            return type("Info", (), {"sha": "0" * 40})()
+        def model_info(self, repo_id: str, revision: str, files_metadata: bool = False):
+            siblings = [type("File", (), {"rfilename": name, "size": size})() for name, size in sizes.items()]
+            return type("Info", (), {"sha": "0" * 40, "siblings": siblings})()
 
     monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda **kwargs: calls.append(kwargs))
@@ -240,3 +244,11 @@ def test_download_cli_passes_the_layout_and_records_it(tmp_path, monkeypatch):
         assert read_json(out / hub.REVISION_FILE)["layout"] == layout
     with pytest.raises(GptOssError, match="unknown layout 'both'"):
         hub.download("openai/gpt-oss-20b", "main", tmp_path / "both", layout="both")
+
+    # Not enough disk for the files the layout fetches: one message with the path, the bytes needed and free,
+    # before anything is fetched (and no retry: it is not a network error).
+    sizes["model-00001-of-00002.safetensors"] = 10**18
+    before = len(calls)
+    with pytest.raises(GptOssError, match=r"full: not enough free disk space for openai/gpt-oss-20b \(hf layout\)"):
+        hub.download("openai/gpt-oss-20b", "main", tmp_path / "full", retries=3)
+    assert len(calls) == before
