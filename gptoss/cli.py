@@ -284,8 +284,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"gptoss {args.command}: interrupted", file=sys.stderr)
         return 130
     # The kernel's high-water mark of this process (Snakemake's benchmark samples RSS and can miss short peaks),
-    # in GB of 10^9 bytes like every other size we print (ru_maxrss is in KiB).
-    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    # in GB of 10^9 bytes like every other size we print (ru_maxrss is in KiB); or of its largest child process
+    # (the JAX side of parity runs in one), whichever is larger.
+    peak_kib = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    peak_gb = peak_kib * 1024 / 1e9
     log.info("%s finished in %.1f s, peak RSS %.2f GB", args.command, time.perf_counter() - start, peak_gb)
     return status
 

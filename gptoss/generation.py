@@ -114,17 +114,25 @@ def ort_step(
 
 def genai_generate(folder: Path, prompt: Sequence[int], steps: int) -> list[int]:
     """onnxruntime-genai's ``Generator`` on the decoder folder, greedy, end-of-sequence held off by min_length."""
+    return genai_generate_all(folder, [list(prompt)], steps)[0]
+
+
+def genai_generate_all(folder: Path, prompts: list[list[int]], steps: int) -> list[list[int]]:
+    """:func:`genai_generate` for every prompt, the model loaded once."""
     import onnxruntime_genai as og
 
     model = og.Model(str(folder))
-    params = og.GeneratorParams(model)
-    length = len(prompt) + steps
-    params.set_search_options(do_sample=False, max_length=length, min_length=length)
-    generator = og.Generator(model, params)
-    generator.append_tokens(list(prompt))
-    while not generator.is_done():
-        generator.generate_next_token()
-    return [int(t) for t in generator.get_sequence(0)[len(prompt) :]]
+    generated = []
+    for prompt in prompts:
+        params = og.GeneratorParams(model)
+        length = len(prompt) + steps
+        params.set_search_options(do_sample=False, max_length=length, min_length=length)
+        generator = og.Generator(model, params)
+        generator.append_tokens(list(prompt))
+        while not generator.is_done():
+            generator.generate_next_token()
+        generated.append([int(t) for t in generator.get_sequence(0)[len(prompt) :]])
+    return generated
 
 
 def transformers_generate(model, prompt: Sequence[int], steps: int, suppress: Sequence[int]) -> Generation:

@@ -7,7 +7,6 @@ against the JAX tensor loaded on its own.
 
 from __future__ import annotations
 
-import gc
 import logging
 import tempfile
 from collections.abc import Sequence
@@ -20,11 +19,11 @@ from gptoss.atomic import sha256
 from gptoss.compare import compare_prompt, logits_diff, logits_row, step_rows, token_row, write_results
 from gptoss.decoder import GENAI_CONFIG, check_folder
 from gptoss.errors import GptOssError
-from gptoss.generation import Generation, batched_ort_run, genai_generate, jax_generate, ort_generate
+from gptoss.generation import Generation, batched_ort_run, genai_generate_all, ort_generate
 from gptoss.model import output_names
 from gptoss.names import INPUT_NAME, data_path
 from gptoss.prompts import Prompt, padded, prompt_inputs
-from gptoss.runtime import load_model, ort_session, spill_jax_outputs
+from gptoss.runtime import in_fresh_process, ort_session, spill_jax_outputs
 from gptoss.tolerances import Tolerances
 
 log = logging.getLogger("gptoss.parity")
@@ -141,15 +140,11 @@ def parity_decoder(
     with tempfile.TemporaryDirectory(prefix="gptoss-parity-") as spill_dir:
         spill = Path(spill_dir)
         log.info("JAX side: %d prompt(s), %d greedy steps each, with the KV cache", len(resolved), generate_tokens)
-        _, model = load_model(params, config)
-        for prompt in resolved:
-            jax_generate(model, prompt.ids, generate_tokens, suppress).save(spill / f"{prompt.prompt_id}.npz")
-        del model
-        gc.collect()
+        spill_jax_outputs(params, config, resolved, None, False, False, spill, generate_tokens, suppress)
 
         log.info("ONNX Runtime side: %s", onnx_path)
         session = ort_session(onnx_path, threads)
-        references = {p.prompt_id: Generation.load(spill / f"{p.prompt_id}.npz") for p in resolved}
+        references = {p.prompt_id: Generation.load(spill / f"{p.prompt_id}.generation.npz") for p in resolved}
         for prompt in resolved:
             reference = references[prompt.prompt_id]
             got = ort_generate(session, prompt.ids, generate_tokens, suppress)
@@ -160,8 +155,8 @@ def parity_decoder(
         del session
 
         log.info("onnxruntime-genai side: %s", folder)
-        for prompt in resolved:
-            tokens = genai_generate(folder, prompt.ids, generate_tokens)
+        generated = in_fresh_process(genai_generate_all, folder, [p.ids for p in resolved], generate_tokens)
+        for prompt, tokens in zip(resolved, generated, strict=True):
             reference = references[prompt.prompt_id]
             rows.append(token_row("decoder", prompt, "genai", reference, tokens, suppress, tolerances))
     rows = [{**row, **hashes} for row in rows]
