@@ -181,6 +181,7 @@ def build_onnx(model: GptOss, spec: ExportSpec) -> ir.Model:
         genai_interface(graph)
     log.info("%d matmul-shaped Einsum nodes rewritten as MatMul", einsums_to_matmul(graph))
     log.info("%d Expand nodes left to the broadcasting of their consumers", drop_expands(graph))
+    log.info("%d weight reads made to wait for their activations", defer_weight_reads(graph))
     onnx_model.producer_name = "gptoss"
     onnx_model.producer_version = __version__
     return onnx_model
@@ -330,6 +331,74 @@ def drop_expands(graph: ir.Graph) -> int:
         node.graph.remove(node, safe=True)
         dropped += 1
     return dropped
+
+
+def defer_weight_reads(graph: ir.Graph) -> int:
+    """Make every node that reads only weights (a bfloat16 Cast, a Slice of MXFP4 blocks, then what follows it)
+    wait for the activation its result is combined with, so that ONNX Runtime runs it just in time.
+
+    Nothing in a graph keeps ONNX Runtime from running such nodes as soon as a run starts, and it does: on the
+    24-layer 20b it cast every layer's attention weights to float32 first and kept them until their layer came
+    (2.5 GB). So each such read now takes its weight through a Reshape to the weight's own shape, computed from
+    the activation's shape (``shape + 0·dim``): nothing is copied, and the read waits for the activation.
+    Returns the number of deferred reads (inside If branches too).
+    """
+    deferred = 0
+    weights = {v for v in graph.inputs if not is_data_input(v.name)} | set(graph.initializers.values())
+    for sub in (graph, *subgraphs(graph)):
+        constant = weights | set(sub.initializers.values())
+        for node in sub:  # in topological order: a node of constants makes constants
+            if all(v is None or v in constant for v in node.inputs):
+                constant.update(node.outputs)
+        for node in list(sub):
+            weight = node.inputs[0] if node.op_type in ("Cast", "Slice") and node.inputs else None
+            if weight not in weights or weight.shape is None or not weight.shape.is_static():
+                continue
+            anchor = runtime_anchor(node, constant)
+            if anchor is None:
+                continue
+            size = ir.node("Shape", [anchor], attributes={"start": 0, "end": 1})
+            zero = ir.node("Mul", [size.outputs[0], constant_node(np.zeros(1, np.int64)).outputs[0]])
+            target = constant_node(np.asarray(weight.shape.numpy(), np.int64))
+            shape = ir.node("Add", [target.outputs[0], zero.outputs[0]])
+            reshaped = ir.node("Reshape", [weight, shape.outputs[0]])
+            reshaped.outputs[0].shape, reshaped.outputs[0].type = weight.shape, weight.type
+            nodes = [size, zero.inputs[1].producer(), zero, target, shape, reshaped]
+            sub.insert_before(node, nodes)
+            node.replace_input_with(0, reshaped.outputs[0])
+            deferred += 1
+        sub.sort()  # the anchors come later in the node list than some of the reads now waiting for them
+    return deferred
+
+
+def subgraphs(graph: ir.Graph) -> list[ir.Graph]:
+    """Every graph nested in ``graph``'s nodes (If branches), at any depth."""
+    found = []
+    for node in ir.traversal.RecursiveGraphIterator(graph):
+        found += [a.value for a in node.attributes.values() if a.type == ir.AttributeType.GRAPH]
+    return found
+
+
+def constant_node(array: np.ndarray) -> ir.Node:
+    return ir.node("Constant", [], attributes={"value": ir.tensor(array)})
+
+
+def runtime_anchor(node: ir.Node, constant: set[ir.Value]) -> ir.Value | None:
+    """The first run-time value (not made of weights and constants) that ``node``'s result meets downstream, in
+    the same graph: the activation it is multiplied with, added to, looked up by."""
+    frontier, seen = [node], {id(node)}
+    while frontier:
+        for value in frontier.pop(0).outputs:
+            for user, _ in value.uses():
+                if user.graph is not node.graph:
+                    continue
+                runtime = [v for v in user.inputs if v is not None and v not in constant]
+                if runtime:
+                    return runtime[0]
+                if id(user) not in seen:
+                    seen.add(id(user))
+                    frontier.append(user)
+    return None
 
 
 def attach_weights(onnx_model: ir.Model, params: Path, data_file: Path) -> None:
