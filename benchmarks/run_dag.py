@@ -124,7 +124,8 @@ def main() -> int:
     dtype = entry.get("dtype", "float32")
     params_bytes = cfg.weight_bytes(dtype)
     needed = cfg.weight_bytes("mxfp4") + 3 * params_bytes  # checkpoint, params, the graphs' one weights file, promoted
-    free = shutil.disk_usage(ROOT).free
+    reclaimed = sum(tree_bytes(folder) for folder in (results, promoted) if folder.is_dir())  # deleted below
+    free = shutil.disk_usage(ROOT).free + reclaimed
     if free < needed:
         print(
             f"error: {ROOT} has {free / 1e9:.1f} GB free; this DAG needs about {needed / 1e9:.1f} GB", file=sys.stderr

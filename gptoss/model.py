@@ -50,6 +50,8 @@ COMPUTE_DTYPE = jnp.float32
 # along the expert axis, the unembedding along the vocabulary), so XLA and ONNX Runtime alike free each
 # slice's cast before making the next and the casts alive at once stay under about this many bytes.
 CAST_SLICE_BYTES = 256 * 2**20
+# The most float32 expert weights the decoding path gathers for one layer (see MoE.__call__).
+SPARSE_BYTES = 2**30
 
 
 def _compute(param: nnx.Param | jax.Array) -> jax.Array:
@@ -221,11 +223,15 @@ class MoE(nnx.Module):
         top_logits, top_idx = jax.lax.top_k(router_logits, k)
         top_weights = jax.nn.softmax(top_logits.astype(jnp.float32), axis=-1).astype(x.dtype)
         if sparse and taps is None:
-            # Fewer (token, expert) pairs than half the experts: reading just those experts costs less than
-            # reading every expert once. A count from the data, not the shape: the graph keeps symbolic axes.
+            # Few (token, expert) pairs: reading just those experts costs less than reading every expert once —
+            # up to half the experts, and up to SPARSE_BYTES of their float32 weights (gathered per pair, they
+            # are copies: at 120b's 128 experts, half of them would be 6.4 GB). A count from the data, not the
+            # shape: the graph keeps symbolic axes.
+            expert_bytes = 4 * 3 * cfg.hidden_size * cfg.intermediate_size
+            max_pairs = min(e // 2, max(k, SPARSE_BYTES // expert_bytes))
             pairs = jnp.sum(jnp.ones_like(top_idx))
             return jax.lax.cond(
-                2 * pairs <= e,
+                pairs <= max_pairs,
                 lambda: self._selected(x, top_idx, top_weights),
                 lambda: self._dense(x, top_idx, top_weights, None)[0],
             )
