@@ -276,25 +276,30 @@ def tolerance_summary():
 
 # --- resources ------------------------------------------------------------------------------------------------
 
-# Resident memory per stage (calibration: workflow/README.md, docs/performance.md), in MB:
+# Resident memory per stage (calibrated on the 2-layer gpt-oss-20b in float32 and mxfp4, the 24-layer one in
+# mxfp4 and the 2-layer gpt-oss-120b in mxfp4: docs/performance.md), in MB:
 #   fixed + per_params × the params' MB (float32, bfloat16 or mxfp4 bytes)
-#         + per_embedding × the embedding's MB (the largest single tensor; float32 in the stages that decode
-#           the checkpoint through float32, else in the params' dtype) + per_layer × layers.
+#         + per_embedding × the embedding's MB (the largest single tensor; float32 where the stage decodes the
+#           checkpoint through float32, else in the params' dtype) + per_layer × layers.
 # Streaming keeps most stages independent of depth: synth and convert hold a tensor or a shard at a time, the
 # weights export one tensor, the JAX side of parity one block; ONNX Runtime maps the whole weights file.
 MEMORY_MODEL = {
-    #           fixed, per_params, per_embedding, per_layer
-    "synth": (1000, 0.0, 2.0, 0),  # measured 5.6 GB at 20b (2 layers)
+    #                      fixed, per_params, per_embedding, per_layer
+    "synth": (800, 0.0, 2.0, 0),  # 5.6 GB at 2 layers of 20b, 4.7 GB at 24
     "download": (1000, 0.0, 0.0, 0),
-    "convert": (1500, 0.0, 2.0, 0),  # measured 6.4 GB (float32), 5.2 GB (bf16, mxfp4) at 20b (2 layers)
-    "weights": (300, 0.0, 1.0, 0),  # measured 1.4 GB (mxfp4) at 20b
-    "export": (400, 0.0, 0.0, 60),  # tracing only: measured 0.55 GB at 2 layers
-    "parity": (2000, 1.0, 1.0, 0),  # JAX (one block at a time), then ONNX Runtime (the whole model)
-    "gate": (500, 0.0, 0.0, 0),
-    "promote": (500, 0.0, 0.0, 0),
+    "convert": (800, 0.0, 2.0, 0),  # mxfp4: the experts copied, the rest read as bf16 (3.1 GB)
+    "convert_decoded": (800, 0.0, 1.5, 0),  # float32/bfloat16: the experts decoded (4.3 GB float32)
+    "weights": (300, 0.0, 1.0, 0),  # one tensor at a time (2.6 GB float32, 1.4 GB mxfp4)
+    "export": (500, 0.0, 0.0, 20),  # tracing only (0.5 GB at 2 layers, 0.9-1.2 GB at 24)
+    "parity": (300, 1.07, 0.0, 0),  # ONNX Runtime's session, the JAX side streamed in its own process
+    "parity_float32": (300, 0.8, 0.0, 0),
+    "parity_decoder": (1900, 1.0, 0.0, 0),  # + the KV caches and genai, each runtime in turn
+    "parity_decoder_float32": (1900, 0.73, 0.0, 0),
+    "parity_reference": (1500, 0.0, 0.0, 0),  # + transformers' model, float32 whatever the params: see below
+    "gate": (300, 0.0, 0.0, 0),
+    "promote": (300, 0.0, 0.0, 0),
     "report": (1000, 0.0, 0.0, 0),
 }
-DECODING_STAGES = {"synth", "convert"}
 
 
 @functools.cache
@@ -326,11 +331,24 @@ def params_mb(name):
 
 
 def estimate_mem_mb(name, stage):
-    fixed, per_params, per_embedding, per_layer = MEMORY_MODEL[stage]
     cfg, dtype = model_config(name), checkpoints()[name]["dtype"]
-    embedding_bytes = 4 if stage in DECODING_STAGES or dtype == "float32" else 2
-    embedding_mb = cfg.vocab_size * cfg.hidden_size * embedding_bytes / 1e6
-    return int(fixed + per_params * params_mb(name) + per_embedding * embedding_mb + per_layer * cfg.num_hidden_layers)
+    decodes = stage == "synth" or (stage == "convert" and dtype != "mxfp4")
+    if stage == "convert" and decodes:
+        stage = "convert_decoded"
+    elif stage.startswith("parity") and dtype == "float32" and f"{stage}_float32" in MEMORY_MODEL:
+        stage = f"{stage}_float32"
+    fixed, per_params, per_embedding, per_layer = MEMORY_MODEL[stage]
+    embedding_mb = cfg.vocab_size * cfg.hidden_size * (4 if decodes or dtype == "float32" else 2) / 1e6
+    estimate = fixed + per_params * params_mb(name) + per_embedding * embedding_mb + per_layer * cfg.num_hidden_layers
+    if stage == "parity_reference":  # transformers holds the model in float32
+        estimate += 1.1 * cfg.weight_bytes("float32") / 1e6
+    return int(estimate)
+
+
+def parity_mem_mb(wildcards):
+    """The parity rule's resources function: its stage decides the model."""
+    stage = {"decoder": "parity_decoder", "reference": "parity_reference"}.get(wildcards.stage, "parity")
+    return estimate_mem_mb(wildcards.checkpoint, stage)
 
 
 def mem_mb(stage):

@@ -20,7 +20,7 @@ rule parity:
         CONDA_ENV
     threads: model_threads
     resources:
-        mem_mb=mem_mb("parity"),
+        mem_mb=parity_mem_mb,
     params:
         source=parity_source,
         sequence_length=config["sequence_length"],
