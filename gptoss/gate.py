@@ -112,7 +112,8 @@ def summary_markdown(verdict: dict) -> str:
     if verdict["problems"]:
         lines += ["", "## Problems", ""] + [f"- {p}" for p in verdict["problems"]]
     if verdict["generation"]:
-        lines += ["", "## Greedy generation vs JAX", "", "| runtime | steps | identical | near tie | differ |"]
+        lines += ["", "## Greedy generation vs JAX (prompts per verdict)", ""]
+        lines.append("| runtime | steps per prompt | identical | stopped at a near tie | differ |")
         lines.append("|---|---|---|---|---|")
         for name, g in verdict["generation"].items():
             lines.append(f"| {name} | {g['steps']} | {g['identical']} | {g['near_tie']} | {g['differ']} |")
