@@ -4,15 +4,16 @@ The file is exactly what ``flax.serialization.msgpack_serialize`` makes of the n
 (``{"embed": {"embedding": array}, "layers": {"0": {...}}, ...}``): arrays are msgpack ext type 1 holding
 ``(shape, dtype name, raw bytes)``; arrays over 1 GiB use flax's chunked form. So
 ``flax.serialization.msgpack_restore`` reads it — but a 2-layer gpt-oss-20b is 11 GB in float32, so we never
-build the file as one ``bytes`` object: the writer streams each array's buffer straight to disk and the reader
-parses the stream and reads each array straight into its final buffer.
+build the file as one ``bytes`` object: the writer streams each array's buffer straight to disk, the reader
+indexes where each array's bytes are (one pass over the headers) and reads an array straight into its final
+buffer when it is asked for.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import struct
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -106,16 +107,22 @@ def aligned_empty(shape: Sequence[int], dtype: np.dtype) -> np.ndarray:
     return raw[start : start + nbytes].view(dtype).reshape(shape)
 
 
-class _Reader:
-    """A minimal msgpack reader for the subset ``write_params`` and flax produce."""
+@dataclasses.dataclass(frozen=True)
+class StoredArray:
+    """Where an array's bytes are in a params file: ``(offset, bytes)`` segments (several for a chunked one)."""
 
-    def __init__(self, fh: IO[bytes], path: Path, keep: Callable[[str], bool] | None = None) -> None:
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    segments: tuple[tuple[int, int], ...]
+
+
+class _Indexer:
+    """A minimal msgpack reader for the subset ``write_params`` and flax produce: it passes over every array's
+    bytes (a seek), noting where they are."""
+
+    def __init__(self, fh: IO[bytes], path: Path) -> None:
         self.fh, self.path = fh, path
-        self.keep = keep or (lambda _name: True)
-        self.reading = True  # False while passing over an array nobody asked for (seek, no read)
-        self.places: list[tuple[int, int, tuple[int, ...], np.dtype]] = []  # (offset, bytes, shape, dtype) skipped
-        self.index: dict[str, StoredArray] = {}  # where each skipped array's bytes are
-        self._chunk_start = 0
+        self.index: dict[str, StoredArray] = {}
 
     def _read(self, n: int) -> bytes:
         data = self.fh.read(n)
@@ -127,6 +134,7 @@ class _Reader:
         return int.from_bytes(self._read(n), "big")
 
     def value(self) -> Any:
+        """The next value; an array is passed over and comes back as its :class:`StoredArray`."""
         b = self._read(1)[0]
         if b <= 0x7F:
             return b
@@ -150,18 +158,14 @@ class _Reader:
         if b in (0xDE, 0xDF):
             return self._map(self._uint(2 if b == 0xDE else 4))
         if b in (0xC7, 0xC8, 0xC9) or 0xD4 <= b <= 0xD8:
-            shape, dtype, nbytes = self._array_header(b)
-            if not self.reading:
-                self._skip(shape, dtype, nbytes)
-                return None
-            return self._read_into(aligned_empty(shape, dtype))
+            return self._array(b)
         raise GptOssError(f"{self.path}: not a params msgpack file (unexpected byte 0x{b:02x})")
 
     def _map(self, n: int) -> dict[str, Any]:
         return {str(self.value()): self.value() for _ in range(n)}
 
-    def _array_header(self, marker: int) -> tuple[list[int], np.dtype, int]:
-        """Parse an ndarray ext entry up to its raw bytes: ``(shape, dtype, nbytes)``."""
+    def _array(self, marker: int) -> StoredArray:
+        """An ndarray ext entry, parsed up to its raw bytes, which are passed over."""
         if not (marker in (0xC7, 0xC8, 0xC9) or 0xD4 <= marker <= 0xD8):
             raise GptOssError(f"{self.path}: expected an array entry (byte 0x{marker:02x})")
         length = self._uint({0xC7: 1, 0xC8: 2, 0xC9: 4}[marker]) if marker <= 0xC9 else 1 << (marker - 0xD4)
@@ -178,58 +182,29 @@ class _Reader:
         dtype = np.dtype(ml_dtypes.bfloat16) if dtype_name == "bfloat16" else np.dtype(dtype_name)
         if int(np.prod(shape, dtype=np.int64)) * dtype.itemsize != nbytes or self.fh.tell() - start + nbytes != length:
             raise GptOssError(f"{self.path}: array entry size does not match its shape {shape} {dtype_name}")
-        return shape, dtype, nbytes
+        offset = self.fh.seek(nbytes, 1) - nbytes
+        return StoredArray(tuple(shape), dtype, ((offset, nbytes),))
 
-    def _placed(self, shape: tuple[int, ...] | None, start: int | None = None) -> StoredArray:
-        """The skipped array's place: the segments recorded since ``start`` (a chunked array's since its first
-        chunk), with the whole array's shape (``None``: the one segment's)."""
-        segments = self.places[self._chunk_start if start is None else start :]
-        return StoredArray(
-            tuple(shape or segments[0][2]), segments[0][3], tuple((offset, nbytes) for offset, nbytes, *_ in segments)
-        )
-
-    def _skip(self, shape: list[int], dtype: np.dtype, nbytes: int) -> None:
-        """Pass over an array nobody asked for, noting where its bytes are (:func:`index_params`)."""
-        self.places.append((self.fh.tell(), nbytes, tuple(shape), dtype))
-        self.fh.seek(nbytes, 1)
-
-    def _read_into(self, arr: np.ndarray) -> np.ndarray:
-        if self.fh.readinto(memoryview(arr.reshape(-1).view(np.uint8))) != arr.nbytes:
-            raise GptOssError(f"{self.path}: truncated params file")
-        return arr
-
-    def _chunked(self, size: int) -> np.ndarray:
-        """flax's chunked array (after its first key): chunks are read straight into one preallocated array (when
-        skipped: its shape, the chunks' places noted)."""
+    def _chunked(self, size: int) -> StoredArray:
+        """flax's chunked array (after its first key): the whole shape, the chunks' places in order."""
         self.value()  # the marker's value (True)
-        self._chunk_start = len(self.places)
         shape: tuple[int, ...] | None = None
-        out: np.ndarray | None = None
+        chunks: list[StoredArray] = []
         for _ in range(size - 1):
             key = str(self.value())
             if key == "shape":
                 dims = self.value()
                 shape = tuple(dims[str(i)] for i in range(len(dims)))
             elif key == "chunks" and shape is not None:
-                offset = 0
                 for _ in range(self._map_header() or 0):
                     self.value()  # chunk index
-                    chunk_shape, dtype, nbytes = self._array_header(self._read(1)[0])
-                    if not self.reading:
-                        self._skip(chunk_shape, dtype, nbytes)
-                        continue
-                    if out is None:
-                        out = aligned_empty((int(np.prod(shape, dtype=np.int64)),), dtype)
-                    count = int(np.prod(chunk_shape, dtype=np.int64))
-                    self._read_into(out[offset : offset + count])
-                    offset += count
+                    chunks.append(self._array(self._read(1)[0]))
             else:
                 raise GptOssError(f"{self.path}: malformed chunked array (unexpected key {key!r})")
-        if not self.reading:
-            return shape
-        if out is None or shape is None or out.size != int(np.prod(shape, dtype=np.int64)):
+        count = sum(int(np.prod(c.shape, dtype=np.int64)) for c in chunks)
+        if shape is None or not chunks or count != int(np.prod(shape, dtype=np.int64)):
             raise GptOssError(f"{self.path}: malformed chunked array")
-        return out.reshape(shape)
+        return StoredArray(shape, chunks[0].dtype, tuple(s for c in chunks for s in c.segments))
 
     def _map_header(self) -> int | None:
         """If the next value is a map, consume its header and return its size; otherwise consume nothing."""
@@ -243,9 +218,8 @@ class _Reader:
         self.fh.seek(-1, 1)
         return None
 
-    def leaves(self, prefix: str = "", size: int | None = None) -> Iterator[tuple[str, np.ndarray]]:
-        """Walk the nested map (whose header, if already read, gave ``size``), yielding ``(dotted name, array)``
-        one array at a time."""
+    def leaves(self, prefix: str = "", size: int | None = None) -> None:
+        """Walk the nested map (whose header, if already read, gave ``size``), noting every array by dotted name."""
         if size is None:
             size = self._map_header()
         if size is None:
@@ -253,47 +227,17 @@ class _Reader:
         for i in range(size):
             key = str(self.value())
             if i == 0 and key == CHUNKED_KEY:
-                self.reading = self.keep(prefix.rstrip("."))
-                value = self._chunked(size)
-                if self.reading:
-                    yield prefix.rstrip("."), value
-                else:
-                    self.index[prefix.rstrip(".")] = self._placed(value)
+                self.index[prefix.rstrip(".")] = self._chunked(size)
                 return
             name = f"{prefix}{key}"
             nested = self._map_header()
             if nested is not None:
-                yield from self.leaves(name + ".", nested)
+                self.leaves(name + ".", nested)
                 continue
-            self.reading = self.keep(name)
-            start = len(self.places)
             value = self.value()
-            if not self.reading:
-                self.index[name] = self._placed(None, start)
-                continue
-            if not isinstance(value, np.ndarray):
+            if not isinstance(value, StoredArray):
                 raise GptOssError(f"{self.path}: params entry {name!r} is not an array")
-            yield name, value
-
-
-def iter_params(path: Path, keep: Callable[[str], bool] | None = None) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield ``(dotted name, array)`` from a params msgpack, reading one array at a time; with ``keep``, only the
-    arrays it accepts (the others are skipped over without being read)."""
-    if not path.is_file():
-        raise GptOssError(f"{path}: params file not found")
-    with open(path, "rb") as fh:
-        yield from _Reader(fh, path, keep).leaves()
-        if fh.read(1):
-            raise GptOssError(f"{path}: trailing bytes after the params map")
-
-
-@dataclasses.dataclass(frozen=True)
-class StoredArray:
-    """Where an array's bytes are in a params file: ``(offset, bytes)`` segments (several for a chunked one)."""
-
-    shape: tuple[int, ...]
-    dtype: np.dtype
-    segments: tuple[tuple[int, int], ...]
+            self.index[name] = value
 
 
 def index_params(path: Path) -> dict[str, StoredArray]:
@@ -301,10 +245,14 @@ def index_params(path: Path) -> dict[str, StoredArray]:
     if not path.is_file():
         raise GptOssError(f"{path}: params file not found")
     with open(path, "rb") as fh:
-        reader = _Reader(fh, path, keep=lambda _name: False)
-        for _ in reader.leaves():
-            pass
-        return reader.index
+        indexer = _Indexer(fh, path)
+        indexer.leaves()
+        end, size = fh.tell(), path.stat().st_size
+    if end > size:
+        raise GptOssError(f"{path}: truncated params file ({size} bytes, its arrays end at {end})")
+    if end < size:
+        raise GptOssError(f"{path}: trailing bytes after the params map")
+    return indexer.index
 
 
 def read_stored(path: Path, stored: StoredArray) -> np.ndarray:
@@ -323,4 +271,4 @@ def read_stored(path: Path, stored: StoredArray) -> np.ndarray:
 
 def read_params(path: Path) -> dict[str, np.ndarray]:
     """Read a whole params msgpack into flat dotted names → arrays."""
-    return dict(iter_params(path))
+    return {name: read_stored(path, stored) for name, stored in index_params(path).items()}
