@@ -48,6 +48,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from run_dag import read_bandwidth_gbs  # benchmarks/ is on sys.path: this script's own folder
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS = {"prefill_s": 1.2, "decode_s_per_token": 1.5, "peak_rss_bytes": 1.2}
@@ -309,17 +310,6 @@ def graph_step_bytes(onnx_path: Path, cfg) -> dict:
     return sums | {"touched": int(touched), "largest other": [[n, s] for s, n in largest_other[:5]]}
 
 
-def read_bandwidth_gbs(size_bytes: int = 1 << 30) -> float:
-    """Memory read bandwidth: best of 5 sums over a 1 GiB array (as in ``run_dag.py``)."""
-    data = np.ones(size_bytes // 8, dtype=np.float64)
-    best = float("inf")
-    for _ in range(5):
-        start = time.perf_counter()
-        data.sum()
-        best = min(best, time.perf_counter() - start)
-    return size_bytes / best / GB
-
-
 # --- inputs ------------------------------------------------------------------------------------------------------
 
 
@@ -362,13 +352,6 @@ def remove(path: Path) -> None:
         shutil.rmtree(path)
     elif path.exists():
         path.unlink()
-
-
-def free_space_check(folder: Path, needed: int) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(folder).free
-    if free < needed:
-        raise StepFailed(f"{folder} has {free / GB:.1f} GB free; this run writes about {needed / GB:.1f} GB")
 
 
 # --- the report --------------------------------------------------------------------------------------------------
@@ -593,6 +576,8 @@ def main() -> int:
 
 
 def run(args: argparse.Namespace, load_checkpoint_config, ort_version: str, genai_version: str) -> int:
+    from gptoss.atomic import require_free_space
+
     if not args.checkpoint.is_dir():
         raise StepFailed(f"--checkpoint {args.checkpoint}: not a folder")
     cfg = load_checkpoint_config(args.checkpoint)
@@ -607,7 +592,8 @@ def run(args: argparse.Namespace, load_checkpoint_config, ort_version: str, gena
     item = 4 if args.dtype == "float32" else 2
     needed = 0 if args.reuse else size * 4 + (0 if args.params else size * item) + (0 if args.decoder else size * item)
     replaced = sum(f.stat().st_size for d in ("builder_fp32", "ours") for f in (workdir / d).rglob("*") if f.is_file())
-    free_space_check(workdir, int(needed * 1.05) - (0 if args.reuse else replaced))
+    workdir.mkdir(parents=True, exist_ok=True)
+    require_free_space(workdir, int(needed * 1.05) - (0 if args.reuse else replaced), "the builds")
 
     builds, builder_dir, decoder_dir, dtype = build(args, workdir, cfg, layers)
 

@@ -79,9 +79,8 @@ def _parity(args: argparse.Namespace) -> int:
 
         if args.checkpoint is None:
             raise GptOssError("--stage reference compares with transformers on a checkpoint: pass --checkpoint DIR")
-        rows = reference(
-            args.checkpoint, args.params, args.csv, args.sequence_length, generate_tokens=args.generate_tokens, **common
-        )
+        steps = args.generate_tokens or 0
+        rows = reference(args.checkpoint, args.params, args.csv, args.sequence_length, generate_tokens=steps, **common)
     elif args.onnx is None:
         raise GptOssError(f"--stage {args.stage or 'canonical'} compares with an ONNX graph: pass --onnx M.onnx")
     elif args.stage == "decoder":

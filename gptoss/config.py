@@ -242,6 +242,11 @@ class ParamsConfig:
     # do_sample (from generation_config.json, else config.json).
     generation: dict[str, Any] | None = None
 
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """The checkpoint's end-of-sequence ids (what greedy parity suppresses so every step runs)."""
+        return list((self.generation or {}).get("eos_token_id", []))
+
     def checkpoint_info(self) -> dict[str, Any]:
         """What identifies the source without naming this machine's folders: the hub repo and resolved commit or
         the synthetic preset and seed (the origin file convert found), else the folder relative to the working

@@ -61,7 +61,7 @@ def genai_config(params_cfg: ParamsConfig, context_length: int, filename: str) -
         "model": {
             "type": "gptoss",
             "bos_token_id": tokens.get("bos_token_id"),
-            "eos_token_id": tokens.get("eos_token_id", []),
+            "eos_token_id": params_cfg.eos_token_ids,
             "pad_token_id": tokens.get("pad_token_id", 0),
             "vocab_size": cfg.vocab_size,
             "context_length": context_length,

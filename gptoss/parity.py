@@ -86,7 +86,8 @@ def parity(
     with tempfile.TemporaryDirectory(prefix="gptoss-parity-") as spill_dir:
         spill = Path(spill_dir)
         log.info("JAX side: %d prompt(s), %d outputs each", len(resolved), len(wanted))
-        spill_jax_outputs(params, config, resolved, sequence_length, compare_hidden_states, compare_block_debug, spill)
+        jax_side = (params, config, resolved, sequence_length, compare_hidden_states, compare_block_debug, spill)
+        in_fresh_process(spill_jax_outputs, *jax_side)
         log.info("ONNX Runtime side: %s", onnx_path)
         session = ort_session(onnx_path, threads)
         for prompt in resolved:
@@ -132,7 +133,7 @@ def parity_decoder(
                 f"that is {len(prompt.ids) + generate_tokens} positions, more than the context length {context} "
                 f"{onnx_path} was exported for ({GENAI_CONFIG})"
             )
-    suppress = (params_cfg.generation or {}).get("eos_token_id", [])
+    suppress = params_cfg.eos_token_ids
     hashes = dict(onnx_sha256=sha256(onnx_path), data_sha256=sha256(data_path(onnx_path)))
 
     rows: list[dict] = []
@@ -140,7 +141,8 @@ def parity_decoder(
     with tempfile.TemporaryDirectory(prefix="gptoss-parity-") as spill_dir:
         spill = Path(spill_dir)
         log.info("JAX side: %d prompt(s), %d greedy steps each, with the KV cache", len(resolved), generate_tokens)
-        spill_jax_outputs(params, config, resolved, None, False, False, spill, generate_tokens, suppress)
+        jax_side = (params, config, resolved, None, False, False, spill, generate_tokens, suppress)
+        in_fresh_process(spill_jax_outputs, *jax_side)
 
         log.info("ONNX Runtime side: %s", onnx_path)
         session = ort_session(onnx_path, threads)

@@ -7,11 +7,13 @@ place, so it either holds a complete, verified artifact or is left as it was.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import platform
 import shutil
 import subprocess
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
@@ -146,21 +148,23 @@ def readme(m: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def verified_files(onnx_path: Path, verdict: dict, stage: str | None = None) -> tuple[dict[Path, str], str]:
-    """A graph's files (path -> sha256: the graph and its weights, and for the decoder genai_config.json and the
-    tokenizer files) and the stage whose parity run verified them; refuses files parity did not verify, and a
-    decoder whose genai_config.json disagrees with its graph."""
+def verified_files(
+    onnx_path: Path, verdict: dict, digest: Callable[[Path], str] = sha256, stage: str | None = None
+) -> tuple[dict[Path, str], str]:
+    """A graph's files (path -> sha256 by ``digest``: the graph and its weights, and for the decoder
+    genai_config.json and the tokenizer files) and the stage whose parity run verified them; refuses files parity
+    did not verify, and a decoder whose genai_config.json disagrees with its graph."""
     data = data_path(onnx_path)
     for path in (onnx_path, data):
         if not path.is_file():
             raise GptOssError(f"{path}: file to promote not found")
-    hashes = {onnx_path: sha256(onnx_path), data: sha256(data)}
+    hashes = {onnx_path: digest(onnx_path), data: digest(data)}
     verified = verified_stage(verdict, hashes[onnx_path], hashes[data])
     if stage == "decoder":
         config = check_folder(onnx_path.parent)
         if config["model"]["decoder"]["filename"] != onnx_path.name or verified != "decoder":
             raise GptOssError(f"{onnx_path}: not the decoder graph the gate verified and genai_config.json names")
-        hashes |= {p: sha256(p) for p in companion_files(onnx_path.parent)}
+        hashes |= {p: digest(p) for p in companion_files(onnx_path.parent)}
     return hashes, verified
 
 
@@ -181,12 +185,13 @@ def promote(
     verdict = read_json(verdict_path)
     if verdict.get("passed") is not True:
         raise GptOssError(f"{verdict_path}: the gate did not pass; nothing promoted")
-    files, stage = verified_files(onnx_path, verdict)
+    digest = functools.cache(sha256)  # the graphs share their weights file: hash it once
+    files, stage = verified_files(onnx_path, verdict, digest)
     names = {onnx_path: "model.onnx"}
     if decoder is not None:
         if data_path(decoder) != data_path(onnx_path):
             raise GptOssError(f"{decoder}: the decoder must share the canonical graph's {data_path(onnx_path)}")
-        files |= verified_files(decoder, verdict, "decoder")[0]
+        files |= verified_files(decoder, verdict, digest, "decoder")[0]
     params_cfg = ParamsConfig.read(config) if config else None
 
     require_free_space(dest.parent, sum(p.stat().st_size for p in files), f"promoting into {dest}")

@@ -22,7 +22,7 @@ from gptoss.config import ParamsConfig
 from gptoss.errors import GptOssError
 from gptoss.generation import Generation, transformers_generate
 from gptoss.prompts import Prompt, padded, prompt_inputs
-from gptoss.runtime import spill_jax_outputs
+from gptoss.runtime import in_fresh_process, spill_jax_outputs
 from gptoss.tolerances import Tolerances
 
 log = logging.getLogger("gptoss.reference")
@@ -96,7 +96,7 @@ def reference(
     config: Path | None = None,
     tolerances: Tolerances | None = None,
     logits_diffs: Path | None = None,
-    generate_tokens: int | None = None,
+    generate_tokens: int = 0,
 ) -> list[dict]:
     """Run JAX, then transformers, on every prompt; write the CSV (and the logits |diff| per prompt) atomically.
 
@@ -105,18 +105,20 @@ def reference(
     """
     tolerances = tolerances or Tolerances()
     config, params_cfg, resolved = prompt_inputs(params, config, prompts, token_ids, tokenizer, sequence_length)
-    suppress = (params_cfg.generation or {}).get("eos_token_id", [])
+    suppress = params_cfg.eos_token_ids
     rows: list[dict] = []
     diffs: dict[str, np.ndarray] = {}
     with tempfile.TemporaryDirectory(prefix="gptoss-reference-") as spill_dir:
         spill = Path(spill_dir)
-        log.info("JAX side: %d prompt(s), %d greedy steps", len(resolved), generate_tokens or 0)
-        spill_jax_outputs(params, config, resolved, sequence_length, True, False, spill, generate_tokens or 0, suppress)
+        log.info("JAX side: %d prompt(s), %d greedy steps", len(resolved), generate_tokens)
+        jax_side = (params, config, resolved, sequence_length, True, False, spill, generate_tokens, suppress)
+        in_fresh_process(spill_jax_outputs, *jax_side)
         log.info("transformers side: %s, %d layers", checkpoint, params_cfg.model.num_hidden_layers)
         model = hf_model(checkpoint, params_cfg)
         got = run_hf_side(model, resolved, sequence_length)
-        steps = generate_tokens or 0
-        generated = {p.prompt_id: transformers_generate(model, p.ids, steps, suppress) for p in resolved if steps}
+        generated = {}
+        if generate_tokens:
+            generated = {p.prompt_id: transformers_generate(model, p.ids, generate_tokens, suppress) for p in resolved}
         del model
         gc.collect()
         for prompt in resolved:

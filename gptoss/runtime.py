@@ -97,28 +97,6 @@ def load_model(params: Path, config: Path | None = None) -> tuple[ParamsConfig, 
         raise GptOssError(f"{params} does not match {config}: {exc}") from None
 
 
-def spill_jax_outputs(
-    params: Path,
-    config: Path | None,
-    prompts: list[Prompt],
-    sequence_length: int | None,
-    hidden: bool,
-    debug: bool,
-    spill: Path,
-    generate_tokens: int = 0,
-    suppress: Sequence[int] = (),
-) -> None:
-    """Run the Flax model on every prompt, in a fresh process: write ``spill/{prompt_id}.npz`` (the forward
-    pass's outputs, unless ``sequence_length`` is None) and, with ``generate_tokens``, its greedy generation with
-    the KV cache to ``spill/{prompt_id}.generation.npz``.
-
-    A process of its own, because what JAX holds after a run (compiled programs, buffers its allocator keeps)
-    stays with the process: on the 24-layer 20b that was 3 GB under the ONNX Runtime side that follows.
-    """
-    args = (params, config, prompts, sequence_length, hidden, debug, spill, generate_tokens, tuple(suppress))
-    in_fresh_process(_spill_jax_outputs, *args)
-
-
 def in_fresh_process(fn: Callable[..., T], *args: object) -> T:
     """``fn(*args)`` in a new process (spawned, so it shares nothing), its result or its exception returned here:
     the memory that a runtime keeps after a run goes back to the system when that process ends."""
@@ -132,7 +110,7 @@ def _child_logging(level: int) -> None:
     logging.getLogger("gptoss").setLevel(level)
 
 
-def _spill_jax_outputs(
+def spill_jax_outputs(
     params: Path,
     config: Path | None,
     prompts: list[Prompt],
@@ -140,9 +118,17 @@ def _spill_jax_outputs(
     hidden: bool,
     debug: bool,
     spill: Path,
-    generate_tokens: int,
-    suppress: Sequence[int],
+    generate_tokens: int = 0,
+    suppress: Sequence[int] = (),
 ) -> None:
+    """Run the Flax model on every prompt: write ``spill/{prompt_id}.npz`` (the forward pass's outputs, unless
+    ``sequence_length`` is None) and, with ``generate_tokens``, its greedy generation with the KV cache to
+    ``spill/{prompt_id}.generation.npz``.
+
+    The stages run it :func:`in_fresh_process`, because what JAX holds after a run (compiled programs, buffers
+    its allocator keeps) stays with the process: on the 24-layer 20b that was 3 GB under the ONNX Runtime side
+    that follows.
+    """
     from gptoss.generation import jax_generate
 
     params_cfg, model = load_model(params, config)
