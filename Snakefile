@@ -1,8 +1,9 @@
 # gpt-oss -> ONNX as one reproducible DAG (workflow/README.md; keys: config/README.md):
 #
-#   checkpoint (download | synth | local) -> convert_params -> export_onnx (one graph per stage) -> parity (per stage)
-#       -> parity_gate -> promote (baseline2 and every promote_as tag)
-#   stages: debug (hidden states + block taps), canonical (logits); reference (transformers) is parity only.
+#   checkpoint (download | synth | local) -> convert_params -> export_weights -> export_onnx (one graph per stage)
+#       -> parity (per stage) -> parity_gate -> promote (baseline2 and every promote_as tag)
+#   stages: debug (hidden states + block taps), canonical (logits), decoder (KV cache, for onnxruntime-genai);
+#   reference (transformers) is parity only.
 #
 #   snakemake --cores 4 promote_baseline2                                 # gpt-oss-20b, 2 layers, from the hub
 #   snakemake --cores 4 promote_baseline2 --configfile config/toy.yaml    # synthetic toy, offline, about a minute

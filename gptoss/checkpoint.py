@@ -1,6 +1,6 @@
 """Read a GPT-OSS checkpoint folder (HF or OpenAI ``original/`` layout) into our parameter names.
 
-Tensors are read lazily from memory-mapped safetensors, one at a time, and only for the layers kept.
+Tensors are read from the safetensors files one at a time when they are needed, and only for the layers kept.
 The layout is detected from the tensor names.
 """
 
@@ -118,7 +118,7 @@ class Checkpoint:
         return self._stored(hf)[0] in self.store
 
     def get(self, hf: str) -> np.ndarray:
-        """A tensor by its HF name (memory-mapped)."""
+        """A tensor by its HF name, read from its file."""
         name, rows = self._stored(hf)
         tensor = self.store.get(name)
         return tensor if rows is None else tensor[rows]

@@ -138,19 +138,16 @@ def build_onnx(model: GptOss, spec: ExportSpec) -> ir.Model:
     _linear_output_check()
 
     traceable = _Traceable(model)
+    weight_specs = traceable.weight_specs
     if spec.decoder:
         input_names, input_specs, outputs = decoder_inputs(model.cfg, traceable)
+        names, duplicates = ["logits", *present_names(model.cfg.num_hidden_layers)], {}
     else:
         input_names = [INPUT_NAME]
         input_specs = [jax.ShapeDtypeStruct(spec.input_shape(), jnp.int32)]
         outputs = forward_outputs(traceable, spec)
-    weight_specs = traceable.weight_specs
-    probe_specs = [jax.ShapeDtypeStruct((1, spec.sequence_length), jnp.int32), *weight_specs]
-    duplicates = {} if spec.decoder else aliases(outputs, probe_specs)
-    if spec.decoder:
-        names = ["logits", *present_names(model.cfg.num_hidden_layers)]
-    else:
         names = output_names(model.cfg, spec.emit_hidden_states, spec.emit_block_debug)
+        duplicates = aliases(outputs, [jax.ShapeDtypeStruct((1, spec.sequence_length), jnp.int32), *weight_specs])
     unique = [name for name in names if name not in duplicates]
 
     def selected(*args: jax.Array) -> tuple[jax.Array, ...]:
@@ -401,13 +398,12 @@ def runtime_anchor(node: ir.Node, constant: set[ir.Value]) -> ir.Value | None:
     return None
 
 
-def attach_weights(onnx_model: ir.Model, params: Path, data_file: Path) -> None:
-    """Turn the weight inputs into initializers: the large ones point into ``data_file`` (written by
-    :func:`write_weights`, or an earlier export's: it is checked to have the layout's size), the small ones are
-    read into the graph."""
+def attach_weights(onnx_model: ir.Model, params: Path, layout: list[Placed], size: int, data_file: Path) -> None:
+    """Turn the weight inputs into initializers by their ``layout`` (:func:`weights_layout`): the large ones point
+    into ``data_file`` (written by :func:`write_weights`, or an earlier export's: it is checked to have the
+    layout's ``size``), the small ones are read into the graph."""
     graph = onnx_model.graph
     inputs = {v.name: v for v in graph.inputs if not is_data_input(v.name)}
-    layout, size = weights_layout(params, weight_specs(onnx_model))
     if not data_file.is_file() or data_file.stat().st_size != size:
         found = f"{data_file.stat().st_size} bytes" if data_file.is_file() else "no file"
         raise GptOssError(f"{data_file}: {found}, but the weights of {params} take {size}: export them first")
@@ -511,10 +507,11 @@ def export(
     log.info("tracing the %s graph", spec.stage)
     onnx_model = build_onnx(abstract_model(params_cfg.model, params_cfg.dtype), spec)
     weights = data_path(output)
+    layout, size = weights_layout(params, weight_specs(onnx_model))
     if not reuse_weights:
-        write_weights(params, weights_layout(params, weight_specs(onnx_model))[0], weights)
+        write_weights(params, layout, weights)
     log.info("writing %s (weights in %s)", output, weights)
-    attach_weights(onnx_model, params, weights)
+    attach_weights(onnx_model, params, layout, size, weights)
     companions = None
     if spec.decoder:
         context = spec.context_length or params_cfg.model.max_position_embeddings

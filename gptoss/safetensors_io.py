@@ -35,7 +35,7 @@ INDEX_NAME = "model.safetensors.index.json"
 
 
 class SafetensorsFile:
-    """One safetensors file: its header, and tensors as read-only memory-mapped views."""
+    """One safetensors file: its header, and its tensors read one at a time."""
 
     def __init__(self, path: Path) -> None:
         self.path = path

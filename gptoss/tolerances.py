@@ -15,6 +15,16 @@ _BLOCK = re.compile(r"^block_(\d+)_(.+)$")
 _HIDDEN = re.compile(r"^hidden_state_(\d+)$")
 
 
+_HELP = {
+    "logits": "max |diff| for logits",
+    "hidden_states": "hidden states",
+    "block_taps": "per-block taps",
+    "decode_logits": "logits of each generation step",
+    "near_tie_margin": "a routing (or greedy token) disagreement counts only where the k-th and (k+1)-th router "
+    "logits (the top-2 logits) differ by more",
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class Tolerances:
     """Max |diff| allowed per group; routing and greedy tokens allow no disagreement outside near ties.
@@ -32,42 +42,29 @@ class Tolerances:
     def atol(self, group: str) -> float:
         return 0.0 if group in EXACT_GROUPS else getattr(self, group)
 
+    @staticmethod
+    def flag(key: str) -> str:
+        """The command-line flag of a key: ``--atol-<group>``, or ``--near-tie-margin``."""
+        return "--" + ("" if key == "near_tie_margin" else "atol-") + key.replace("_", "-")
+
+    def to_args(self) -> list[str]:
+        """These tolerances as the flags of ``gptoss parity`` and ``gptoss gate`` (what the workflow passes)."""
+        return [part for f in dataclasses.fields(self) for part in (self.flag(f.name), f"{getattr(self, f.name):g}")]
+
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         """``--tolerances FILE`` (YAML/JSON with the keys of this class) and one flag per key; a flag given on
         the command line wins over the file, the file over the defaults."""
         parser.add_argument("--tolerances", type=Path, default=None, help="YAML/JSON file: logits, hidden_states, ...")
-        parser.add_argument("--atol-logits", type=float, default=None, help=f"max |diff| for logits ({cls.logits:g})")
-        parser.add_argument(
-            "--atol-hidden-states", type=float, default=None, help=f"hidden states ({cls.hidden_states:g})"
-        )
-        parser.add_argument("--atol-block-taps", type=float, default=None, help=f"per-block taps ({cls.block_taps:g})")
-        parser.add_argument(
-            "--atol-decode-logits",
-            type=float,
-            default=None,
-            help=f"logits of each generation step ({cls.decode_logits:g})",
-        )
-        parser.add_argument(
-            "--near-tie-margin",
-            type=float,
-            default=None,
-            help="a routing (or greedy token) disagreement counts only where the k-th and (k+1)-th router logits "
-            f"(the top-2 logits) differ by more ({cls.near_tie_margin:g})",
-        )
+        for f in dataclasses.fields(cls):
+            parser.add_argument(cls.flag(f.name), type=float, default=None, help=f"{_HELP[f.name]} ({f.default:g})")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Tolerances:
         values = dataclasses.asdict(cls())
         if args.tolerances is not None:
             values.update(cls.read(args.tolerances))
-        flags = {
-            "logits": args.atol_logits,
-            "hidden_states": args.atol_hidden_states,
-            "block_taps": args.atol_block_taps,
-            "decode_logits": args.atol_decode_logits,
-            "near_tie_margin": args.near_tie_margin,
-        }
+        flags = {key: getattr(args, cls.flag(key).removeprefix("--").replace("-", "_")) for key in values}
         values.update({k: v for k, v in flags.items() if v is not None})
         return cls(**values)
 

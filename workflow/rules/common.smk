@@ -1,6 +1,7 @@
 # Helpers shared by the rules: config checks the schema cannot express, the stages, output paths, the
 # command-line flags built from the config, and memory estimates scaled to the parameter size.
 
+import dataclasses
 import functools
 import re
 import shlex
@@ -259,19 +260,20 @@ def prompt_args():
     return " ".join(f"--prompt {shlex.quote(p)}" for p in config["prompts"])
 
 
-TOLERANCE_KEYS = ("logits", "hidden_states", "block_taps", "decode_logits", "near_tie_margin")
+def configured_tolerances():
+    from gptoss.tolerances import Tolerances
+
+    return Tolerances(**config["tolerances"])
 
 
 def tolerance_args():
     """`--atol-logits X ... --near-tie-margin Y`: the flags of `gptoss parity` and `gptoss gate`."""
-    t = config["tolerances"]
-    prefix = lambda key: "" if key == "near_tie_margin" else "atol-"
-    return " ".join(f"--{prefix(key)}{key.replace('_', '-')} {t[key]:g}" for key in TOLERANCE_KEYS)
+    return " ".join(configured_tolerances().to_args())
 
 
 def tolerance_summary():
-    t = config["tolerances"]
-    return ", ".join(f"{key.replace('_', ' ')} {'' if key == 'near_tie_margin' else '<= '}{t[key]:g}" for key in TOLERANCE_KEYS)
+    values = dataclasses.asdict(configured_tolerances())
+    return ", ".join(f"{key.replace('_', ' ')} {value:g}" for key, value in values.items())
 
 
 # --- resources ------------------------------------------------------------------------------------------------

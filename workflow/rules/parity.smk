@@ -1,7 +1,7 @@
 # Stage 4: one CSV per stage (PARITY_STAGES; columns: gptoss.compare.COLUMNS): JAX vs ONNX Runtime on the
 # stage's graph (decoder: greedy generation by JAX, ONNX Runtime and onnxruntime-genai), or (reference, with
-# `reference: transformers`) JAX vs Hugging Face GptOssForCausalLM on the same checkpoint and layers. Parity never fails on a difference (the gate decides); the tolerances only fill
-# the atol/passed columns.
+# `reference: transformers`) JAX vs Hugging Face GptOssForCausalLM on the same checkpoint and layers. Parity
+# never fails on a difference (the gate decides); the tolerances only fill the atol/passed columns.
 
 
 rule parity:
