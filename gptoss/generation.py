@@ -112,13 +112,9 @@ def ort_step(
     return results["logits"], {name: results[name.replace(PAST_PREFIX, PRESENT_PREFIX)] for name in past}
 
 
-def genai_generate(folder: Path, prompt: Sequence[int], steps: int) -> list[int]:
-    """onnxruntime-genai's ``Generator`` on the decoder folder, greedy, end-of-sequence held off by min_length."""
-    return genai_generate_all(folder, [list(prompt)], steps)[0]
-
-
 def genai_generate_all(folder: Path, prompts: list[list[int]], steps: int) -> list[list[int]]:
-    """:func:`genai_generate` for every prompt, the model loaded once."""
+    """onnxruntime-genai's ``Generator`` on the decoder folder (the model loaded once), greedy from every prompt,
+    end-of-sequence held off by min_length."""
     import onnxruntime_genai as og
 
     model = og.Model(str(folder))

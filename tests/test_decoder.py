@@ -19,7 +19,7 @@ from conftest import assert_one_clean_error, file_sha256, require_torch, run_cli
 from gptoss.convert import convert
 from gptoss.export import ExportSpec, export
 from gptoss.gate import gate
-from gptoss.generation import batched_ort_run, genai_generate, jax_generate, ort_generate, transformers_generate
+from gptoss.generation import batched_ort_run, genai_generate_all, jax_generate, ort_generate, transformers_generate
 from gptoss.parity import parity_decoder
 from gptoss.promote import promote
 from gptoss.runtime import load_model, ort_session
@@ -135,7 +135,7 @@ def test_three_runtimes_generate_the_same_tokens_and_padding_changes_nothing(toy
     got = ort_generate(session, prompt, STEPS, suppress)
     assert got.tokens == ours.tokens and not set(got.tokens) & set(suppress)
     assert max(float(np.abs(a - b).max()) for a, b in zip(ours.logits, got.logits, strict=True)) < 2e-5
-    assert genai_generate(toy["decoder"].parent, prompt, STEPS) == ours.tokens
+    assert genai_generate_all(toy["decoder"].parent, [prompt], STEPS) == [ours.tokens]
 
     short = prompt[:4]
     ids = np.zeros((2, len(prompt)), np.int64)
@@ -178,7 +178,7 @@ def test_generation_parity_rows_gate_and_promote(toy, tmp_path):
     assert manifest["generation"]["onnxruntime"]["identical"] == 2
     # What a user does with the promoted folder: onnxruntime-genai generates the tokens parity verified.
     t0 = next(r for r in tokens if r["prompt_id"] == "t0")
-    assert genai_generate(dest, list(range(1, 11)), 12) == [int(t) for t in t0["ref_tokens"].split()]
+    assert genai_generate_all(dest, [list(range(1, 11))], 12) == [[int(t) for t in t0["ref_tokens"].split()]]
 
 
 def test_decoder_bad_inputs(toy, tmp_path):
