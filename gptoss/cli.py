@@ -56,17 +56,14 @@ def _convert(args: argparse.Namespace) -> None:
 
 @command("export")
 def _export(args: argparse.Namespace) -> None:
-    from gptoss.export import ExportSpec, export
+    from gptoss.export import ExportSpec, export, export_weights
 
-    hidden, debug = args.emit_hidden_states, args.emit_block_debug
-    if args.stage == "debug":
-        hidden = debug = True
-    spec = ExportSpec(args.sequence_length, hidden, debug, args.opset, args.stage == "decoder", args.context_length)
     if args.weights_only:
-        from gptoss.export import export_weights
-
         export_weights(args.params, args.output, args.config)
         return
+    hidden = args.emit_hidden_states or args.stage == "debug"
+    debug = args.emit_block_debug or args.stage == "debug"
+    spec = ExportSpec(args.sequence_length, hidden, debug, args.opset, args.stage == "decoder", args.context_length)
     export(args.params, args.output, spec, args.config, args.skip_validation, args.threads, args.reuse_weights)
 
 
