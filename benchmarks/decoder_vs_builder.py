@@ -139,8 +139,8 @@ def child_genai(spec: dict) -> dict:
 
 def child_ort(spec: dict) -> dict:
     """Our decoder graph straight in ONNX Runtime: the same warm-up, prefills and greedy decode as ``child_genai``."""
-    from gptoss.generation import choose, empty_past, ort_step
-    from gptoss.runtime import ort_session
+    from gptoss.runtimes.generation import choose
+    from gptoss.runtimes.onnx_runtime import empty_past, ort_session, ort_step
 
     prompt = np.asarray([spec["prompt"]], dtype=np.int64)
     suppress, steps = spec["suppress"], spec["steps"]
@@ -576,7 +576,7 @@ def main() -> int:
 
 
 def run(args: argparse.Namespace, load_checkpoint_config, ort_version: str, genai_version: str) -> int:
-    from gptoss.atomic import require_free_space
+    from gptoss.files import require_free_space
 
     if not args.checkpoint.is_dir():
         raise StepFailed(f"--checkpoint {args.checkpoint}: not a folder")

@@ -31,7 +31,7 @@ LATENCY_RUNS = 5
 
 ORT_LATENCY = """
 import sys, time, numpy as np
-from gptoss.runtime import ort_session
+from gptoss.runtimes.onnx_runtime import ort_session
 session = ort_session(sys.argv[1])
 ids = np.random.default_rng(0).integers(0, int(sys.argv[3]), (1, int(sys.argv[2]))).astype(np.int32)
 session.run(["logits"], {"input_ids": ids})
@@ -44,8 +44,8 @@ print(min(times), float(np.median(times)))
 JAX_LATENCY = """
 import sys, time, numpy as np, jax.numpy as jnp
 from pathlib import Path
-from gptoss.runtime import load_model
-from gptoss.model import forward
+from gptoss.runtimes.jax_model import load_model
+from gptoss.model.gpt_oss import forward
 _, model = load_model(Path(sys.argv[1]))
 ids = jnp.asarray(np.random.default_rng(0).integers(0, model.cfg.vocab_size, (1, int(sys.argv[2]))).astype(np.int32))
 forward(model, ids)["logits"].block_until_ready()
@@ -118,7 +118,7 @@ def main() -> int:
     results = ROOT / "results" / name
     promoted = ROOT / config["promote"]["dir"] / "baseline2"
 
-    from gptoss.synth import preset_config
+    from gptoss.formats.synth import preset_config
 
     cfg = preset_config(entry.get("preset", "gpt-oss-20b"), entry["layers"])
     dtype = entry.get("dtype", "float32")

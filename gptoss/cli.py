@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from gptoss.errors import GptOssError
-from gptoss.tolerances import Tolerances
+from gptoss.proof.tolerances import Tolerances
 
 log = logging.getLogger("gptoss")
 COMMANDS: dict[str, Callable[[argparse.Namespace], int | None]] = {}
@@ -28,7 +28,7 @@ def command(name: str) -> Callable:
 
 @command("synth")
 def _synth(args: argparse.Namespace) -> None:
-    from gptoss.synth import synthesize
+    from gptoss.formats.synth import synthesize
 
     cfg = synthesize(args.output, args.preset, args.layers, args.seed, args.layout)
     log.info(
@@ -42,21 +42,21 @@ def _synth(args: argparse.Namespace) -> None:
 
 @command("download")
 def _download(args: argparse.Namespace) -> None:
-    from gptoss.hub import download
+    from gptoss.formats.hub import download
 
     download(args.repo_id, args.revision, args.output, args.retries, args.layout)
 
 
 @command("convert")
 def _convert(args: argparse.Namespace) -> None:
-    from gptoss.convert import convert
+    from gptoss.model.convert import convert
 
     convert(args.checkpoint, args.output, args.layers, args.dtype)
 
 
 @command("export")
 def _export(args: argparse.Namespace) -> None:
-    from gptoss.export import ExportSpec, export, export_weights
+    from gptoss.graphs.export import ExportSpec, export, export_weights
 
     if args.weights_only:
         export_weights(args.params, args.output, args.config)
@@ -72,7 +72,7 @@ def _parity(args: argparse.Namespace) -> int:
     prompts = dict(prompts=args.prompt, token_ids=args.token_ids, tokenizer=args.tokenizer, config=args.config)
     common = dict(tolerances=Tolerances.from_args(args), logits_diffs=args.logits_diffs, **prompts)
     if args.stage == "reference":
-        from gptoss.reference import reference
+        from gptoss.proof.reference import reference
 
         if args.checkpoint is None:
             raise GptOssError("--stage reference compares with transformers on a checkpoint: pass --checkpoint DIR")
@@ -81,13 +81,13 @@ def _parity(args: argparse.Namespace) -> int:
     elif args.onnx is None:
         raise GptOssError(f"--stage {args.stage or 'canonical'} compares with an ONNX graph: pass --onnx M.onnx")
     elif args.stage == "decoder":
-        from gptoss.parity import parity_decoder
+        from gptoss.proof.parity import parity_decoder
 
         rows = parity_decoder(
             args.params, args.onnx, args.csv, args.generate_tokens or 16, threads=args.threads, **common
         )
     else:
-        from gptoss.parity import parity
+        from gptoss.proof.parity import parity
 
         hidden = args.compare_hidden_states or args.stage == "debug"
         debug = args.compare_block_debug or args.stage == "debug"
@@ -103,7 +103,7 @@ def _parity(args: argparse.Namespace) -> int:
 
 @command("gate")
 def _gate(args: argparse.Namespace) -> int:
-    from gptoss.gate import gate
+    from gptoss.proof.gate import gate
 
     return gate(args.csv, Tolerances.from_args(args), args.verdict, args.summary, args.expect_stage)
 

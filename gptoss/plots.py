@@ -18,12 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-from gptoss.atomic import atomic_output
-from gptoss.compare import read_rows
 from gptoss.config import read_json
 from gptoss.errors import GptOssError
-from gptoss.names import BLOCK_TAPS
-from gptoss.tolerances import Tolerances
+from gptoss.files import atomic_output
+from gptoss.model.outputs import BLOCK_TAPS
+from gptoss.proof.compare import read_rows
+from gptoss.proof.tolerances import Tolerances
 
 log = logging.getLogger("gptoss.plots")
 HEATMAP_TAPS = [t for t in BLOCK_TAPS if t != "expert_indices"] + ["hidden_state"]

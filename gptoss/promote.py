@@ -20,11 +20,11 @@ from pathlib import Path
 import onnx
 
 from gptoss import __version__
-from gptoss.atomic import atomic_output, require_free_space, sha256
 from gptoss.config import ParamsConfig, read_json
-from gptoss.decoder import GENAI_CONFIG, check_folder, companion_files
 from gptoss.errors import GptOssError
-from gptoss.names import data_path
+from gptoss.files import atomic_output, require_free_space, sha256
+from gptoss.graphs.genai import GENAI_CONFIG, check_folder, companion_files
+from gptoss.graphs.names import data_path
 
 log = logging.getLogger("gptoss.promote")
 

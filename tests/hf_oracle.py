@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gptoss import mxfp4
-from gptoss.checkpoint_writer import write_checkpoint
 from gptoss.config import GptOssConfig, default_layer_types
+from gptoss.formats import mxfp4
+from gptoss.formats.checkpoint_write import write_checkpoint
 
 
 @dataclasses.dataclass(frozen=True)

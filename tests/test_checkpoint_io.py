@@ -12,8 +12,6 @@ from conftest import forward, require_modules
 from flax import serialization
 from safetensors.numpy import load_file, save_file
 
-from gptoss import params_io
-from gptoss.atomic import temporary_name
 from gptoss.config import (
     FULL,
     SLIDING,
@@ -23,13 +21,15 @@ from gptoss.config import (
     load_checkpoint_config,
     params_config_path,
 )
-from gptoss.convert import convert
 from gptoss.errors import GptOssError
-from gptoss.model import build_model
-from gptoss.params_io import read_params, write_params
-from gptoss.safetensors_io import INDEX_NAME, SafetensorsFile, TensorStore
-from gptoss.synth import synthesize
-from gptoss.tokenizer import encode, load_tokenizer
+from gptoss.files import temporary_name
+from gptoss.formats import params_file
+from gptoss.formats.params_file import read_params, write_params
+from gptoss.formats.safetensors_file import INDEX_NAME, SafetensorsFile, TensorStore
+from gptoss.formats.synth import synthesize
+from gptoss.formats.tokenizer import encode, load_tokenizer
+from gptoss.model.convert import convert
+from gptoss.model.params import build_model
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
@@ -166,7 +166,7 @@ def test_params_chunked_arrays_round_trip_with_flax(tmp_path, monkeypatch):
     """Arrays over flax's chunk size (1 GiB in real use) are written in flax's chunked form; a small chunk size
     exercises the same path."""
     big = {"a.big": np.random.default_rng(0).standard_normal((50, 41)).astype(np.float32), "a.small": np.ones(3)}
-    monkeypatch.setattr(params_io, "MAX_CHUNK_BYTES", 1000)
+    monkeypatch.setattr(params_file, "MAX_CHUNK_BYTES", 1000)
     path = tmp_path / "chunked.msgpack"
     write_params(path, list(big), big.__getitem__)
     assert b"__msgpack_chunked_array__" in path.read_bytes()

@@ -17,8 +17,8 @@ from conftest import assert_one_clean_error, error_lines, run_cli
 from safetensors.numpy import load_file, save_file
 
 from gptoss.errors import GptOssError
-from gptoss.synth import synthesize
-from gptoss.tokenizer import load_tokenizer
+from gptoss.formats.synth import synthesize
+from gptoss.formats.tokenizer import load_tokenizer
 
 WEIGHTS = "model.safetensors"
 

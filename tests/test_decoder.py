@@ -16,15 +16,17 @@ import onnx
 import pytest
 from conftest import assert_one_clean_error, file_sha256, require_torch, run_cli
 
-from gptoss.convert import convert
-from gptoss.export import ExportSpec, export
-from gptoss.gate import gate
-from gptoss.generation import batched_ort_run, genai_generate_all, jax_generate, ort_generate, transformers_generate
-from gptoss.parity import parity_decoder
+from gptoss.formats.synth import synthesize
+from gptoss.graphs.export import ExportSpec, export
+from gptoss.model.convert import convert
 from gptoss.promote import promote
-from gptoss.runtime import load_model, ort_session
-from gptoss.synth import synthesize
-from gptoss.tolerances import Tolerances
+from gptoss.proof.gate import gate
+from gptoss.proof.parity import parity_decoder
+from gptoss.proof.tolerances import Tolerances
+from gptoss.runtimes.genai import genai_generate_all
+from gptoss.runtimes.hf_transformers import transformers_generate
+from gptoss.runtimes.jax_model import jax_generate, load_model
+from gptoss.runtimes.onnx_runtime import batched_ort_run, ort_generate, ort_session
 
 STEPS = 24
 TOKENIZER = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"}
@@ -82,8 +84,8 @@ def test_sparse_and_dense_experts_agree():
     """The decoding path (only the selected experts, gathered) computes what the dense path does."""
     from conftest import random_params
 
-    from gptoss.model import build_model, param_specs
-    from gptoss.synth import preset_config
+    from gptoss.formats.synth import preset_config
+    from gptoss.model.params import build_model, param_specs
 
     cfg = preset_config("toy", 1)
     moe = build_model(cfg, random_params(param_specs(cfg), seed=2)).layers[0].mlp
@@ -167,7 +169,7 @@ def test_generation_parity_rows_gate_and_promote(toy, tmp_path):
     assert generation["genai"] == {"identical": 2, "near_tie": 0, "differ": 0, "steps": 12}
 
     # Promoting the decoder needs the canonical graph's verification too: gate a canonical CSV with it.
-    from gptoss.parity import parity
+    from gptoss.proof.parity import parity
 
     parity(toy["params"], toy["canonical"], tmp_path / "canonical.csv", 32, [PROMPT])
     gate([csv_path, tmp_path / "canonical.csv"], Tolerances(), verdict)
@@ -193,7 +195,7 @@ def test_decoder_bad_inputs(toy, tmp_path):
 
     # An attention_mask of the wrong length, fed by our runtime loop: named, not an ONNX Runtime shape error.
     from gptoss.errors import GptOssError
-    from gptoss.generation import empty_past, ort_step
+    from gptoss.runtimes.onnx_runtime import empty_past, ort_step
 
     session = ort_session(toy["decoder"])
     with pytest.raises(GptOssError, match="attention_mask has 5 positions; past 0 \\+ new 3 needs 3"):

@@ -16,20 +16,24 @@ import pytest
 from conftest import assert_one_clean_error, file_sha256, require_torch, run_cli
 from flax import nnx
 
-from gptoss import model as model_module
-from gptoss.compare import COLUMNS
-from gptoss.convert import convert
 from gptoss.errors import GptOssError
-from gptoss.export import ExportSpec, export
-from gptoss.gate import gate
-from gptoss.model import abstract_model, cast_slices, forward
-from gptoss.names import BLOCK_TAPS, data_path
-from gptoss.params_io import read_params, write_params
-from gptoss.parity import parity
+from gptoss.formats.params_file import read_params, write_params
+from gptoss.formats.synth import preset_config, synthesize
+from gptoss.graphs.export import ExportSpec, export
+from gptoss.graphs.names import data_path
+from gptoss.model import gpt_oss, layers
+from gptoss.model.convert import convert
+from gptoss.model.gpt_oss import forward
+from gptoss.model.layers import cast_slices
+from gptoss.model.outputs import BLOCK_TAPS
+from gptoss.model.params import abstract_model
 from gptoss.promote import promote
-from gptoss.runtime import load_model, ort_session
-from gptoss.synth import preset_config, synthesize
-from gptoss.tolerances import Tolerances
+from gptoss.proof.compare import COLUMNS
+from gptoss.proof.gate import gate
+from gptoss.proof.parity import parity
+from gptoss.proof.tolerances import Tolerances
+from gptoss.runtimes.jax_model import load_model
+from gptoss.runtimes.onnx_runtime import ort_session
 
 SEQ = 32
 PROMPTS = ["What is the capital of France?", "Sliding window attention looks at the most recent tokens only."]
@@ -315,7 +319,7 @@ def test_bfloat16_weights_cast_in_slices_give_the_same_outputs(toy, tmp_path, mo
     whole = forward(model, ids, True, True)
 
     gate_up = model.layers[0].mlp.gate_up_kernel
-    monkeypatch.setattr(model_module, "CAST_SLICE_BYTES", gate_up.size * 4 // 3 + 1)
+    monkeypatch.setattr(layers, "CAST_SLICE_BYTES", gate_up.size * 4 // 3 + 1)
     jax.clear_caches()  # the jitted blocks were traced with whole casts
     assert [(s.start, s.stop) for s in cast_slices(gate_up.shape, gate_up.dtype, 0)] == [(0, 3), (3, 6), (6, 8)]
     assert len(cast_slices(model.unembed.kernel.shape, model.unembed.kernel.dtype, 1)) > 1
@@ -350,18 +354,19 @@ def test_xla_keeps_one_cast_slice_alive_at_a_time(monkeypatch):
     cfg = dataclasses.replace(preset_config("toy", 1), intermediate_size=512)
     block = abstract_model(cfg, "bfloat16").layers[0]
     whole_casts = 4 * (block.mlp.gate_up_kernel.size + block.mlp.down_kernel.size)  # 3 MiB of float32
-    monkeypatch.setattr(model_module, "CAST_SLICE_BYTES", whole_casts // 12)  # one expert's casts per slice
+    monkeypatch.setattr(layers, "CAST_SLICE_BYTES", whole_casts // 12)  # one expert's casts per slice
     graphdef, state = nnx.split(block)
     x = jax.ShapeDtypeStruct((1, 2, cfg.hidden_size), jnp.float32)
     positions = jax.ShapeDtypeStruct((1, 2), jnp.int32)
-    temp = model_module._jitted_block.lower(graphdef, state, x, positions, False).compile().memory_analysis()
+    step, static = gpt_oss.block_outputs, (False,)
+    temp = gpt_oss._jitted.lower(step, static, graphdef, state, x, positions).compile().memory_analysis()
     jax.clear_caches()
     assert temp.temp_size_in_bytes < whole_casts / 3
 
 
 def test_transformers_reference_rows_agree_and_catch_a_wrong_conversion(toy, tmp_path):
     require_torch()  # skipped on a developer machine without torch; a failure in CI
-    from gptoss.reference import reference
+    from gptoss.proof.reference import reference
 
     rows = reference(toy["root"] / "checkpoint", toy["params"], tmp_path / "ref.csv", SEQ, PROMPTS)
     assert {r["stage"] for r in rows} == {"reference"} and {r["group"] for r in rows} == {"logits", "hidden_states"}

@@ -13,16 +13,18 @@ import pytest
 from conftest import assert_one_clean_error, run_cli
 from safetensors.numpy import load_file, save_file
 
-from gptoss import mxfp4
-from gptoss.convert import convert
-from gptoss.export import ExportSpec, export
-from gptoss.gate import gate
-from gptoss.model import decode_mxfp4, forward
-from gptoss.params_io import read_params
-from gptoss.parity import parity, parity_decoder
-from gptoss.runtime import load_model, ort_session
-from gptoss.synth import synthesize
-from gptoss.tolerances import Tolerances
+from gptoss.formats import mxfp4
+from gptoss.formats.params_file import read_params
+from gptoss.formats.synth import synthesize
+from gptoss.graphs.export import ExportSpec, export
+from gptoss.model.convert import convert
+from gptoss.model.gpt_oss import forward
+from gptoss.model.layers import decode_mxfp4
+from gptoss.proof.gate import gate
+from gptoss.proof.parity import parity, parity_decoder
+from gptoss.proof.tolerances import Tolerances
+from gptoss.runtimes.jax_model import load_model
+from gptoss.runtimes.onnx_runtime import ort_session
 
 PROMPT = "What is the capital of France?"
 E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]  # written here, not imported from the code under test

@@ -19,9 +19,9 @@ from conftest import forward, require_modules, require_torch, run_cli
 from safetensors import safe_open
 
 from gptoss.config import ParamsConfig, params_config_path
-from gptoss.model import build_model
-from gptoss.params_io import read_params
-from gptoss.safetensors_io import INDEX_NAME
+from gptoss.formats.params_file import read_params
+from gptoss.formats.safetensors_file import INDEX_NAME
+from gptoss.model.params import build_model
 
 TOL = 2e-5  # Flax logits vs HF, fp32 — relative to max(1, max|reference|)
 

@@ -11,12 +11,13 @@ from conftest import file_sha256, require_torch, run_cli
 from huggingface_hub.utils import filter_repo_objects
 from safetensors import safe_open
 
-from gptoss import cli, hub
-from gptoss.checkpoint_writer import MXFP4_QUANTIZATION, write_checkpoint
+from gptoss import cli
 from gptoss.config import ParamsConfig, load_checkpoint_config, params_config_path
 from gptoss.errors import GptOssError
-from gptoss.synth import preset_config, synthesize
-from gptoss.tokenizer import SYNTH_ROLES, encode, load_tokenizer
+from gptoss.formats import hub
+from gptoss.formats.checkpoint_write import MXFP4_QUANTIZATION, write_checkpoint
+from gptoss.formats.synth import preset_config, synthesize
+from gptoss.formats.tokenizer import SYNTH_ROLES, encode, load_tokenizer
 
 LAYERS = 2
 PROMPTS = ["What is the capital of France?", "Sliding window attention looks at the most recent tokens only."]
@@ -157,7 +158,7 @@ def test_transformers_from_pretrained_loads_every_tensor_and_matches_the_referen
     """``AutoModelForCausalLM.from_pretrained`` dequantizes the MXFP4 experts (nothing missing, unexpected or
     mismatched, no random init): its weights and logits equal ``gptoss.reference.hf_model``'s."""
     torch, transformers = require_torch()
-    from gptoss.reference import hf_model
+    from gptoss.proof.reference import hf_model
 
     model, info = transformers.AutoModelForCausalLM.from_pretrained(
         toy["hf"], dtype=torch.float32, output_loading_info=True

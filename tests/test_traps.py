@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from conftest import forward, random_params, require_torch
 
-from gptoss import mxfp4
 from gptoss.config import FULL, SLIDING, GptOssConfig, RopeScaling, yarn_concentration
-from gptoss.model import build_model, param_specs
-from gptoss.rope import apply_rope, rope_tables, yarn_inv_freq
+from gptoss.formats import mxfp4
+from gptoss.model.params import build_model, param_specs
+from gptoss.model.rope import apply_rope, rope_tables, yarn_inv_freq
 
 CFG = GptOssConfig(
     vocab_size=64,
@@ -404,8 +404,8 @@ def test_expert_kernels_are_input_major_even_when_square(tmp_path, layout):
     torch, _ = require_torch()
     import hf_oracle
 
-    from gptoss.convert import convert
-    from gptoss.params_io import read_params
+    from gptoss.formats.params_file import read_params
+    from gptoss.model.convert import convert
 
     case = hf_oracle.OracleCase(f"square_{layout}", heads=4, kv_heads=2, window=4, seq=10, layers=2, layout=layout)
     assert case.hidden == case.intermediate

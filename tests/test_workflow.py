@@ -178,7 +178,7 @@ def assert_genai_generates_what_transformers_does(decoder: Path, checkpoint: Pat
 
 @pytest.mark.slow
 def test_toy_dag_end_to_end_and_gate_failure(workdir: Path):
-    from gptoss.compare import COLUMNS
+    from gptoss.proof.compare import COLUMNS
 
     toy = ("--cores", "2", "promote_baseline2", "--configfile", "config/toy.yaml")
     proc = snakemake(*toy, cwd=workdir, timeout=900)

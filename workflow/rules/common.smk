@@ -261,7 +261,7 @@ def prompt_args():
 
 
 def configured_tolerances():
-    from gptoss.tolerances import Tolerances
+    from gptoss.proof.tolerances import Tolerances
 
     return Tolerances(**config["tolerances"])
 
@@ -310,7 +310,7 @@ def model_config(name):
     from the synthetic preset, else (a hub repo not yet downloaded) from the gpt-oss-20b/120b shapes."""
     from gptoss.config import load_checkpoint_config
     from gptoss.errors import GptOssError
-    from gptoss.synth import preset_config
+    from gptoss.formats.synth import preset_config
 
     entry = checkpoints()[name]
     layers = entry["layers"]

@@ -1,4 +1,4 @@
-# Stage 4: one CSV per stage (PARITY_STAGES; columns: gptoss.compare.COLUMNS): JAX vs ONNX Runtime on the
+# Stage 4: one CSV per stage (PARITY_STAGES; columns: gptoss.proof.compare.COLUMNS): JAX vs ONNX Runtime on the
 # stage's graph (decoder: greedy generation by JAX, ONNX Runtime and onnxruntime-genai), or (reference, with
 # `reference: transformers`) JAX vs Hugging Face GptOssForCausalLM on the same checkpoint and layers. Parity
 # never fails on a difference (the gate decides); the tolerances only fill the atol/passed columns.

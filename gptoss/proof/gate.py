@@ -12,10 +12,10 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from gptoss.atomic import atomic_output, sha256
-from gptoss.compare import breach, first_failure, read_rows
 from gptoss.errors import GptOssError
-from gptoss.tolerances import GROUPS, Tolerances
+from gptoss.files import atomic_output, sha256
+from gptoss.proof.compare import breach, first_failure, read_rows
+from gptoss.proof.tolerances import GROUPS, Tolerances
 
 log = logging.getLogger("gptoss.gate")
 

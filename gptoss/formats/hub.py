@@ -6,8 +6,8 @@ import json
 import logging
 from pathlib import Path
 
-from gptoss.atomic import atomic_output, require_free_space
 from gptoss.errors import GptOssError
+from gptoss.files import atomic_output, require_free_space
 
 log = logging.getLogger("gptoss.download")
 

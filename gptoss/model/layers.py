@@ -1,4 +1,4 @@
-"""GPT-OSS in Flax NNX, faithful to Hugging Face ``GptOssForCausalLM``
+"""The layers of GPT-OSS in Flax NNX, faithful to Hugging Face ``GptOssForCausalLM``
 (the traps each computation handles are listed in docs/gpt_oss/model.md).
 
 Parameter layout (our names; every linear kernel is ``[in, out]``)::
@@ -15,27 +15,21 @@ Parameter layout (our names; every linear kernel is ``[in, out]``)::
     layers.{i}.mlp.down_bias              [experts, hidden]
     norm.scale                            [hidden]
     unembed.kernel                        [hidden, vocab]                     (not tied to the embedding)
-
-The forward pass returns a dict of named outputs (``logits`` and, on request, ``hidden_state_{i}`` and
-``block_{i}_{tap}``); those names become the ONNX output names.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gptoss import mxfp4 as mxfp4_format
 from gptoss.config import SLIDING, GptOssConfig
-from gptoss.errors import GptOssError
-from gptoss.names import BLOCK_TAPS
-from gptoss.rope import apply_rope, rope_tables
+from gptoss.formats import mxfp4 as mxfp4_format
+from gptoss.model.rope import apply_rope, rope_tables
 
 Outputs = dict[str, jax.Array]
 
@@ -59,7 +53,7 @@ def _compute(param: nnx.Param | jax.Array) -> jax.Array:
     return param[...].astype(COMPUTE_DTYPE)
 
 
-# The params' dtype names: the dtype of the weights, and whether the experts stay MXFP4 blocks and scales (uint8,
+# How weights are stored: the dtype of the weights, and whether the experts stay MXFP4 blocks and scales (uint8,
 # decoded to float32 where they are multiplied; the other weights then stay bfloat16, as checkpoints store them).
 WEIGHT_FORMATS = {"float32": (jnp.float32, False), "bfloat16": (jnp.bfloat16, False), "mxfp4": (jnp.bfloat16, True)}
 
@@ -395,205 +389,3 @@ class Embed(nnx.Module):
     def __call__(self, ids: jax.Array) -> jax.Array:
         # Gather first, then cast: only the selected rows are converted.
         return jnp.take(self.embedding[...], ids, axis=0).astype(COMPUTE_DTYPE)
-
-
-class GptOss(nnx.Module):
-    """The full causal LM. ``__call__(input_ids [batch, seq]) -> {"logits": [batch, seq, vocab] float32, ...}``."""
-
-    def __init__(self, cfg: GptOssConfig, weights: str = "float32") -> None:
-        """``weights``: a key of ``WEIGHT_FORMATS`` (float32, bfloat16, or mxfp4 experts with bfloat16 others)."""
-        dtype, mxfp4 = WEIGHT_FORMATS[weights]
-        self.cfg = cfg
-        self.embed = Embed(cfg.vocab_size, cfg.hidden_size, dtype)
-        self.layers = nnx.List([Block(cfg, i, dtype, mxfp4) for i in range(cfg.num_hidden_layers)])
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.unembed = Linear(cfg.hidden_size, cfg.vocab_size, dtype, bias=False)
-
-    def __call__(
-        self, input_ids: jax.Array, emit_hidden_states: bool = False, emit_block_debug: bool = False
-    ) -> Outputs:
-        """Logits of a whole sequence (no cache) and, on request, the hidden states and block taps."""
-        positions = token_positions(input_ids)
-        x = self.embed(input_ids)
-        outputs: Outputs = {}
-        for i, block in enumerate(self.layers):
-            x, taps = block_outputs(block, x, positions, emit_block_debug)
-            collect(outputs, i, x, taps, emit_hidden_states)
-        return {"logits": self.head(x), **outputs}
-
-    def decode(
-        self, input_ids: jax.Array, attention_mask: jax.Array, past: Sequence[KeyValues]
-    ) -> tuple[jax.Array, list[KeyValues]]:
-        """One step with a KV cache: ``input_ids [b, s]`` after ``past`` (per layer, keys and values
-        ``[b, kv_heads, p, head_dim]``), ``attention_mask [b, p + s]`` (0 marks padding). Returns the logits
-        ``[b, s, vocab]`` and every layer's keys/values ``[b, kv_heads, p + s, head_dim]``."""
-        x = self.embed(input_ids)
-        presents = []
-        for block, layer_past in zip(self.layers, past, strict=True):
-            x, present = block(x, *cache_inputs(input_ids, attention_mask, layer_past))
-            presents.append(present)
-        return self.head(x), presents
-
-    def head(self, x: jax.Array) -> jax.Array:
-        """Final norm and unembedding → float32 logits."""
-        return self.unembed(self.norm(x)).astype(jnp.float32)
-
-
-def cache_inputs(input_ids: jax.Array, attention_mask: jax.Array, past: KeyValues) -> tuple[jax.Array, None, Cache]:
-    """A block's ``(positions, taps, cache)`` for decoding: positions count the real tokens (``attention_mask``
-    is 1) before each one, so left padding does not shift them; the new tokens' positions are the last ``s``."""
-    key_positions = jnp.cumsum(attention_mask, axis=1, dtype=jnp.int32) - 1
-    past_length = past[0].shape[2]
-    positions = jax.lax.slice_in_dim(key_positions, past_length, past_length + input_ids.shape[1], axis=1)
-    return positions, None, Cache(past[0], past[1], key_positions, attention_mask > 0)
-
-
-def token_positions(input_ids: jax.Array) -> jax.Array:
-    """Positions derive from the input itself (cumsum of ones), never arange over a symbolic size, so the graph
-    exports with symbolic batch/sequence axes."""
-    return jnp.cumsum(jnp.ones_like(input_ids, dtype=jnp.int32), axis=1) - 1
-
-
-def block_outputs(block: Block, x: jax.Array, positions: jax.Array, emit_block_debug: bool):
-    """One block's output and, on request, its debug taps (dict) — else ``None``."""
-    taps: Outputs | None = {} if emit_block_debug else None
-    out, _ = block(x, positions, taps)
-    return out, taps
-
-
-def collect(outputs: Outputs, i: int, x: jax.Array, taps: Outputs | None, emit_hidden_states: bool) -> None:
-    """Name block ``i``'s outputs: ``hidden_state_{i}`` and ``block_{i}_{tap}`` (float32, indices int32)."""
-    if emit_hidden_states:
-        outputs[f"hidden_state_{i}"] = x.astype(jnp.float32)
-    if taps is not None:
-        for tap in BLOCK_TAPS:
-            value = taps[tap]
-            outputs[f"block_{i}_{tap}"] = value if value.dtype == jnp.int32 else value.astype(jnp.float32)
-
-
-def forward(
-    model: GptOss, input_ids: jax.Array, emit_hidden_states: bool = False, emit_block_debug: bool = False
-) -> Outputs:
-    """The forward pass, jitted one piece at a time (embedding, each block, head), weights as arguments.
-    ``model``: a :class:`GptOss`, or anything with its ``cfg``, ``embed``, ``layers``, ``norm`` and ``unembed``
-    (:class:`gptoss.runtime.StreamedModel` reads each piece from disk as it comes).
-
-    Weights are arguments of pure functions: captured as constants they would be copied into the program,
-    and ``nnx.jit`` returns the module state as outputs (a second copy). One program per block keeps XLA's
-    temporaries to one block's worth; within a block, bfloat16 weights are cast a slice at a time
-    (``CAST_SLICE_BYTES``), which holds because ``gptoss`` selects XLA's memory-minimising scheduler.
-    """
-    positions = token_positions(input_ids)
-    x = _apply(model.embed, "__call__", input_ids)
-    outputs: Outputs = {}
-    for i, block in enumerate(model.layers):
-        x, taps = _apply_block(block, x, positions, emit_block_debug)
-        collect(outputs, i, x, taps, emit_hidden_states)
-    return {"logits": _head(model, x), **outputs}
-
-
-def decode_step(
-    model: GptOss, input_ids: jax.Array, attention_mask: jax.Array, past: Sequence[KeyValues]
-) -> tuple[jax.Array, list[KeyValues]]:
-    """:meth:`GptOss.decode`, jitted one piece at a time like :func:`forward` (one program per block and shape)."""
-    x = _apply(model.embed, "__call__", input_ids)
-    presents = []
-    for block, layer_past in zip(model.layers, past, strict=True):
-        graphdef, state = nnx.split(block)
-        x, present = _jitted_cached_block(graphdef, state, x, input_ids, attention_mask, layer_past)
-        presents.append(present)
-    return _head(model, x), presents
-
-
-def _head(model: GptOss, x: jax.Array) -> jax.Array:
-    graphdef, state = nnx.split((model.norm, model.unembed))
-    return _jitted_head(graphdef, state, x)
-
-
-@functools.partial(jax.jit, static_argnums=(0,))
-def _jitted_head(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array) -> jax.Array:
-    norm, unembed = nnx.merge(graphdef, state)
-    return unembed(norm(x)).astype(jnp.float32)
-
-
-@functools.partial(jax.jit, static_argnums=(0,))
-def _jitted_cached_block(
-    graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array, ids: jax.Array, mask: jax.Array, past: KeyValues
-) -> tuple[jax.Array, KeyValues]:
-    return nnx.merge(graphdef, state)(x, *cache_inputs(ids, mask, past))
-
-
-def _apply(module: nnx.Module, method: str, *args: jax.Array) -> jax.Array:
-    graphdef, state = nnx.split(module)
-    return _jitted_method(graphdef, state, method, *args)
-
-
-def _apply_block(block: Block, x: jax.Array, positions: jax.Array, emit_block_debug: bool):
-    graphdef, state = nnx.split(block)
-    return _jitted_block(graphdef, state, x, positions, emit_block_debug)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 2))
-def _jitted_method(graphdef: nnx.GraphDef, state: nnx.State, method: str, *args: jax.Array) -> jax.Array:
-    return getattr(nnx.merge(graphdef, state), method)(*args)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 4))
-def _jitted_block(graphdef: nnx.GraphDef, state: nnx.State, x: jax.Array, positions: jax.Array, debug: bool):
-    return block_outputs(nnx.merge(graphdef, state), x, positions, debug)
-
-
-def output_names(cfg: GptOssConfig, emit_hidden_states: bool, emit_block_debug: bool) -> list[str]:
-    """The forward pass's output names, in order."""
-    names = ["logits"]
-    for i in range(cfg.num_hidden_layers):
-        if emit_hidden_states:
-            names.append(f"hidden_state_{i}")
-        if emit_block_debug:
-            names.extend(f"block_{i}_{tap}" for tap in BLOCK_TAPS)
-    return names
-
-
-def _path_to_name(path: tuple) -> str:
-    return ".".join(str(p) for p in path)
-
-
-def abstract_model(cfg: GptOssConfig, weights: str = "float32") -> GptOss:
-    """The model's structure with shape-only parameters (nothing allocated)."""
-    return nnx.eval_shape(lambda: GptOss(cfg, weights))
-
-
-def flat_param_specs(state: nnx.State) -> list[tuple[tuple, str, jax.ShapeDtypeStruct]]:
-    """``(path, dotted name, shape/dtype)`` of every parameter of an abstract model's state, in state order."""
-    return [(path, _path_to_name(path), var.get_value()) for path, var in nnx.to_flat_state(state)]
-
-
-def param_specs(cfg: GptOssConfig, weights: str = "float32") -> dict[str, jax.ShapeDtypeStruct]:
-    """Expected name → shape/dtype of every parameter, without allocating any."""
-    return {name: spec for _, name, spec in flat_param_specs(nnx.state(abstract_model(cfg, weights)))}
-
-
-def weight_format(params: Mapping[str, np.ndarray | jax.Array]) -> str:
-    """The ``WEIGHT_FORMATS`` key that params are in (from their names and dtypes)."""
-    if any(name.endswith("gate_up_blocks") for name in params):
-        return "mxfp4"
-    embedding = params.get("embed.embedding")
-    return "bfloat16" if embedding is not None and embedding.dtype == jnp.bfloat16 else "float32"
-
-
-def build_model(cfg: GptOssConfig, params: Mapping[str, np.ndarray | jax.Array]) -> GptOss:
-    """A model holding ``params`` (flat dotted names, see the module docstring), checked name by name."""
-    graphdef, state = nnx.split(abstract_model(cfg, weight_format(params)))
-    flat = flat_param_specs(state)
-    names = {name for _, name, _ in flat}
-    missing = sorted(names - set(params))
-    extra = sorted(set(params) - names)
-    if missing or extra:
-        raise GptOssError(f"params do not match the config: missing {missing[:3]}, unexpected {extra[:3]}")
-    values = []
-    for path, name, spec in flat:
-        value = params[name]
-        if tuple(value.shape) != tuple(spec.shape):
-            raise GptOssError(f"param {name!r} has shape {list(value.shape)} but the config expects {list(spec.shape)}")
-        values.append((path, jnp.asarray(value, dtype=spec.dtype)))
-    return nnx.merge(graphdef, nnx.from_flat_state(values))

@@ -18,9 +18,9 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from gptoss.config import GptOssConfig
-from gptoss.names import fused_qkv, original_name
-from gptoss.safetensors_io import INDEX_NAME
-from gptoss.tokenizer import SpecialTokenIds
+from gptoss.formats.names import fused_qkv, original_name
+from gptoss.formats.safetensors_file import INDEX_NAME
+from gptoss.formats.tokenizer import SpecialTokenIds
 
 SHARD_BYTES = 2 * 1024**3
 GENERATION_CONFIG = "generation_config.json"

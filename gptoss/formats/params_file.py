@@ -21,8 +21,8 @@ import ml_dtypes
 import msgpack
 import numpy as np
 
-from gptoss.atomic import atomic_output
 from gptoss.errors import GptOssError
+from gptoss.files import atomic_output
 
 EXT_NDARRAY = 1
 MAX_CHUNK_BYTES = 2**30  # flax.serialization.MAX_CHUNK_SIZE

@@ -26,7 +26,7 @@ def resolve_prompts(
     """Prompts (tokenized with the checkpoint's tokenizer) and/or literal comma-separated token id lists."""
     resolved: list[Prompt] = []
     if prompts:
-        from gptoss.tokenizer import encode, load_tokenizer
+        from gptoss.formats.tokenizer import encode, load_tokenizer
 
         if tokenizer_path is None:
             raise GptOssError("no tokenizer: the params config records none; pass --tokenizer or --token-ids")

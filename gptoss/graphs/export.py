@@ -31,13 +31,15 @@ import onnx_ir as ir
 from flax import nnx
 
 from gptoss import __version__
-from gptoss.atomic import atomic_output, require_free_space, temporary_name
 from gptoss.config import GptOssConfig, ParamsConfig, params_config_path
-from gptoss.decoder import TOTAL_LENGTH, past_names, present_names, write_companions
 from gptoss.errors import GptOssError
-from gptoss.model import GptOss, abstract_model, flat_param_specs, forward, output_names, param_specs
-from gptoss.names import INPUT_NAME, MASK_NAME, PAST_PREFIX, data_path
-from gptoss.params_io import StoredArray, index_params, read_stored
+from gptoss.files import atomic_output, require_free_space, temporary_name
+from gptoss.formats.params_file import StoredArray, index_params, read_stored
+from gptoss.graphs.genai import TOTAL_LENGTH, past_names, present_names, write_companions
+from gptoss.graphs.names import INPUT_NAME, MASK_NAME, PAST_PREFIX, data_path
+from gptoss.model.gpt_oss import GptOss, forward
+from gptoss.model.outputs import output_names
+from gptoss.model.params import abstract_model, flat_param_specs, param_specs
 
 log = logging.getLogger("gptoss.export")
 # onnx_ir notes every shape-only value it serialises without a type: benign and very chatty.
@@ -469,7 +471,8 @@ def validate(
     params: Path, config: Path | None, onnx_path: Path, spec: ExportSpec, seed: int = 0, threads: int | None = None
 ) -> float:
     """Random token ids (not zeros) through JAX, then (JAX freed) ONNX Runtime; fail if logits differ > 1e-4."""
-    from gptoss.runtime import load_model, ort_session
+    from gptoss.runtimes.jax_model import load_model
+    from gptoss.runtimes.onnx_runtime import ort_session
 
     _, model = load_model(params, config)
     rng = np.random.default_rng(seed)

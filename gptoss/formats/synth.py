@@ -19,12 +19,12 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from gptoss.atomic import atomic_output, require_free_space
-from gptoss.checkpoint_writer import write_checkpoint, write_generation_config
 from gptoss.config import GptOssConfig, default_layer_types
 from gptoss.errors import GptOssError
-from gptoss.mxfp4 import GROUP
-from gptoss.tokenizer import special_token_ids, train_synthetic_tokenizer, write_hf_tokenizer
+from gptoss.files import atomic_output, require_free_space
+from gptoss.formats.checkpoint_write import write_checkpoint, write_generation_config
+from gptoss.formats.mxfp4 import GROUP
+from gptoss.formats.tokenizer import special_token_ids, train_synthetic_tokenizer, write_hf_tokenizer
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 FP4_RMS = math.sqrt(np.mean(np.array([0, 0.25, 1, 2.25, 4, 9, 16, 36])))  # RMS of a uniformly random E2M1 code

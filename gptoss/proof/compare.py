@@ -14,12 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
-from gptoss.atomic import atomic_output
 from gptoss.errors import GptOssError
-from gptoss.generation import Generation, compare_tokens
-from gptoss.names import BLOCK_TAPS
-from gptoss.prompts import Prompt
-from gptoss.tolerances import EXACT_GROUPS, GROUPS, ROUTING_TAP, Tolerances, classify
+from gptoss.files import atomic_output
+from gptoss.model.outputs import BLOCK_TAPS
+from gptoss.proof.prompts import Prompt
+from gptoss.proof.tolerances import EXACT_GROUPS, GROUPS, ROUTING_TAP, Tolerances, classify
+from gptoss.runtimes.generation import Generation, top2_margin
 
 log = logging.getLogger("gptoss.compare")
 
@@ -299,3 +299,17 @@ def write_results(
     if diffs_path is not None:
         with atomic_output(diffs_path) as tmp, open(tmp, "wb") as fh:
             np.savez(fh, **diffs)
+
+
+def compare_tokens(
+    reference: Generation, tokens: Sequence[int], suppress: Sequence[int], margin: float
+) -> tuple[int, bool, bool]:
+    """Tokens against the reference's: ``(steps compared, near tie, failed)``. A first difference where the
+    reference's top-2 logits are within ``margin`` is a near tie: later tokens follow another prefix and are not
+    compared. Any other difference (or a missing token) fails."""
+    for step, want in enumerate(reference.tokens):
+        got = tokens[step] if step < len(tokens) else None
+        if got != want:
+            near_tie = got is not None and top2_margin(reference.logits[step][-1], suppress) < margin
+            return step + 1, near_tie, not near_tie
+    return len(reference.tokens), False, False

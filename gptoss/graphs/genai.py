@@ -21,7 +21,7 @@ from typing import Any
 
 from gptoss.config import ParamsConfig
 from gptoss.errors import GptOssError
-from gptoss.names import MASK_NAME, PAST_KEY, PAST_PREFIX, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE
+from gptoss.graphs.names import MASK_NAME, PAST_KEY, PAST_PREFIX, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE
 
 GENAI_CONFIG = "genai_config.json"
 # Beside the graph, what onnxruntime-genai's tokenizer reads (the ones the checkpoint has).

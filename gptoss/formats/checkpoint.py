@@ -1,79 +1,21 @@
-"""Read a GPT-OSS checkpoint folder (HF or OpenAI ``original/`` layout) into our parameter names.
-
-Tensors are read from the safetensors files one at a time when they are needed, and only for the layers kept.
-The layout is detected from the tensor names.
+"""Read a GPT-OSS checkpoint folder (HF or OpenAI ``original/`` layout): its tensors by their HF names, or by our
+parameter names. Tensors are read from the safetensors files one at a time when they are needed. The layout is
+detected from the tensor names.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Callable
 from pathlib import Path
 
-import jax
 import numpy as np
 
-from gptoss import mxfp4
 from gptoss.config import GptOssConfig, load_checkpoint_config
 from gptoss.errors import GptOssError
-from gptoss.model import WEIGHT_FORMATS, param_specs
-from gptoss.names import fused_qkv, original_name
-from gptoss.safetensors_io import TensorStore
-
-# Our parameter -> its HF tensor (in the model's layers: after `layers.{i}.` and `model.layers.{i}.`). Linear
-# modules map as modules: our `X.kernel` is HF's `X.weight` transposed (torch's [out, in] -> our [in, out]) and
-# `X.bias` is `X.bias`. The experts are HF's MXFP4 `{name}_blocks`/`_scales` or the dequantized `{name}`.
-OURS_TO_HF_LINEAR = {
-    "unembed": "lm_head",
-    "attn.q_proj": "self_attn.q_proj",
-    "attn.k_proj": "self_attn.k_proj",
-    "attn.v_proj": "self_attn.v_proj",
-    "attn.o_proj": "self_attn.o_proj",
-    "mlp.router": "mlp.router",
-}
-OURS_TO_HF = {
-    "embed.embedding": "model.embed_tokens.weight",
-    "norm.scale": "model.norm.weight",
-    "attn_norm.scale": "input_layernorm.weight",
-    "mlp_norm.scale": "post_attention_layernorm.weight",
-    "attn.sinks": "self_attn.sinks",
-    "mlp.gate_up_bias": "mlp.experts.gate_up_proj_bias",
-    "mlp.down_bias": "mlp.experts.down_proj_bias",
-}
-OURS_TO_HF_EXPERTS = {"mlp.gate_up_kernel": "mlp.experts.gate_up_proj", "mlp.down_kernel": "mlp.experts.down_proj"}
-# dtype mxfp4: the experts' MXFP4 tensors themselves, copied as they are.
-OURS_TO_HF_MXFP4 = {
-    f"mlp.{ours}_{part}": f"mlp.experts.{ours}_proj_{part}"
-    for ours in ("gate_up", "down")
-    for part in ("blocks", "scales")
-}
-_LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
-
-
-def hf_source(ours: str) -> tuple[str, str]:
-    """Our parameter name -> (HF tensor name, kind): kind is ``transpose`` (a Linear kernel), ``experts`` (MXFP4
-    or dequantized experts) or ``copy``."""
-    m = _LAYER.match(ours)
-    prefix, rest = (f"model.layers.{m.group(1)}.", m.group(2)) if m else ("", ours)
-    module, _, leaf = rest.rpartition(".")
-    if module in OURS_TO_HF_LINEAR:
-        return f"{prefix}{OURS_TO_HF_LINEAR[module]}.{'weight' if leaf == 'kernel' else leaf}", (
-            "transpose" if leaf == "kernel" else "copy"
-        )
-    if rest in OURS_TO_HF_EXPERTS:
-        return prefix + OURS_TO_HF_EXPERTS[rest], "experts"
-    if rest in OURS_TO_HF_MXFP4:
-        return prefix + OURS_TO_HF_MXFP4[rest], "mxfp4"
-    if rest in OURS_TO_HF:
-        return prefix + OURS_TO_HF[rest], "copy"
-    raise KeyError(f"no checkpoint tensor for parameter {ours!r}")
-
-
-def _count_nonfinite(a: np.ndarray, rows: int = 1 << 16) -> int:
-    """NaN/Inf count, a block of leading rows at a time (a whole-array mask would be one more big temporary)."""
-    flat = a.reshape(a.shape[0], -1) if a.ndim > 1 else a.reshape(-1, 1)
-    return sum(int((~np.isfinite(flat[i : i + rows])).sum()) for i in range(0, flat.shape[0], rows))
+from gptoss.formats import mxfp4
+from gptoss.formats.names import fused_qkv, hf_source, original_name
+from gptoss.formats.safetensors_file import TensorStore
 
 
 @dataclasses.dataclass
@@ -173,40 +115,3 @@ class Checkpoint:
         for e in range(experts):
             out[e] = mxfp4.decode(b[e], s[e]).T  # [out, in] -> [in, out]
         return out
-
-
-def load_params(
-    folder: Path, num_layers: int | None = None, dtype: str = "float32"
-) -> tuple[GptOssConfig, GptOssConfig, dict[str, jax.ShapeDtypeStruct], dict[str, Callable[[], np.ndarray]]]:
-    """Open ``folder``; return the checkpoint's config, the truncated config, and name → spec and name → loader
-    of each param.
-
-    Each loader reads one tensor, checks its shape against the model and that it is finite, and casts
-    it to ``dtype`` (norm scales stay float32).
-    """
-    if dtype not in WEIGHT_FORMATS:
-        raise GptOssError(f"--dtype {dtype!r} is not supported; choose one of {sorted(WEIGHT_FORMATS)}")
-    ckpt = Checkpoint.open(folder)
-    cfg = ckpt.config.truncated(ckpt.config.num_hidden_layers if num_layers is None else num_layers)
-    specs = param_specs(cfg, dtype)
-    sources = ckpt.sources(list(specs), np.dtype(WEIGHT_FORMATS[dtype][0]))
-
-    def loader(name: str) -> Callable[[], np.ndarray]:
-        def load() -> np.ndarray:
-            raw = sources[name]()
-            spec = specs[name]
-            if tuple(raw.shape) != tuple(spec.shape):
-                raise GptOssError(
-                    f"{folder}: tensor for {name!r} has shape {list(raw.shape)}, expected {list(spec.shape)} "
-                    "from config.json"
-                )
-            out = np.ascontiguousarray(raw, dtype=np.dtype(spec.dtype))
-            if name.endswith("_scales") and (nan := int(np.count_nonzero(out == mxfp4.E8M0_NAN))):
-                raise GptOssError(f"{folder}: MXFP4 scales for {name!r} hold {nan} NaN scales (0xFF)")
-            if bad := _count_nonfinite(out):
-                raise GptOssError(f"{folder}: tensor for {name!r} has {bad} NaN/Inf values")
-            return out
-
-        return load
-
-    return ckpt.config, cfg, specs, {name: loader(name) for name in specs}

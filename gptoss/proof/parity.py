@@ -15,16 +15,19 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from gptoss.atomic import sha256
-from gptoss.compare import compare_prompt, logits_diff, logits_row, step_rows, token_row, write_results
-from gptoss.decoder import GENAI_CONFIG, check_folder
 from gptoss.errors import GptOssError
-from gptoss.generation import Generation, batched_ort_run, genai_generate_all, ort_generate
-from gptoss.model import output_names
-from gptoss.names import INPUT_NAME, data_path
-from gptoss.prompts import Prompt, padded, prompt_inputs
-from gptoss.runtime import in_fresh_process, ort_session, spill_jax_outputs
-from gptoss.tolerances import Tolerances
+from gptoss.files import sha256
+from gptoss.graphs.genai import GENAI_CONFIG, check_folder
+from gptoss.graphs.names import INPUT_NAME, data_path
+from gptoss.model.outputs import output_names
+from gptoss.proof.compare import compare_prompt, logits_diff, logits_row, step_rows, token_row, write_results
+from gptoss.proof.driver import spill_jax_outputs
+from gptoss.proof.prompts import Prompt, padded, prompt_inputs
+from gptoss.proof.tolerances import Tolerances
+from gptoss.runtimes.genai import genai_generate_all
+from gptoss.runtimes.generation import Generation
+from gptoss.runtimes.onnx_runtime import batched_ort_run, ort_generate, ort_session
+from gptoss.runtimes.process import in_fresh_process
 
 log = logging.getLogger("gptoss.parity")
 

@@ -1,0 +1,1 @@
+"""ONNX graphs of the model: tracing, rewrite passes, the shared weights file and onnxruntime-genai's contract."""

@@ -1,0 +1,21 @@
+"""The names a graph's callers rely on: its inputs and outputs (onnxruntime-genai's for the decoder) and the
+weights file every graph of a model shares. No heavy imports, so the gate, plots and promotion read them too."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+INPUT_NAME = "input_ids"
+# The decoder graph's other inputs and its outputs (onnxruntime-genai's names): per layer i, %d -> i.
+MASK_NAME = "attention_mask"
+PAST_PREFIX, PRESENT_PREFIX = "past_key_values.", "present."
+PAST_KEY, PAST_VALUE = PAST_PREFIX + "%d.key", PAST_PREFIX + "%d.value"
+PRESENT_KEY, PRESENT_VALUE = PRESENT_PREFIX + "%d.key", PRESENT_PREFIX + "%d.value"
+
+WEIGHTS_FILE = "model.onnx.data"
+
+
+def data_path(onnx_path: Path) -> Path:
+    """The weights of a graph: ``model.onnx.data`` in its folder, which every graph of a model there shares
+    (``x/model.onnx`` and ``x/decoder.onnx`` both read ``x/model.onnx.data``)."""
+    return onnx_path.with_name(WEIGHTS_FILE)

@@ -1,0 +1,144 @@
+"""The whole causal LM and its two loops, each written once: :func:`forward` (a whole sequence; hidden states and
+block taps on request) and :func:`decode_step` (new tokens after a KV cache). Both run eagerly, as the export
+traces them, or jitted one piece at a time, as the JAX side of the proof runs them."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from gptoss.config import GptOssConfig
+from gptoss.model.layers import WEIGHT_FORMATS, Block, Cache, Embed, KeyValues, Linear, Outputs, RMSNorm
+from gptoss.model.outputs import BLOCK_TAPS
+
+
+class GptOss(nnx.Module):
+    """The full causal LM. ``__call__(input_ids [batch, seq]) -> {"logits": [batch, seq, vocab] float32, ...}``."""
+
+    def __init__(self, cfg: GptOssConfig, weight_format: str = "float32") -> None:
+        """``weight_format``: a key of ``WEIGHT_FORMATS`` (float32, bfloat16, or mxfp4 experts, others bfloat16)."""
+        dtype, mxfp4 = WEIGHT_FORMATS[weight_format]
+        self.cfg = cfg
+        self.embed = Embed(cfg.vocab_size, cfg.hidden_size, dtype)
+        self.layers = nnx.List([Block(cfg, i, dtype, mxfp4) for i in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.unembed = Linear(cfg.hidden_size, cfg.vocab_size, dtype, bias=False)
+
+    def __call__(
+        self, input_ids: jax.Array, emit_hidden_states: bool = False, emit_block_debug: bool = False
+    ) -> Outputs:
+        """Logits of a whole sequence (no cache) and, on request, the hidden states and block taps."""
+        return forward(self, input_ids, emit_hidden_states, emit_block_debug, jit=False)
+
+    def decode(
+        self, input_ids: jax.Array, attention_mask: jax.Array, past: Sequence[KeyValues]
+    ) -> tuple[jax.Array, list[KeyValues]]:
+        """One step with a KV cache (:func:`decode_step`)."""
+        return decode_step(self, input_ids, attention_mask, past, jit=False)
+
+
+def cache_inputs(input_ids: jax.Array, attention_mask: jax.Array, past: KeyValues) -> tuple[jax.Array, None, Cache]:
+    """A block's ``(positions, taps, cache)`` for decoding: positions count the real tokens (``attention_mask``
+    is 1) before each one, so left padding does not shift them; the new tokens' positions are the last ``s``."""
+    key_positions = jnp.cumsum(attention_mask, axis=1, dtype=jnp.int32) - 1
+    past_length = past[0].shape[2]
+    positions = jax.lax.slice_in_dim(key_positions, past_length, past_length + input_ids.shape[1], axis=1)
+    return positions, None, Cache(past[0], past[1], key_positions, attention_mask > 0)
+
+
+def token_positions(input_ids: jax.Array) -> jax.Array:
+    """Positions derive from the input itself (cumsum of ones), never arange over a symbolic size, so the graph
+    exports with symbolic batch/sequence axes."""
+    return jnp.cumsum(jnp.ones_like(input_ids, dtype=jnp.int32), axis=1) - 1
+
+
+def block_outputs(block: Block, x: jax.Array, positions: jax.Array, emit_block_debug: bool):
+    """One block's output and, on request, its debug taps (dict) — else ``None``."""
+    taps: Outputs | None = {} if emit_block_debug else None
+    out, _ = block(x, positions, taps)
+    return out, taps
+
+
+def collect(outputs: Outputs, i: int, x: jax.Array, taps: Outputs | None, emit_hidden_states: bool) -> None:
+    """Name block ``i``'s outputs: ``hidden_state_{i}`` and ``block_{i}_{tap}`` (float32, indices int32)."""
+    if emit_hidden_states:
+        outputs[f"hidden_state_{i}"] = x.astype(jnp.float32)
+    if taps is not None:
+        for tap in BLOCK_TAPS:
+            value = taps[tap]
+            outputs[f"block_{i}_{tap}"] = value if value.dtype == jnp.int32 else value.astype(jnp.float32)
+
+
+def forward(
+    model: GptOss,
+    input_ids: jax.Array,
+    emit_hidden_states: bool = False,
+    emit_block_debug: bool = False,
+    jit: bool = True,
+) -> Outputs:
+    """Logits of a whole sequence and, on request, the hidden states and block taps.
+    ``model``: a :class:`GptOss`, or anything with its ``cfg``, ``embed``, ``layers``, ``norm`` and ``unembed``
+    (:class:`gptoss.runtimes.jax_model.StreamedModel` reads each piece from disk as it comes).
+
+    ``jit``: one program per piece (embedding, each block, head), the weights its arguments. Captured as constants
+    they would be copied into the program, and ``nnx.jit`` returns the module state as outputs (a second copy).
+    One program per block keeps XLA's temporaries to one block's worth; within a block, bfloat16 weights are cast
+    a slice at a time (``CAST_SLICE_BYTES``), which holds because ``gptoss`` selects XLA's memory-minimising
+    scheduler.
+    """
+    positions = token_positions(input_ids)
+    x = _run(jit, _embed, model.embed, input_ids)
+    outputs: Outputs = {}
+    for i, block in enumerate(model.layers):
+        x, taps = _run(jit, block_outputs, block, x, positions, static=(emit_block_debug,))
+        collect(outputs, i, x, taps, emit_hidden_states)
+    return {"logits": _run(jit, _head, (model.norm, model.unembed), x), **outputs}
+
+
+def decode_step(
+    model: GptOss, input_ids: jax.Array, attention_mask: jax.Array, past: Sequence[KeyValues], jit: bool = True
+) -> tuple[jax.Array, list[KeyValues]]:
+    """One step with a KV cache: ``input_ids [b, s]`` after ``past`` (per layer, keys and values
+    ``[b, kv_heads, p, head_dim]``), ``attention_mask [b, p + s]`` (0 marks padding). Returns the logits
+    ``[b, s, vocab]`` and every layer's keys/values ``[b, kv_heads, p + s, head_dim]``. ``jit`` as in
+    :func:`forward` (one program per block and shape)."""
+    x = _run(jit, _embed, model.embed, input_ids)
+    presents = []
+    for block, layer_past in zip(model.layers, past, strict=True):
+        x, present = _run(jit, _cached_block, block, x, input_ids, attention_mask, layer_past)
+        presents.append(present)
+    return _run(jit, _head, (model.norm, model.unembed), x), presents
+
+
+def _embed(embed: Embed, input_ids: jax.Array) -> jax.Array:
+    return embed(input_ids)
+
+
+def _cached_block(
+    block: Block, x: jax.Array, ids: jax.Array, mask: jax.Array, past: KeyValues
+) -> tuple[jax.Array, KeyValues]:
+    return block(x, *cache_inputs(ids, mask, past))
+
+
+def _head(head: tuple[RMSNorm, Linear], x: jax.Array) -> jax.Array:
+    """Final norm and unembedding → float32 logits."""
+    norm, unembed = head
+    return unembed(norm(x)).astype(jnp.float32)
+
+
+def _run(jit: bool, step: Callable, module: object, *args: jax.Array, static: tuple = ()):
+    """``step(module, *args, *static)``, called as it is or as a jitted program with the module's weights as
+    arguments (``static``: arguments the program is compiled for)."""
+    if not jit:
+        return step(module, *args, *static)
+    graphdef, state = nnx.split(module)
+    return _jitted(step, static, graphdef, state, *args)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _jitted(step: Callable, static: tuple, graphdef: nnx.GraphDef, state: nnx.State, *args: jax.Array):
+    return step(nnx.merge(graphdef, state), *args, *static)

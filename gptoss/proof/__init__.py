@@ -1,0 +1,1 @@
+"""The proof: prompts, comparisons into parity CSVs, tolerances and the gate."""

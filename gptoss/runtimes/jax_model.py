@@ -1,0 +1,107 @@
+"""The Flax model in JAX as the proof runs it: weights read from the params file one block at a time, outputs per
+prompt spilled to disk, greedy generation with the KV cache."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from gptoss.config import ParamsConfig, params_config_path
+from gptoss.errors import GptOssError
+from gptoss.formats.params_file import index_params, read_stored
+from gptoss.model.gpt_oss import decode_step
+from gptoss.model.params import abstract_model, flat_param_specs
+from gptoss.runtimes.generation import Generation, choose
+
+
+class StreamedModel:
+    """The Flax model with its weights left in the params file: each piece (the embedding, block ``i``, the final
+    norm, the unembedding) is read when it is used and dropped after, so the process holds one block's weights
+    at a time, whatever the depth. :func:`gptoss.model.forward` and :func:`gptoss.model.decode_step` run it."""
+
+    def __init__(self, params: Path, params_cfg: ParamsConfig) -> None:
+        self.path, self.cfg = params, params_cfg.model
+        self.index = index_params(params)
+        self.skeleton = abstract_model(self.cfg, params_cfg.dtype)
+        specs = {name: spec for _, name, spec in flat_param_specs(nnx.state(self.skeleton))}
+        missing, extra = sorted(set(specs) - set(self.index)), sorted(set(self.index) - set(specs))
+        if missing or extra:
+            raise GptOssError(f"params do not match the config: missing {missing[:3]}, unexpected {extra[:3]}")
+        for name, spec in specs.items():
+            stored = self.index[name]
+            if stored.shape != tuple(spec.shape) or stored.dtype != spec.dtype:
+                raise GptOssError(
+                    f"param {name!r} is {list(stored.shape)} {stored.dtype}, the config expects "
+                    f"{list(spec.shape)} {jnp.dtype(spec.dtype)}"
+                )
+
+    def _load(self, module: nnx.Module, prefix: str) -> nnx.Module:
+        # On CPU, `jax.device_put` adopts each freshly read (64-byte aligned) buffer without a copy.
+        graphdef, state = nnx.split(module)
+        values = [
+            (path, jax.device_put(read_stored(self.path, self.index[prefix + name])))
+            for path, name, _ in flat_param_specs(state)
+        ]
+        return nnx.merge(graphdef, nnx.from_flat_state(values))
+
+    @property
+    def embed(self) -> nnx.Module:
+        return self._load(self.skeleton.embed, "embed.")
+
+    @property
+    def layers(self) -> Sequence[nnx.Module]:
+        return _Blocks(self)
+
+    @property
+    def norm(self) -> nnx.Module:
+        return self._load(self.skeleton.norm, "norm.")
+
+    @property
+    def unembed(self) -> nnx.Module:
+        return self._load(self.skeleton.unembed, "unembed.")
+
+
+class _Blocks(Sequence):
+    """``StreamedModel.layers``: block ``i`` is read when it is asked for."""
+
+    def __init__(self, model: StreamedModel) -> None:
+        self.model = model
+
+    def __len__(self) -> int:
+        return len(self.model.skeleton.layers)
+
+    def __getitem__(self, i: int) -> nnx.Module:
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        i %= len(self)
+        return self.model._load(self.model.skeleton.layers[i], f"layers.{i}.")
+
+
+def load_model(params: Path, config: Path | None = None) -> tuple[ParamsConfig, StreamedModel]:
+    """Params + config as a :class:`StreamedModel`; a mismatch between the two is one clear error."""
+    config = config or params_config_path(params)
+    params_cfg = ParamsConfig.read(config)
+    try:
+        return params_cfg, StreamedModel(params, params_cfg)
+    except GptOssError as exc:
+        raise GptOssError(f"{params} does not match {config}: {exc}") from None
+
+
+def jax_generate(model, prompt: Sequence[int], steps: int, suppress: Sequence[int]) -> Generation:
+    """The Flax model's greedy loop with its KV cache (:func:`gptoss.model.gpt_oss.decode_step`)."""
+    cfg = model.cfg
+    empty = jnp.zeros((1, cfg.num_key_value_heads, 0, cfg.head_dim), jnp.float32)
+    past = [(empty, empty)] * cfg.num_hidden_layers
+    ids, out = np.asarray([prompt], np.int32), Generation([], [])
+    for _ in range(steps):
+        total = len(prompt) + len(out.tokens)
+        logits, past = decode_step(model, jnp.asarray(ids), jnp.ones((1, total), jnp.int32), past)
+        out.logits.append(np.asarray(logits)[0])
+        out.tokens.append(choose(out.logits[-1][-1], suppress))
+        ids = np.asarray([[out.tokens[-1]]], np.int32)
+    return out
