@@ -344,7 +344,7 @@ def layer_count(params: Path) -> tuple[int, str]:
     from gptoss.config import ParamsConfig, params_config_path
 
     params_cfg = ParamsConfig.read(params_config_path(params))
-    return params_cfg.model.num_hidden_layers, params_cfg.dtype
+    return params_cfg.model.num_hidden_layers, params_cfg.weight_format
 
 
 def remove(path: Path) -> None:

@@ -44,9 +44,10 @@ print(min(times), float(np.median(times)))
 JAX_LATENCY = """
 import sys, time, numpy as np, jax.numpy as jnp
 from pathlib import Path
-from gptoss.runtimes.jax_model import load_model
 from gptoss.model.gpt_oss import forward
-_, model = load_model(Path(sys.argv[1]))
+from gptoss.model.params import Params
+from gptoss.runtimes.jax_model import StreamedModel
+model = StreamedModel(Params.open(Path(sys.argv[1])))
 ids = jnp.asarray(np.random.default_rng(0).integers(0, model.cfg.vocab_size, (1, int(sys.argv[2]))).astype(np.int32))
 forward(model, ids)["logits"].block_until_ready()
 times = []

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from gptoss.config import WEIGHT_FORMAT_NAMES
 from gptoss.errors import GptOssError
 from gptoss.proof.tolerances import Tolerances
 
@@ -51,50 +52,61 @@ def _download(args: argparse.Namespace) -> None:
 def _convert(args: argparse.Namespace) -> None:
     from gptoss.model.convert import convert
 
-    convert(args.checkpoint, args.output, args.layers, args.dtype)
+    if args.dtype:
+        log.warning("--dtype is deprecated: use --weight-format %s", args.dtype)
+    convert(args.checkpoint, args.output, args.layers, args.weight_format or args.dtype or "float32")
 
 
 @command("export")
 def _export(args: argparse.Namespace) -> None:
     from gptoss.graphs.export import ExportSpec, export, export_weights
+    from gptoss.model.params import Params
 
+    params = Params.open(args.params, args.config)
     if args.weights_only:
-        export_weights(args.params, args.output, args.config)
+        export_weights(params, args.output)
         return
     hidden = args.emit_hidden_states or args.stage == "debug"
     debug = args.emit_block_debug or args.stage == "debug"
     spec = ExportSpec(args.sequence_length, hidden, debug, args.opset, args.stage == "decoder", args.context_length)
-    export(args.params, args.output, spec, args.config, args.skip_validation, args.threads, args.reuse_weights)
+    export(params, args.output, spec, args.skip_validation, args.threads, args.reuse_weights)
 
 
 @command("parity")
 def _parity(args: argparse.Namespace) -> int:
-    prompts = dict(prompts=args.prompt, token_ids=args.token_ids, tokenizer=args.tokenizer, config=args.config)
-    common = dict(tolerances=Tolerances.from_args(args), logits_diffs=args.logits_diffs, **prompts)
-    if args.stage == "reference":
+    from gptoss.model.params import Params
+    from gptoss.proof.prompts import prompt_inputs
+
+    stage = args.stage or ("debug" if args.compare_hidden_states or args.compare_block_debug else "canonical")
+    if stage == "reference" and args.checkpoint is None:
+        raise GptOssError("--stage reference compares with transformers on a checkpoint: pass --checkpoint DIR")
+    if stage != "reference" and args.onnx is None:
+        raise GptOssError(f"--stage {stage} compares with an ONNX graph: pass --onnx M.onnx")
+    params = Params.open(args.params, args.config)
+    length = None if stage == "decoder" else args.sequence_length  # the decoder checks its context length
+    prompts = prompt_inputs(params, args.prompt, args.token_ids, args.tokenizer, length)
+    common = dict(tolerances=Tolerances.from_args(args), logits_diffs=args.logits_diffs)
+    if stage == "reference":
         from gptoss.proof.reference import reference
 
-        if args.checkpoint is None:
-            raise GptOssError("--stage reference compares with transformers on a checkpoint: pass --checkpoint DIR")
         steps = args.generate_tokens or 0
-        rows = reference(args.checkpoint, args.params, args.csv, args.sequence_length, generate_tokens=steps, **common)
-    elif args.onnx is None:
-        raise GptOssError(f"--stage {args.stage or 'canonical'} compares with an ONNX graph: pass --onnx M.onnx")
-    elif args.stage == "decoder":
+        rows = reference(
+            args.checkpoint, params, args.csv, prompts, args.sequence_length, generate_tokens=steps, **common
+        )
+    elif stage == "decoder":
         from gptoss.proof.parity import parity_decoder
 
         rows = parity_decoder(
-            args.params, args.onnx, args.csv, args.generate_tokens or 16, threads=args.threads, **common
+            params, args.onnx, args.csv, prompts, args.generate_tokens or 16, threads=args.threads, **common
         )
     else:
         from gptoss.proof.parity import parity
 
-        hidden = args.compare_hidden_states or args.stage == "debug"
-        debug = args.compare_block_debug or args.stage == "debug"
+        hidden = args.compare_hidden_states or stage == "debug"
+        debug = args.compare_block_debug or stage == "debug"
         rows = parity(
-            args.params, args.onnx, args.csv, args.sequence_length, compare_hidden_states=hidden,
-            compare_block_debug=debug, stage=args.stage, threads=args.threads, **common,
-        )  # fmt: skip
+            params, args.onnx, args.csv, prompts, args.sequence_length, hidden, debug, threads=args.threads, **common
+        )
     failed = sum(not r["passed"] for r in rows)
     if failed:
         log.warning("%d of %d rows exceed their tolerance (the gate decides)", failed, len(rows))
@@ -159,11 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, required=True, help="X.msgpack (X.config.json is written next to it)")
     p.add_argument("--layers", type=int, default=None, help="keep only the first N layers")
     p.add_argument(
-        "--dtype",
-        default="float32",
-        choices=["float32", "bfloat16", "mxfp4"],
-        help="params dtype; mxfp4 keeps the experts as the checkpoint's MXFP4 blocks/scales, the rest bfloat16",
+        "--weight-format",
+        default=None,
+        choices=WEIGHT_FORMAT_NAMES,
+        help="how the weights are stored (default float32); mxfp4 keeps the experts as the checkpoint's MXFP4 "
+        "blocks/scales, the rest bfloat16",
     )
+    p.add_argument("--dtype", choices=WEIGHT_FORMAT_NAMES, default=None, help=argparse.SUPPRESS)  # deprecated
 
     p = sub.add_parser("export", help="Flax params -> ONNX graph of a stage (debug, canonical, decoder)")
     p.add_argument(

@@ -11,6 +11,9 @@ from typing import Any
 
 from gptoss.errors import GptOssError
 
+# How a params file stores its weights (gptoss.model.layers.WEIGHT_FORMATS gives each its dtypes).
+WEIGHT_FORMAT_NAMES = ("float32", "bfloat16", "mxfp4")
+
 SLIDING = "sliding_attention"
 FULL = "full_attention"
 
@@ -232,7 +235,7 @@ class ParamsConfig:
     """What ``gptoss convert`` writes next to the params: the architecture plus where it came from."""
 
     model: GptOssConfig
-    dtype: str
+    weight_format: str  # a key of gptoss.model.layers.WEIGHT_FORMATS
     source_checkpoint: str
     tokenizer: str | None
     source_layers: int
@@ -260,7 +263,7 @@ class ParamsConfig:
             **self.model.to_hf_dict(),
             "gptoss": {
                 "layers": self.model.num_hidden_layers,
-                "dtype": self.dtype,
+                "weight_format": self.weight_format,
                 "source_checkpoint": self.source_checkpoint,
                 "source_layers": self.source_layers,
                 "tokenizer": self.tokenizer,
@@ -278,7 +281,7 @@ class ParamsConfig:
         model = GptOssConfig.from_hf_dict(raw, str(path))
         return cls(
             model=model,
-            dtype=meta.get("dtype", "float32"),
+            weight_format=meta.get("weight_format", meta.get("dtype", "float32")),  # "dtype": older files
             source_checkpoint=meta.get("source_checkpoint", ""),
             tokenizer=meta.get("tokenizer"),
             source_layers=int(meta.get("source_layers", model.num_hidden_layers)),
@@ -303,7 +306,7 @@ def generation_tokens(checkpoint_dir: Path) -> dict[str, Any] | None:
 
 
 def params_config_path(params_path: Path) -> Path:
-    """``x/flax_params_2layers.msgpack`` → ``x/flax_params_2layers.config.json`` (the seed's naming)."""
+    """``x/flax_params_2layers.msgpack`` → ``x/flax_params_2layers.config.json``."""
     return params_path.with_name(params_path.stem + ".config.json")
 
 

@@ -90,7 +90,7 @@ def manifest(
         model = {
             "layers": params_cfg.model.num_hidden_layers,
             "source_layers": params_cfg.source_layers,
-            "dtype": params_cfg.dtype,
+            "weight_format": params_cfg.weight_format,
             "config": params_cfg.model.to_hf_dict(),
         }
     return {
@@ -115,7 +115,8 @@ def readme(m: dict) -> str:
     if m["checkpoint"]:
         lines.append(f"- checkpoint: {', '.join(f'{k} `{v}`' for k, v in m['checkpoint'].items())}")
     if m["model"]:
-        lines.append(f"- layers: {m['model']['layers']} of {m['model']['source_layers']}, dtype {m['model']['dtype']}")
+        model = m["model"]
+        lines.append(f"- layers: {model['layers']} of {model['source_layers']}, weight format {model['weight_format']}")
     lines += [
         f"- opset {m['opset']}, verified sequence length {m['sequence_length']}",
         "",

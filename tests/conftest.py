@@ -123,3 +123,20 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     for case, diffs in sorted(report.items()):
         cells = "  ".join(f"{k}={v:.2e}" for k, v in diffs.items())
         terminalreporter.write_line(f"{case:<22} {cells}")
+
+
+def streamed(params_path: Path, config: Path | None = None):
+    """The JAX model of a params file as the proof runs it (weights read per block)."""
+    from gptoss.model.params import Params
+    from gptoss.runtimes.jax_model import StreamedModel
+
+    return StreamedModel(Params.open(params_path, config))
+
+
+def opened(params_path: Path, texts=(), token_ids=(), length: int | None = None):
+    """A params file opened, and prompts (text tokenized with its tokenizer, or token id lists) for it."""
+    from gptoss.model.params import Params
+    from gptoss.proof.prompts import prompt_inputs
+
+    params = Params.open(params_path)
+    return params, prompt_inputs(params, texts, token_ids, None, length)

@@ -159,3 +159,13 @@ def test_missing_or_invalid_tokenizer(tmp_path):
     with pytest.raises(GptOssError, match="not a valid tokenizer.json") as excinfo:
         load_tokenizer(broken)
     assert str(broken) in str(excinfo.value)
+
+
+def test_deprecated_dtype_flag_still_converts_with_one_warning(toy, tmp_path):
+    """``--dtype`` is the old name of ``--weight-format``: it works, and says so in one line."""
+    out = tmp_path / "p.msgpack"
+    proc = run_cli("convert", "--checkpoint", toy, "--output", out, "--dtype", "bfloat16")
+    assert proc.returncode == 0, proc.stderr
+    deprecated = [line for line in proc.stderr.splitlines() if "deprecated" in line]
+    assert len(deprecated) == 1 and "--dtype is deprecated: use --weight-format bfloat16" in deprecated[0]
+    assert json.loads(out.with_name("p.config.json").read_text())["gptoss"]["weight_format"] == "bfloat16"

@@ -14,18 +14,19 @@ import jax.numpy as jnp
 import numpy as np
 import onnx
 import pytest
-from conftest import assert_one_clean_error, file_sha256, require_torch, run_cli
+from conftest import assert_one_clean_error, file_sha256, opened, require_torch, run_cli, streamed
 
 from gptoss.formats.synth import synthesize
 from gptoss.graphs.export import ExportSpec, export
 from gptoss.model.convert import convert
+from gptoss.model.params import Params
 from gptoss.promote import promote
 from gptoss.proof.gate import gate
 from gptoss.proof.parity import parity_decoder
 from gptoss.proof.tolerances import Tolerances
 from gptoss.runtimes.genai import genai_generate_all
 from gptoss.runtimes.hf_transformers import transformers_generate
-from gptoss.runtimes.jax_model import jax_generate, load_model
+from gptoss.runtimes.jax_model import jax_generate
 from gptoss.runtimes.onnx_runtime import batched_ort_run, ort_generate, ort_session
 
 STEPS = 24
@@ -43,8 +44,8 @@ def toy(tmp_path_factory) -> dict[str, Path]:
     params = root / "flax_params_2layers.msgpack"
     convert(root / "checkpoint", params, 2)
     canonical, decoder = root / "onnx" / "canonical.onnx", root / "onnx" / "decoder.onnx"
-    export(params, canonical, ExportSpec(32), skip_validation=True)
-    export(params, decoder, ExportSpec(32, decoder=True, context_length=64), reuse_weights=True)
+    export(Params.open(params), canonical, ExportSpec(32), skip_validation=True)
+    export(Params.open(params), decoder, ExportSpec(32, decoder=True, context_length=64), reuse_weights=True)
     return {"root": root, "params": params, "canonical": canonical, "decoder": decoder}
 
 
@@ -66,7 +67,7 @@ def test_cached_generation_matches_transformers_generate(case, tmp_path, oracle_
     reference = hf_model(oracle, seed=3)
     folder = write_case(reference, oracle, tmp_path / "ckpt")
     convert(folder.parent if oracle.layout == "original" else folder, tmp_path / "p.msgpack")
-    _, model = load_model(tmp_path / "p.msgpack")
+    model = streamed(tmp_path / "p.msgpack")
     prompt = list(np.random.default_rng(1).integers(0, oracle.vocab, oracle.seq))
     ours = jax_generate(model, prompt, STEPS, suppress=())
     theirs = transformers_generate(reference, prompt, STEPS, suppress=())
@@ -129,7 +130,7 @@ def test_decoder_graph_follows_the_genai_contract(toy):
 def test_three_runtimes_generate_the_same_tokens_and_padding_changes_nothing(toy):
     """JAX with its cache, our ONNX Runtime loop and onnxruntime-genai: same tokens; every step's logits agree.
     A left-padded batch gives each row the logits of its prompt alone, in the prefill and the step after."""
-    _, model = load_model(toy["params"])
+    model = streamed(toy["params"])
     prompt = [5, 17, 300, 42, 7, 99, 123, 8, 250]  # 9 + 24 positions: the window of 8 slides
     suppress = [2, 0]
     ours = jax_generate(model, prompt, STEPS, suppress)
@@ -153,7 +154,8 @@ def test_three_runtimes_generate_the_same_tokens_and_padding_changes_nothing(toy
 
 def test_generation_parity_rows_gate_and_promote(toy, tmp_path):
     csv_path = tmp_path / "decoder.csv"
-    rows = parity_decoder(toy["params"], toy["decoder"], csv_path, 12, [PROMPT], ["1,2,3,4,5,6,7,8,9,10"])
+    params, prompts = opened(toy["params"], [PROMPT], ["1,2,3,4,5,6,7,8,9,10"])
+    rows = parity_decoder(params, toy["decoder"], csv_path, prompts, 12)
     groups = {(r["group"], r["tensor"]) for r in rows}
     assert {("greedy_tokens", "tokens_onnxruntime"), ("greedy_tokens", "tokens_genai")} <= groups
     assert ("decode_logits", "logits_batched") in groups
@@ -171,7 +173,8 @@ def test_generation_parity_rows_gate_and_promote(toy, tmp_path):
     # Promoting the decoder needs the canonical graph's verification too: gate a canonical CSV with it.
     from gptoss.proof.parity import parity
 
-    parity(toy["params"], toy["canonical"], tmp_path / "canonical.csv", 32, [PROMPT])
+    params, prompts = opened(toy["params"], [PROMPT], length=32)
+    parity(params, toy["canonical"], tmp_path / "canonical.csv", prompts, 32)
     gate([csv_path, tmp_path / "canonical.csv"], Tolerances(), verdict)
     dest = promote(toy["canonical"], verdict, tmp_path / "promoted", "baseline2", decoder=toy["decoder"])
     manifest = json.loads((dest / "manifest.json").read_text())

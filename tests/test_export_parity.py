@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import onnx
 import pytest
-from conftest import assert_one_clean_error, file_sha256, require_torch, run_cli
+from conftest import assert_one_clean_error, file_sha256, opened, require_torch, run_cli, streamed
 from flax import nnx
 
 from gptoss.errors import GptOssError
@@ -26,13 +26,12 @@ from gptoss.model.convert import convert
 from gptoss.model.gpt_oss import forward
 from gptoss.model.layers import cast_slices
 from gptoss.model.outputs import BLOCK_TAPS
-from gptoss.model.params import abstract_model
+from gptoss.model.params import Params, abstract_model
 from gptoss.promote import promote
 from gptoss.proof.compare import COLUMNS
 from gptoss.proof.gate import gate
 from gptoss.proof.parity import parity
 from gptoss.proof.tolerances import Tolerances
-from gptoss.runtimes.jax_model import load_model
 from gptoss.runtimes.onnx_runtime import ort_session
 
 SEQ = 32
@@ -48,8 +47,8 @@ def toy(tmp_path_factory) -> dict[str, Path]:
     convert(root / "checkpoint", params, 2)
     canonical = root / "canonical" / "model.onnx"
     debug = root / "debug" / "model.onnx"
-    export(params, canonical, ExportSpec(SEQ))
-    export(params, debug, ExportSpec(SEQ, emit_hidden_states=True, emit_block_debug=True))
+    export(Params.open(params), canonical, ExportSpec(SEQ))
+    export(Params.open(params), debug, ExportSpec(SEQ, emit_hidden_states=True, emit_block_debug=True))
     return {"root": root, "params": params, "canonical": canonical, "debug": debug}
 
 
@@ -58,8 +57,14 @@ def parity_csvs(toy) -> dict[str, Path]:
     out = {}
     for stage, graph, flags in (("debug", toy["debug"], True), ("canonical", toy["canonical"], False)):
         out[stage] = toy["root"] / f"{stage}.csv"
-        parity(toy["params"], graph, out[stage], SEQ, PROMPTS, compare_hidden_states=flags, compare_block_debug=flags)
+        parity_of(toy["params"], graph, out[stage], debug=flags)
     return out
+
+
+def parity_of(params_path: Path, graph: Path, csv_path: Path, debug: bool = False) -> list[dict]:
+    """``gptoss parity`` on PROMPTS: stage debug (every hidden state and tap) or canonical."""
+    params, prompts = opened(params_path, PROMPTS, length=SEQ)
+    return parity(params, graph, csv_path, prompts, SEQ, hidden_states=debug, block_debug=debug)
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -84,7 +89,7 @@ def test_canonical_graph_has_symbolic_axes_and_external_weights(toy):
 
 @pytest.mark.parametrize("shape", [(1, 7), (3, 19)])
 def test_canonical_logits_match_jax_for_several_shapes(toy, shape):
-    _, model = load_model(toy["params"])
+    model = streamed(toy["params"])
     session = ort_session(toy["canonical"])
     ids = np.random.default_rng(sum(shape)).integers(0, model.cfg.vocab_size, size=shape).astype(np.int32)
     (got,) = session.run(["logits"], {"input_ids": ids})
@@ -170,7 +175,7 @@ def test_corrupted_weights_are_caught_and_localised(toy, tmp_path):
     shutil.copy(toy["debug"], corrupt)
     shutil.copy(data_path(toy["debug"]), data_path(corrupt))
     model = onnx.load(str(corrupt))
-    _, flax_model = load_model(toy["params"])
+    flax_model = streamed(toy["params"])
     target = np.asarray(flax_model.layers[1].mlp.down_kernel[...])
     for init in model.graph.initializer:
         arr = onnx.numpy_helper.to_array(init)
@@ -184,7 +189,7 @@ def test_corrupted_weights_are_caught_and_localised(toy, tmp_path):
     onnx.save(model, str(corrupt), save_as_external_data=True, location=data_path(corrupt).name)
 
     csv_path = tmp_path / "debug.csv"
-    parity(toy["params"], corrupt, csv_path, SEQ, PROMPTS, compare_hidden_states=True, compare_block_debug=True)
+    parity_of(toy["params"], corrupt, csv_path, debug=True)
     with pytest.raises(GptOssError, match="first failing tap in forward order: block 1 expert_out"):
         gate([csv_path], Tolerances(), tmp_path / "verdict.json")
     first = json.loads((tmp_path / "verdict.json").read_text())["first_failure"]
@@ -204,7 +209,7 @@ def test_promote_copies_verified_files_with_manifest(toy, parity_csvs, tmp_path)
     assert files["model.onnx"]["sha256"] == file_sha256(toy["canonical"]) == file_sha256(dest / "model.onnx")
     assert files["model.onnx.data"]["sha256"] == file_sha256(data_path(toy["canonical"]))
     assert manifest["verified_by_stage"] == "canonical" and manifest["tag"] == "baseline2"
-    assert manifest["model"]["layers"] == 2 and manifest["model"]["dtype"] == "float32"
+    assert manifest["model"]["layers"] == 2 and manifest["model"]["weight_format"] == "float32"
     assert manifest["opset"] and manifest["sequence_length"] == SEQ
     assert {"jax", "flax", "jax2onnx", "onnx", "onnxruntime", "python"} <= set(manifest["versions"])
     assert manifest["worst_differences"]["canonical/logits"]["max_abs_diff"] <= 1e-5
@@ -289,22 +294,22 @@ def test_two_clean_runs_give_byte_identical_graphs(toy, tmp_path):
     params = tmp_path / "elsewhere" / "flax_params_2layers.msgpack"
     convert(tmp_path / "checkpoint", params, 2)
     again = tmp_path / "graph" / "model.onnx"
-    export(params, again, ExportSpec(SEQ), skip_validation=True)
+    export(Params.open(params), again, ExportSpec(SEQ), skip_validation=True)
     assert file_sha256(again) == file_sha256(toy["canonical"])
     assert file_sha256(data_path(again)) == file_sha256(data_path(toy["canonical"]))
 
 
 def test_bfloat16_params_store_bf16_weights_and_compute_in_float32(toy, tmp_path):
     params = tmp_path / "flax_params_2layers.msgpack"
-    convert(toy["root"] / "checkpoint", params, 2, dtype="bfloat16")
+    convert(toy["root"] / "checkpoint", params, 2, weight_format="bfloat16")
     assert params.stat().st_size < 0.6 * toy["params"].stat().st_size
     graph = tmp_path / "model.onnx"
-    export(params, graph, ExportSpec(SEQ), skip_validation=True)
+    export(Params.open(params), graph, ExportSpec(SEQ), skip_validation=True)
     initializers = onnx.load(str(graph), load_external_data=False).graph.initializer
     kinds = {t.name: t.data_type for t in initializers}
     assert kinds["unembed.kernel"] == onnx.TensorProto.BFLOAT16
     assert kinds["layers.0.attn_norm.scale"] == onnx.TensorProto.FLOAT  # norms stay float32
-    rows = parity(params, graph, tmp_path / "bf16.csv", SEQ, PROMPTS)
+    rows = parity_of(params, graph, tmp_path / "bf16.csv")
     assert all(r["passed"] for r in rows) and max(r["max_abs_diff"] for r in rows) <= 1e-5
 
 
@@ -313,8 +318,8 @@ def test_bfloat16_weights_cast_in_slices_give_the_same_outputs(toy, tmp_path, mo
     once): experts in uneven groups, the unembedding and projections by columns. Same outputs as whole casts, in
     JAX and in ONNX Runtime."""
     params = tmp_path / "flax_params_2layers.msgpack"
-    convert(toy["root"] / "checkpoint", params, 2, dtype="bfloat16")
-    _, model = load_model(params)
+    convert(toy["root"] / "checkpoint", params, 2, weight_format="bfloat16")
+    model = streamed(params)
     ids = jnp.asarray(np.arange(1, SEQ + 1, dtype=np.int32)[None] * 37 % 8192)
     whole = forward(model, ids, True, True)
 
@@ -330,7 +335,7 @@ def test_bfloat16_weights_cast_in_slices_give_the_same_outputs(toy, tmp_path, mo
         np.testing.assert_allclose(np.asarray(sliced[name]), np.asarray(value), atol=1e-5, rtol=1e-5, err_msg=name)
 
     graph = tmp_path / "model.onnx"
-    export(params, graph, ExportSpec(SEQ, emit_hidden_states=True, emit_block_debug=True), skip_validation=True)
+    export(Params.open(params), graph, ExportSpec(SEQ, True, True), skip_validation=True)
     nodes = onnx.load(str(graph), load_external_data=False).graph.node
     # the export defers weight reads through a copy-free Reshape of the weight: follow it back to the weight
     reshaped = {n.output[0]: n.input[0] for n in nodes if n.op_type == "Reshape"}
@@ -340,9 +345,7 @@ def test_bfloat16_weights_cast_in_slices_give_the_same_outputs(toy, tmp_path, mo
         if n.op_type == "Slice" and reshaped.get(n.input[0], n.input[0]) == "layers.0.mlp.gate_up_kernel"
     ]
     assert len(expert_slices) == 3
-    rows = parity(
-        params, graph, tmp_path / "sliced.csv", SEQ, PROMPTS, compare_hidden_states=True, compare_block_debug=True
-    )
+    rows = parity_of(params, graph, tmp_path / "sliced.csv", debug=True)
     jax.clear_caches()
     assert rows and all(r["passed"] for r in rows)
     assert max(r["max_abs_diff"] for r in rows if r["group"] == "logits") <= 1e-5
@@ -368,7 +371,8 @@ def test_transformers_reference_rows_agree_and_catch_a_wrong_conversion(toy, tmp
     require_torch()  # skipped on a developer machine without torch; a failure in CI
     from gptoss.proof.reference import reference
 
-    rows = reference(toy["root"] / "checkpoint", toy["params"], tmp_path / "ref.csv", SEQ, PROMPTS)
+    params, prompts = opened(toy["params"], PROMPTS, length=SEQ)
+    rows = reference(toy["root"] / "checkpoint", params, tmp_path / "ref.csv", prompts, SEQ)
     assert {r["stage"] for r in rows} == {"reference"} and {r["group"] for r in rows} == {"logits", "hidden_states"}
     assert all(r["passed"] for r in rows)
     assert max(r["max_abs_diff"] for r in rows if r["group"] == "logits") <= 2e-5
@@ -379,7 +383,8 @@ def test_transformers_reference_rows_agree_and_catch_a_wrong_conversion(toy, tmp
     wrong = tmp_path / "flax_params_2layers.msgpack"
     write_params(wrong, list(arrays), arrays.__getitem__)
     shutil.copy(toy["params"].with_name("flax_params_2layers.config.json"), tmp_path)
-    rows = reference(toy["root"] / "checkpoint", wrong, tmp_path / "wrong.csv", SEQ, PROMPTS)
+    params, prompts = opened(wrong, PROMPTS, length=SEQ)
+    rows = reference(toy["root"] / "checkpoint", params, tmp_path / "wrong.csv", prompts, SEQ)
     failed = {r["tensor"] for r in rows if not r["passed"]}
     assert "hidden_state_1" in failed and "hidden_state_0" not in failed
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import onnx
 import pytest
-from conftest import assert_one_clean_error, run_cli
+from conftest import assert_one_clean_error, opened, run_cli, streamed
 from safetensors.numpy import load_file, save_file
 
 from gptoss.formats import mxfp4
@@ -20,10 +20,10 @@ from gptoss.graphs.export import ExportSpec, export
 from gptoss.model.convert import convert
 from gptoss.model.gpt_oss import forward
 from gptoss.model.layers import decode_mxfp4
+from gptoss.model.params import Params
 from gptoss.proof.gate import gate
 from gptoss.proof.parity import parity, parity_decoder
 from gptoss.proof.tolerances import Tolerances
-from gptoss.runtimes.jax_model import load_model
 from gptoss.runtimes.onnx_runtime import ort_session
 
 PROMPT = "What is the capital of France?"
@@ -35,7 +35,7 @@ def toy(tmp_path_factory):
     root = tmp_path_factory.mktemp("mxfp4")
     synthesize(root / "checkpoint", "toy", 2, seed=0)
     convert(root / "checkpoint", root / "f32" / "p.msgpack", 2)
-    convert(root / "checkpoint", root / "mx" / "p.msgpack", 2, dtype="mxfp4")
+    convert(root / "checkpoint", root / "mx" / "p.msgpack", 2, weight_format="mxfp4")
     return root
 
 
@@ -102,14 +102,14 @@ def test_params_and_graphs_keep_the_checkpoint_bytes(toy, tmp_path):
     for stage in ("canonical", "debug", "decoder"):
         graphs[stage] = tmp_path / f"{stage}.onnx"
         spec = ExportSpec(32, *(True, True) if stage == "debug" else (False, False), decoder=stage == "decoder")
-        export(toy / "mx" / "p.msgpack", graphs[stage], spec, skip_validation=True, reuse_weights=stage != "canonical")
+        params = Params.open(toy / "mx" / "p.msgpack")
+        export(params, graphs[stage], spec, skip_validation=True, reuse_weights=stage != "canonical")
         initializers = {t.name: t for t in onnx.load(str(graphs[stage]), load_external_data=False).graph.initializer}
         assert initializers["layers.0.mlp.gate_up_blocks"].data_type == onnx.TensorProto.UINT8
         assert not any(name.endswith(("gate_up_kernel", "down_kernel")) for name in initializers)
     assert [p.name for p in tmp_path.glob("*.data")] == ["model.onnx.data"], "one weights file for the three graphs"
 
-    _, mx = load_model(toy / "mx" / "p.msgpack")
-    _, f32 = load_model(toy / "f32" / "p.msgpack")
+    mx, f32 = streamed(toy / "mx" / "p.msgpack"), streamed(toy / "f32" / "p.msgpack")
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 8192, (2, 17)), jnp.int32)
     assert np.array_equal(np.asarray(forward(mx, ids)["logits"]), np.asarray(forward(f32, ids)["logits"]))
     (got,) = ort_session(graphs["canonical"]).run(["logits"], {"input_ids": np.asarray(ids)})
@@ -117,15 +117,15 @@ def test_params_and_graphs_keep_the_checkpoint_bytes(toy, tmp_path):
 
 
 def test_mxfp4_parity_passes_at_the_default_tolerances(toy, tmp_path):
-    params = toy / "mx" / "p.msgpack"
+    params, prompts = opened(toy / "mx" / "p.msgpack", [PROMPT], length=32)
     graphs = {s: tmp_path / f"{s}.onnx" for s in ("canonical", "debug", "decoder")}
     export(params, graphs["canonical"], ExportSpec(32), skip_validation=True)
     export(params, graphs["debug"], ExportSpec(32, True, True), skip_validation=True, reuse_weights=True)
     export(params, graphs["decoder"], ExportSpec(32, decoder=True), skip_validation=True, reuse_weights=True)
     csvs = [tmp_path / f"{s}.csv" for s in graphs]
-    parity(params, graphs["canonical"], csvs[0], 32, [PROMPT])
-    parity(params, graphs["debug"], csvs[1], 32, [PROMPT], compare_hidden_states=True, compare_block_debug=True)
-    parity_decoder(params, graphs["decoder"], csvs[2], 8, [PROMPT])
+    parity(params, graphs["canonical"], csvs[0], prompts, 32)
+    parity(params, graphs["debug"], csvs[1], prompts, 32, hidden_states=True, block_debug=True)
+    parity_decoder(params, graphs["decoder"], csvs[2], prompts, 8)
     verdict = tmp_path / "verdict.json"
     gate(csvs, Tolerances(), verdict, expect_stages=["canonical", "debug", "decoder"])
     result = json.loads(verdict.read_text())
@@ -145,8 +145,8 @@ def test_mxfp4_bad_inputs(toy, tmp_path):
     save_file(tensors, str(dense / "model.safetensors"))
     (dense / "config.json").write_bytes((toy / "checkpoint" / "config.json").read_bytes())
     out = tmp_path / "out1"
-    proc = run_cli("convert", "--checkpoint", dense, "--output", out / "p.msgpack", "--dtype", "mxfp4")
-    assert_one_clean_error(proc, out, "dtype mxfp4", "dequantized 'model.layers.0.mlp.experts.")
+    proc = run_cli("convert", "--checkpoint", dense, "--output", out / "p.msgpack", "--weight-format", "mxfp4")
+    assert_one_clean_error(proc, out, "weight format mxfp4", "dequantized 'model.layers.0.mlp.experts.")
 
     # A scale of 0xFF (NaN in E8M0).
     nan = tmp_path / "nan"
@@ -157,7 +157,7 @@ def test_mxfp4_bad_inputs(toy, tmp_path):
     (nan / "config.json").write_bytes((toy / "checkpoint" / "config.json").read_bytes())
     for dtype, message in (("mxfp4", "1 NaN scales (0xFF)"), ("float32", "NaN/Inf values")):
         out = tmp_path / f"out_{dtype}"
-        proc = run_cli("convert", "--checkpoint", nan, "--output", out / "p.msgpack", "--dtype", dtype)
+        proc = run_cli("convert", "--checkpoint", nan, "--output", out / "p.msgpack", "--weight-format", dtype)
         assert_one_clean_error(proc, out, "layers.1.mlp.down", message)
 
     # Scales of the wrong shape.
@@ -170,5 +170,5 @@ def test_mxfp4_bad_inputs(toy, tmp_path):
     save_file(tensors, str(bad / "model.safetensors"))
     (bad / "config.json").write_bytes((toy / "checkpoint" / "config.json").read_bytes())
     out = tmp_path / "out_shape"
-    proc = run_cli("convert", "--checkpoint", bad, "--output", out / "p.msgpack", "--dtype", "mxfp4")
+    proc = run_cli("convert", "--checkpoint", bad, "--output", out / "p.msgpack", "--weight-format", "mxfp4")
     assert_one_clean_error(proc, out, "layers.0.mlp.gate_up_scales", "expected [8, 128, 2]")

@@ -117,7 +117,7 @@ def oracle(request, tmp_path_factory, oracle_report) -> SimpleNamespace:
     hf = hf_oracle.hf_model(case, seed=len(name))
     checkpoint = hf_oracle.write_case(hf, case, tmp / "checkpoint")
     ids = np.random.default_rng(7).integers(0, case.vocab, size=(2, case.seq))
-    ours = convert_and_run(checkpoint, tmp / "params" / f"{name}.msgpack", ids, "--dtype", case.params_dtype)
+    ours = convert_and_run(checkpoint, tmp / "params" / f"{name}.msgpack", ids, "--weight-format", case.params_dtype)
     return SimpleNamespace(name=name, case=case, checkpoint=checkpoint, ids=ids, ours=ours, hf=hf_forward(hf, ids))
 
 
@@ -156,7 +156,10 @@ def test_checkpoint_is_in_the_layout_the_case_claims(oracle):
     else:
         assert tensors["model.layers.0.mlp.experts.gate_up_proj_blocks"] == "U8"
     assert tensors.get("model.embed_tokens.weight", tensors.get("embedding.weight")) == ("BF16" if case.bf16 else "F32")
-    assert oracle.ours.params_cfg.source_layers == case.layers and oracle.ours.params_cfg.dtype == case.params_dtype
+    assert (
+        oracle.ours.params_cfg.source_layers == case.layers
+        and oracle.ours.params_cfg.weight_format == case.params_dtype
+    )
     if case.params_dtype == "mxfp4":  # the experts are the checkpoint's bytes, not a decoded copy
         np.testing.assert_array_equal(
             oracle.ours.params["layers.0.mlp.gate_up_blocks"],

@@ -280,5 +280,5 @@ def test_mxfp4_toy_dag_keeps_the_experts_mxfp4_and_passes_the_gate(workdir: Path
         initializers = {t.name: t for t in onnx.load(str(promoted / graph), load_external_data=False).graph.initializer}
         assert initializers["layers.1.mlp.down_blocks"].data_type == onnx.TensorProto.UINT8
         assert "layers.1.mlp.down_kernel" not in initializers
-    assert json.loads((promoted / "manifest.json").read_text())["model"]["dtype"] == "mxfp4"
+    assert json.loads((promoted / "manifest.json").read_text())["model"]["weight_format"] == "mxfp4"
     assert_genai_generates_what_transformers_does(promoted, results / "toy-mxfp4/checkpoint")

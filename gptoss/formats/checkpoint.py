@@ -80,8 +80,9 @@ class Checkpoint:
                 dense = hf.rsplit("_", 1)[0]
                 found = f"the dequantized {dense!r}" if dense in self else f"no {hf!r}"
                 raise GptOssError(
-                    f"{self.store.file_of(next(self.store.names()))}: dtype mxfp4 keeps the experts as MXFP4 blocks "
-                    f"and scales, but this checkpoint has {found}; convert it with --dtype float32 or bfloat16"
+                    f"{self.store.file_of(next(self.store.names()))}: weight format mxfp4 keeps the experts as MXFP4 "
+                    f"blocks and scales, but this checkpoint has {found}; convert it with --weight-format float32 or "
+                    "bfloat16"
                 )
             elif kind == "transpose":
                 sources[ours] = lambda hf=hf: self.get(hf).T

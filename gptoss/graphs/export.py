@@ -31,15 +31,15 @@ import onnx_ir as ir
 from flax import nnx
 
 from gptoss import __version__
-from gptoss.config import GptOssConfig, ParamsConfig, params_config_path
+from gptoss.config import GptOssConfig
 from gptoss.errors import GptOssError
 from gptoss.files import atomic_output, require_free_space, temporary_name
-from gptoss.formats.params_file import StoredArray, index_params, read_stored
+from gptoss.formats.params_file import StoredArray
 from gptoss.graphs.genai import TOTAL_LENGTH, past_names, present_names, write_companions
 from gptoss.graphs.names import INPUT_NAME, MASK_NAME, PAST_PREFIX, data_path
 from gptoss.model.gpt_oss import GptOss, forward
 from gptoss.model.outputs import output_names
-from gptoss.model.params import abstract_model, flat_param_specs, param_specs
+from gptoss.model.params import Params, abstract_model, flat_param_specs
 
 log = logging.getLogger("gptoss.export")
 # onnx_ir notes every shape-only value it serialises without a type: benign and very chatty.
@@ -266,23 +266,12 @@ class Placed:
     nbytes: int
 
 
-def weights_layout(params: Path, specs: dict[str, tuple[tuple[int, ...], np.dtype]]) -> tuple[list[Placed], int]:
-    """Where each weight of ``params`` goes, checked against the model's ``specs`` (name → shape, dtype); and the
-    weights file's size. Tensors over ``EXTERNAL_THRESHOLD_BYTES`` go to the file, in the params' order, each at a
-    64 KiB-aligned offset so ONNX Runtime can memory-map it. A function of the params alone, so every graph of
-    a model shares one weights file."""
-    stored = index_params(params)
-    missing, extra = sorted(set(specs) - set(stored)), sorted(set(stored) - set(specs))
-    if missing or extra:
-        raise GptOssError(f"{params} does not match its config: missing {missing[:3]}, unexpected {extra[:3]}")
+def weights_layout(params: Params) -> tuple[list[Placed], int]:
+    """Where each weight of ``params`` goes, and the weights file's size. Tensors over ``EXTERNAL_THRESHOLD_BYTES``
+    go to the file, in the params' order, each at a 64 KiB-aligned offset so ONNX Runtime can memory-map it. A
+    function of the params alone, so every graph of a model shares one weights file."""
     layout, end = [], 0
-    for name, place in stored.items():
-        shape, dtype = specs[name]
-        if place.shape != shape or place.dtype != dtype:
-            raise GptOssError(
-                f"{params} does not match its config: {name!r} is {list(place.shape)} {place.dtype}, the config "
-                f"expects {list(shape)} {dtype}"
-            )
+    for name, place in params.index.items():
         nbytes = sum(n for _, n in place.segments)
         offset = None if nbytes <= EXTERNAL_THRESHOLD_BYTES else end + (-end % DATA_ALIGNMENT)
         layout.append(Placed(name, place, offset, nbytes))
@@ -290,13 +279,13 @@ def weights_layout(params: Path, specs: dict[str, tuple[tuple[int, ...], np.dtyp
     return layout, end
 
 
-def write_weights(params: Path, layout: list[Placed], data_file: Path) -> None:
+def write_weights(params: Params, layout: list[Placed], data_file: Path) -> None:
     """Stream the large weights into ``data_file`` (a temporary renamed into place), one tensor at a time."""
-    require_free_space(data_file.parent, params.stat().st_size, data_file.name)
+    require_free_space(data_file.parent, params.path.stat().st_size, data_file.name)
     with atomic_output(data_file) as tmp, open(tmp, "wb") as fh:
         for placed in (p for p in layout if p.offset is not None):
             fh.write(b"\0" * (placed.offset - fh.tell()))
-            fh.write(memoryview(read_stored(params, placed.stored).reshape(-1).view(np.uint8)))
+            fh.write(memoryview(params.read(placed.name).reshape(-1).view(np.uint8)))
 
 
 BROADCASTING_OPS = {"Add", "Sub", "Mul", "Div"}
@@ -400,7 +389,7 @@ def runtime_anchor(node: ir.Node, constant: set[ir.Value]) -> ir.Value | None:
     return None
 
 
-def attach_weights(onnx_model: ir.Model, params: Path, layout: list[Placed], size: int, data_file: Path) -> None:
+def attach_weights(onnx_model: ir.Model, params: Params, layout: list[Placed], size: int, data_file: Path) -> None:
     """Turn the weight inputs into initializers by their ``layout`` (:func:`weights_layout`): the large ones point
     into ``data_file`` (written by :func:`write_weights`, or an earlier export's: it is checked to have the
     layout's ``size``), the small ones are read into the graph."""
@@ -408,11 +397,11 @@ def attach_weights(onnx_model: ir.Model, params: Path, layout: list[Placed], siz
     inputs = {v.name: v for v in graph.inputs if not is_data_input(v.name)}
     if not data_file.is_file() or data_file.stat().st_size != size:
         found = f"{data_file.stat().st_size} bytes" if data_file.is_file() else "no file"
-        raise GptOssError(f"{data_file}: {found}, but the weights of {params} take {size}: export them first")
+        raise GptOssError(f"{data_file}: {found}, but the weights of {params.path} take {size}: export them first")
     for placed in layout:
         value = inputs[placed.name]
         if placed.offset is None:
-            value.const_value = ir.Tensor(read_stored(params, placed.stored), name=placed.name)
+            value.const_value = ir.Tensor(params.read(placed.name), name=placed.name)
         else:
             value.const_value = ir.ExternalTensor(
                 data_file.name,
@@ -430,12 +419,6 @@ def attach_weights(onnx_model: ir.Model, params: Path, layout: list[Placed], siz
     graph.inputs[:] = [v for v in graph.inputs if is_data_input(v.name) or v.dtype != ir.DataType.FLOAT]
     for value in inputs.values():
         graph.register_initializer(value)
-
-
-def weight_specs(onnx_model: ir.Model) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """Name → (shape, dtype) of the graph's weight inputs."""
-    inputs = (v for v in onnx_model.graph.inputs if not is_data_input(v.name))
-    return {v.name: (tuple(d if isinstance(d, int) else -1 for d in v.shape), v.dtype.numpy()) for v in inputs}
 
 
 def write_onnx(onnx_model: ir.Model, output: Path, companions: Callable[[Path], object] | None = None) -> None:
@@ -458,23 +441,19 @@ def write_onnx(onnx_model: ir.Model, output: Path, companions: Callable[[Path], 
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def export_weights(params: Path, output: Path, config: Path | None = None) -> None:
+def export_weights(params: Params, output: Path) -> None:
     """Only the weights file: what every graph of these params reads (``gptoss export --weights-only``)."""
-    params_cfg = ParamsConfig.read(config or params_config_path(params))
-    specs = param_specs(params_cfg.model, params_cfg.dtype)
-    layout, size = weights_layout(params, {n: (tuple(s.shape), np.dtype(s.dtype)) for n, s in specs.items()})
-    log.info("writing %s (%.2f GB), streaming from %s", output, size / 1e9, params)
+    layout, size = weights_layout(params)
+    log.info("writing %s (%.2f GB), streaming from %s", output, size / 1e9, params.path)
     write_weights(params, layout, output)
 
 
-def validate(
-    params: Path, config: Path | None, onnx_path: Path, spec: ExportSpec, seed: int = 0, threads: int | None = None
-) -> float:
+def validate(params: Params, onnx_path: Path, spec: ExportSpec, seed: int = 0, threads: int | None = None) -> float:
     """Random token ids (not zeros) through JAX, then (JAX freed) ONNX Runtime; fail if logits differ > 1e-4."""
-    from gptoss.runtimes.jax_model import load_model
+    from gptoss.runtimes.jax_model import StreamedModel
     from gptoss.runtimes.onnx_runtime import ort_session
 
-    _, model = load_model(params, config)
+    model = StreamedModel(params)
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, model.cfg.vocab_size, size=(2, spec.sequence_length)).astype(np.int32)
     expected = np.asarray(forward(model, jnp.asarray(ids))["logits"])
@@ -491,10 +470,9 @@ def validate(
 
 
 def export(
-    params: Path,
+    params: Params,
     output: Path,
     spec: ExportSpec,
-    config: Path | None = None,
     skip_validation: bool = False,
     threads: int | None = None,
     reuse_weights: bool = False,
@@ -504,27 +482,24 @@ def export(
     same params, or ``--weights-only``) and every graph in the folder shares it."""
     if spec.sequence_length < 1:
         raise GptOssError(f"--sequence-length must be positive, got {spec.sequence_length}")
-    if not params.is_file():
-        raise GptOssError(f"{params}: params file not found")
-    params_cfg = ParamsConfig.read(config or params_config_path(params))
     log.info("tracing the %s graph", spec.stage)
-    onnx_model = build_onnx(abstract_model(params_cfg.model, params_cfg.dtype), spec)
+    onnx_model = build_onnx(abstract_model(params.model_config, params.config.weight_format), spec)
     weights = data_path(output)
-    layout, size = weights_layout(params, weight_specs(onnx_model))
+    layout, size = weights_layout(params)
     if not reuse_weights:
         write_weights(params, layout, weights)
     log.info("writing %s (weights in %s)", output, weights)
     attach_weights(onnx_model, params, layout, size, weights)
     companions = None
     if spec.decoder:
-        context = spec.context_length or params_cfg.model.max_position_embeddings
+        context = spec.context_length or params.model_config.max_position_embeddings
         companions = functools.partial(
-            write_companions, params_cfg=params_cfg, context_length=context, filename=output.name
+            write_companions, params_cfg=params.config, context_length=context, filename=output.name
         )
     write_onnx(onnx_model, output, companions)
     del onnx_model
     if skip_validation or spec.decoder:  # the decoder is checked by `gptoss parity --stage decoder`
         return None
-    diff = validate(params, config, output, spec, threads=threads)
+    diff = validate(params, output, spec, threads=threads)
     log.info("validation: logits max |diff| JAX vs ONNX Runtime = %.3g", diff)
     return diff

@@ -39,9 +39,11 @@ def checkpoint_origin(checkpoint: Path) -> dict | None:
     return None
 
 
-def convert(checkpoint: Path, output: Path, num_layers: int | None = None, dtype: str = "float32") -> ParamsConfig:
+def convert(
+    checkpoint: Path, output: Path, num_layers: int | None = None, weight_format: str = "float32"
+) -> ParamsConfig:
     """Convert ``checkpoint`` to ``output`` (msgpack) and its config; both written atomically."""
-    full_cfg, cfg, specs, loaders = load_params(checkpoint, num_layers, dtype)
+    full_cfg, cfg, specs, loaders = load_params(checkpoint, num_layers, weight_format)
     total = sum(s.size * s.dtype.itemsize for s in specs.values())
     require_free_space(output.parent, int(total * 1.02), f"{output.name}")
     log.info(
@@ -50,7 +52,7 @@ def convert(checkpoint: Path, output: Path, num_layers: int | None = None, dtype
         cfg.num_hidden_layers,
         cfg.param_count(),
         total / 1e9,
-        dtype,
+        weight_format,
     )
     done = [0]
 
@@ -64,7 +66,7 @@ def convert(checkpoint: Path, output: Path, num_layers: int | None = None, dtype
         log.warning("%s has no tokenizer.json: parity will need --tokenizer or --token-ids", checkpoint)
     params_cfg = ParamsConfig(
         model=cfg,
-        dtype=dtype,
+        weight_format=weight_format,
         source_checkpoint=str(Path(checkpoint).resolve()),
         tokenizer=str(tokenizer) if tokenizer else None,
         source_layers=full_cfg.num_hidden_layers,
@@ -82,20 +84,20 @@ def convert(checkpoint: Path, output: Path, num_layers: int | None = None, dtype
 
 
 def load_params(
-    folder: Path, num_layers: int | None = None, dtype: str = "float32"
+    folder: Path, num_layers: int | None = None, weight_format: str = "float32"
 ) -> tuple[GptOssConfig, GptOssConfig, dict[str, jax.ShapeDtypeStruct], dict[str, Callable[[], np.ndarray]]]:
     """Open ``folder``; return the checkpoint's config, the truncated config, and name → spec and name → loader
     of each param.
 
     Each loader reads one tensor, checks its shape against the model and that it is finite, and casts
-    it to ``dtype`` (norm scales stay float32).
+    it to the ``weight_format``'s dtype (norm scales stay float32).
     """
-    if dtype not in WEIGHT_FORMATS:
-        raise GptOssError(f"--dtype {dtype!r} is not supported; choose one of {sorted(WEIGHT_FORMATS)}")
+    if weight_format not in WEIGHT_FORMATS:
+        raise GptOssError(f"weight format {weight_format!r} is not supported; choose one of {sorted(WEIGHT_FORMATS)}")
     ckpt = Checkpoint.open(folder)
     cfg = ckpt.config.truncated(ckpt.config.num_hidden_layers if num_layers is None else num_layers)
-    specs = param_specs(cfg, dtype)
-    sources = ckpt.sources(list(specs), np.dtype(WEIGHT_FORMATS[dtype][0]))
+    specs = param_specs(cfg, weight_format)
+    sources = ckpt.sources(list(specs), np.dtype(WEIGHT_FORMATS[weight_format][0]))
 
     def loader(name: str) -> Callable[[], np.ndarray]:
         def load() -> np.ndarray:

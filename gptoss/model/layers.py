@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gptoss.config import SLIDING, GptOssConfig
+from gptoss.config import SLIDING, WEIGHT_FORMAT_NAMES, GptOssConfig
 from gptoss.formats import mxfp4 as mxfp4_format
 from gptoss.model.rope import apply_rope, rope_tables
 
@@ -55,7 +55,9 @@ def _compute(param: nnx.Param | jax.Array) -> jax.Array:
 
 # How weights are stored: the dtype of the weights, and whether the experts stay MXFP4 blocks and scales (uint8,
 # decoded to float32 where they are multiplied; the other weights then stay bfloat16, as checkpoints store them).
-WEIGHT_FORMATS = {"float32": (jnp.float32, False), "bfloat16": (jnp.bfloat16, False), "mxfp4": (jnp.bfloat16, True)}
+WEIGHT_FORMATS = dict(
+    zip(WEIGHT_FORMAT_NAMES, [(jnp.float32, False), (jnp.bfloat16, False), (jnp.bfloat16, True)], strict=True)
+)
 
 
 def cast_slices(shape: tuple[int, ...], dtype: jnp.dtype, axis: int) -> list[slice]:

@@ -1,45 +1,104 @@
-"""The JAX side of every comparison stage, run in a process of its own, its outputs spilled to disk."""
+"""One comparison, whatever the candidate: the JAX side runs first, in a process of its own, and spills its outputs
+to a temporary folder; then the candidate (ONNX Runtime, onnxruntime-genai, transformers) runs and compares
+against them; the rows (with the hashes of the graph they verified) and the logits differences are written.
+
+The two sides never hold their weights at the same time, and what JAX keeps after a run (compiled programs,
+buffers its allocator holds) goes back to the system with its process before the candidate starts.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+import logging
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 
+from gptoss.files import sha256
+from gptoss.graphs.names import data_path
 from gptoss.model.gpt_oss import forward
 from gptoss.model.outputs import output_names
+from gptoss.model.params import Params
+from gptoss.proof.compare import write_results
 from gptoss.proof.prompts import Prompt, padded
-from gptoss.runtimes.jax_model import jax_generate, load_model
+from gptoss.proof.tolerances import Tolerances
+from gptoss.runtimes.generation import Generation
+from gptoss.runtimes.jax_model import StreamedModel, jax_generate
+from gptoss.runtimes.process import in_fresh_process
+
+log = logging.getLogger("gptoss.proof")
 
 
-def spill_jax_outputs(
-    params: Path,
-    config: Path | None,
-    prompts: list[Prompt],
-    sequence_length: int | None,
-    hidden: bool,
-    debug: bool,
-    spill: Path,
-    generate_tokens: int = 0,
-    suppress: Sequence[int] = (),
-) -> None:
-    """Run the Flax model on every prompt: write ``spill/{prompt_id}.npz`` (the forward pass's outputs, unless
-    ``sequence_length`` is None) and, with ``generate_tokens``, its greedy generation with the KV cache to
-    ``spill/{prompt_id}.generation.npz``.
+@dataclasses.dataclass(frozen=True)
+class JaxRequest:
+    """What the JAX side computes for every prompt: the forward pass over the prompt right-padded to
+    ``sequence_length`` (none if None; hidden states and block taps on request), and ``generate_tokens`` greedy
+    steps with the KV cache, ``suppress`` ids (end of sequence) never chosen."""
 
-    The stages run it :func:`in_fresh_process`, because what JAX holds after a run (compiled programs, buffers
-    its allocator keeps) stays with the process: on the 24-layer 20b that was 3 GB under the ONNX Runtime side
-    that follows.
-    """
-    params_cfg, model = load_model(params, config)
-    names = output_names(params_cfg.model, hidden, debug)
-    for prompt in prompts:
-        if sequence_length is not None:
-            outputs = forward(model, jnp.asarray(padded(prompt, sequence_length)), hidden, debug)
-            np.savez(spill / f"{prompt.prompt_id}.npz", **{n: np.asarray(outputs[n]) for n in names})
+    prompts: list[Prompt]
+    sequence_length: int | None = None
+    hidden_states: bool = False
+    block_debug: bool = False
+    generate_tokens: int = 0
+    suppress: tuple[int, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class JaxOutputs:
+    """What the JAX side spilled, read back one prompt at a time."""
+
+    folder: Path
+
+    def forward(self, prompt: Prompt) -> np.lib.npyio.NpzFile:
+        """The forward pass's outputs by name (open it in a ``with``)."""
+        return np.load(self.folder / f"{prompt.prompt_id}.npz")
+
+    def generation(self, prompt: Prompt) -> Generation:
+        return Generation.load(self.folder / f"{prompt.prompt_id}.generation.npz")
+
+
+def run_jax_side(params: Params, request: JaxRequest, folder: Path) -> None:
+    """The JAX side of :func:`compare`, in its own process: every prompt's outputs to ``folder``."""
+    model = StreamedModel(params)
+    names = output_names(model.cfg, request.hidden_states, request.block_debug)
+    for prompt in request.prompts:
+        if request.sequence_length is not None:
+            ids = jnp.asarray(padded(prompt, request.sequence_length))
+            outputs = forward(model, ids, request.hidden_states, request.block_debug)
+            np.savez(folder / f"{prompt.prompt_id}.npz", **{n: np.asarray(outputs[n]) for n in names})
             del outputs
-        if generate_tokens:
-            generation = jax_generate(model, prompt.ids, generate_tokens, suppress)
-            generation.save(spill / f"{prompt.prompt_id}.generation.npz")
+        if request.generate_tokens:
+            generation = jax_generate(model, prompt.ids, request.generate_tokens, request.suppress)
+            generation.save(folder / f"{prompt.prompt_id}.generation.npz")
+
+
+Candidate = Callable[[JaxOutputs], tuple[list[dict], dict[str, np.ndarray]]]
+
+
+def compare(
+    stage: str,
+    params: Params,
+    request: JaxRequest,
+    candidate: Candidate,
+    csv_path: Path,
+    tolerances: Tolerances | None = None,
+    logits_diffs: Path | None = None,
+    graph: Path | None = None,
+) -> list[dict]:
+    """Run the JAX side, then ``candidate`` (which returns its rows and its logits |diff| per prompt); write the
+    CSV (and the differences, if ``logits_diffs``) atomically and return the rows. ``graph``: the ONNX graph the
+    candidate ran, whose sha256 and its weights file's every row records."""
+    tolerances = tolerances or Tolerances()
+    with tempfile.TemporaryDirectory(prefix=f"gptoss-{stage}-") as folder:
+        steps = f", {request.generate_tokens} greedy steps each" if request.generate_tokens else ""
+        log.info("JAX side: %d prompt(s)%s", len(request.prompts), steps)
+        in_fresh_process(run_jax_side, params, request, Path(folder))
+        rows, diffs = candidate(JaxOutputs(Path(folder)))
+    if graph is not None:
+        hashes = dict(onnx_sha256=sha256(graph), data_sha256=sha256(data_path(graph)))
+        rows = [{**row, **hashes} for row in rows]
+    write_results(csv_path, rows, tolerances, diffs, logits_diffs)
+    return rows

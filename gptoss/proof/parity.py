@@ -1,14 +1,13 @@
-"""``gptoss parity``: JAX vs ONNX Runtime on the same token ids, every real position, into a CSV.
+"""``gptoss parity``: the Flax model in JAX against the exported graphs, every real position, into a CSV.
 
-Memory: the two sides never hold their weights at the same time. JAX runs every prompt first and spills its
-outputs to a temporary ``.npz``; the model is dropped; then ONNX Runtime runs and each output is compared
-against the JAX tensor loaded on its own.
+Stages debug and canonical run the whole-sequence graph in ONNX Runtime (every hidden state and tap in debug);
+stage decoder runs greedy generation on the KV-cache graph, by ONNX Runtime and by onnxruntime-genai. The JAX
+side runs first (:func:`gptoss.proof.driver.compare`).
 """
 
 from __future__ import annotations
 
 import logging
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,13 +15,13 @@ import numpy as np
 import onnx
 
 from gptoss.errors import GptOssError
-from gptoss.files import sha256
 from gptoss.graphs.genai import GENAI_CONFIG, check_folder
-from gptoss.graphs.names import INPUT_NAME, data_path
+from gptoss.graphs.names import INPUT_NAME
 from gptoss.model.outputs import output_names
-from gptoss.proof.compare import compare_prompt, logits_diff, logits_row, step_rows, token_row, write_results
-from gptoss.proof.driver import spill_jax_outputs
-from gptoss.proof.prompts import Prompt, padded, prompt_inputs
+from gptoss.model.params import Params
+from gptoss.proof.compare import compare_prompt, logits_diff, logits_row, step_rows, token_row
+from gptoss.proof.driver import JaxOutputs, JaxRequest, compare
+from gptoss.proof.prompts import Prompt, padded
 from gptoss.proof.tolerances import Tolerances
 from gptoss.runtimes.genai import genai_generate_all
 from gptoss.runtimes.generation import Generation
@@ -57,61 +56,47 @@ def check_graph(onnx_path: Path, wanted: Sequence[str], sequence_length: int) ->
 
 
 def parity(
-    params: Path,
+    params: Params,
     onnx_path: Path,
     csv_path: Path,
+    prompts: list[Prompt],
     sequence_length: int,
-    prompts: Sequence[str] = (),
-    token_ids: Sequence[str] = (),
-    tokenizer: Path | None = None,
-    config: Path | None = None,
-    compare_hidden_states: bool = False,
-    compare_block_debug: bool = False,
-    stage: str | None = None,
+    hidden_states: bool = False,
+    block_debug: bool = False,
     tolerances: Tolerances | None = None,
     threads: int | None = None,
     logits_diffs: Path | None = None,
 ) -> list[dict]:
-    """Run both sides, write the CSV atomically, return its rows.
-
-    ``logits_diffs``: also write every real position's logits |diff| (float32, one array per prompt) to this
-    ``.npz``, for the report's histogram.
-    """
+    """Every prompt through JAX and through the graph in ONNX Runtime: one row per output (stage ``debug`` with
+    hidden states or taps, else ``canonical``). ``logits_diffs``: also write every real position's logits |diff|
+    (float32, one array per prompt) to this ``.npz``, for the report's histogram."""
     tolerances = tolerances or Tolerances()
-    stage = stage or ("debug" if compare_hidden_states or compare_block_debug else "canonical")
-    config, params_cfg, resolved = prompt_inputs(params, config, prompts, token_ids, tokenizer, sequence_length)
-    wanted = output_names(params_cfg.model, compare_hidden_states, compare_block_debug)
+    stage = "debug" if hidden_states or block_debug else "canonical"
+    wanted = output_names(params.model_config, hidden_states, block_debug)
     check_graph(onnx_path, wanted, sequence_length)
-    hashes = dict(onnx_sha256=sha256(onnx_path), data_sha256=sha256(data_path(onnx_path)))
 
-    rows: list[dict] = []
-    diffs: dict[str, np.ndarray] = {}
-    with tempfile.TemporaryDirectory(prefix="gptoss-parity-") as spill_dir:
-        spill = Path(spill_dir)
-        log.info("JAX side: %d prompt(s), %d outputs each", len(resolved), len(wanted))
-        jax_side = (params, config, resolved, sequence_length, compare_hidden_states, compare_block_debug, spill)
-        in_fresh_process(spill_jax_outputs, *jax_side)
+    def onnx_runtime_side(jax: JaxOutputs) -> tuple[list[dict], dict[str, np.ndarray]]:
         log.info("ONNX Runtime side: %s", onnx_path)
         session = ort_session(onnx_path, threads)
-        for prompt in resolved:
+        rows, diffs = [], {}
+        for prompt in prompts:
             got = dict(zip(wanted, session.run(wanted, {INPUT_NAME: padded(prompt, sequence_length)}), strict=True))
-            with np.load(spill / f"{prompt.prompt_id}.npz") as ref:
-                rows += [{**row, **hashes} for row in compare_prompt(stage, prompt, ref, got, tolerances)]
+            with jax.forward(prompt) as ref:
+                rows += compare_prompt(stage, prompt, ref, got, tolerances)
                 diffs[prompt.prompt_id] = logits_diff(prompt, ref, got)
             del got
-    write_results(csv_path, rows, tolerances, diffs, logits_diffs)
-    return rows
+        return rows, diffs
+
+    request = JaxRequest(prompts, sequence_length, hidden_states, block_debug)
+    return compare(stage, params, request, onnx_runtime_side, csv_path, tolerances, logits_diffs, onnx_path)
 
 
 def parity_decoder(
-    params: Path,
+    params: Params,
     onnx_path: Path,
     csv_path: Path,
+    prompts: list[Prompt],
     generate_tokens: int,
-    prompts: Sequence[str] = (),
-    token_ids: Sequence[str] = (),
-    tokenizer: Path | None = None,
-    config: Path | None = None,
     tolerances: Tolerances | None = None,
     threads: int | None = None,
     logits_diffs: Path | None = None,
@@ -121,52 +106,45 @@ def parity_decoder(
 
     Rows: ``decode_logits`` per step (JAX vs ONNX Runtime, while their tokens agree), the same for every prompt
     at once in a left-padded batch (``logits_batched``: each row must equal its prompt run alone), and one
-    ``greedy_tokens`` row per prompt and runtime. The sides run one after the other, as in :func:`parity`.
+    ``greedy_tokens`` row per prompt and runtime.
     """
     tolerances = tolerances or Tolerances()
     if generate_tokens < 1:
         raise GptOssError(f"--generate-tokens must be at least 1, got {generate_tokens}")
-    config, params_cfg, resolved = prompt_inputs(params, config, prompts, token_ids, tokenizer, 1 << 62)
     folder = onnx_path.parent
     context = check_folder(folder)["model"]["context_length"]
-    for prompt in resolved:
+    for prompt in prompts:
         if len(prompt.ids) + generate_tokens > context:
             raise GptOssError(
                 f"prompt {prompt.prompt_id} has {len(prompt.ids)} tokens; with --generate-tokens {generate_tokens} "
                 f"that is {len(prompt.ids) + generate_tokens} positions, more than the context length {context} "
                 f"{onnx_path} was exported for ({GENAI_CONFIG})"
             )
-    suppress = params_cfg.eos_token_ids
-    hashes = dict(onnx_sha256=sha256(onnx_path), data_sha256=sha256(data_path(onnx_path)))
+    suppress = tuple(params.config.eos_token_ids)
 
-    rows: list[dict] = []
-    diffs: dict[str, np.ndarray] = {}
-    with tempfile.TemporaryDirectory(prefix="gptoss-parity-") as spill_dir:
-        spill = Path(spill_dir)
-        log.info("JAX side: %d prompt(s), %d greedy steps each, with the KV cache", len(resolved), generate_tokens)
-        jax_side = (params, config, resolved, None, False, False, spill, generate_tokens, suppress)
-        in_fresh_process(spill_jax_outputs, *jax_side)
-
+    def generation_side(jax: JaxOutputs) -> tuple[list[dict], dict[str, np.ndarray]]:
         log.info("ONNX Runtime side: %s", onnx_path)
         session = ort_session(onnx_path, threads)
-        references = {p.prompt_id: Generation.load(spill / f"{p.prompt_id}.generation.npz") for p in resolved}
-        for prompt in resolved:
+        references = {p.prompt_id: jax.generation(p) for p in prompts}
+        rows, diffs = [], {}
+        for prompt in prompts:
             reference = references[prompt.prompt_id]
             got = ort_generate(session, prompt.ids, generate_tokens, suppress)
             rows += step_rows("decoder", prompt, reference, got, tolerances)
             rows.append(token_row("decoder", prompt, "onnxruntime", reference, got.tokens, suppress, tolerances))
             diffs[prompt.prompt_id] = np.abs(got.logits[0] - reference.logits[0]).astype(np.float32).ravel()
-        rows += batched_rows(session, resolved, references, tolerances)
+        rows += batched_rows(session, prompts, references, tolerances)
         del session
 
         log.info("onnxruntime-genai side: %s", folder)
-        generated = in_fresh_process(genai_generate_all, folder, [p.ids for p in resolved], generate_tokens)
-        for prompt, tokens in zip(resolved, generated, strict=True):
+        generated = in_fresh_process(genai_generate_all, folder, [p.ids for p in prompts], generate_tokens)
+        for prompt, tokens in zip(prompts, generated, strict=True):
             reference = references[prompt.prompt_id]
             rows.append(token_row("decoder", prompt, "genai", reference, tokens, suppress, tolerances))
-    rows = [{**row, **hashes} for row in rows]
-    write_results(csv_path, rows, tolerances, diffs, logits_diffs)
-    return rows
+        return rows, diffs
+
+    request = JaxRequest(prompts, generate_tokens=generate_tokens, suppress=suppress)
+    return compare("decoder", params, request, generation_side, csv_path, tolerances, logits_diffs, onnx_path)
 
 
 def batched_rows(session, prompts: list[Prompt], references: dict[str, Generation], tol: Tolerances) -> list[dict]:

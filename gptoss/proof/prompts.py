@@ -5,11 +5,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from gptoss.config import ParamsConfig, params_config_path
 from gptoss.errors import GptOssError
+
+if TYPE_CHECKING:  # the gate reads prompts without loading JAX
+    from gptoss.model.params import Params
 
 PAD_ID = 0
 
@@ -21,9 +24,10 @@ class Prompt:
 
 
 def resolve_prompts(
-    prompts: Sequence[str], token_ids: Sequence[str], tokenizer_path: Path | None, sequence_length: int
+    prompts: Sequence[str], token_ids: Sequence[str], tokenizer_path: Path | None, sequence_length: int | None
 ) -> list[Prompt]:
-    """Prompts (tokenized with the checkpoint's tokenizer) and/or literal comma-separated token id lists."""
+    """Prompts (tokenized with the checkpoint's tokenizer) and/or literal comma-separated token id lists, each at
+    most ``sequence_length`` tokens (None: any length)."""
     resolved: list[Prompt] = []
     if prompts:
         from gptoss.formats.tokenizer import encode, load_tokenizer
@@ -42,7 +46,7 @@ def resolve_prompts(
     for p in resolved:
         if not p.ids:
             raise GptOssError(f"prompt {p.prompt_id} has no tokens")
-        if len(p.ids) > sequence_length:
+        if sequence_length is not None and len(p.ids) > sequence_length:
             raise GptOssError(
                 f"prompt {p.prompt_id} has {len(p.ids)} tokens, more than --sequence-length {sequence_length} "
                 "(prompts are never truncated)"
@@ -51,19 +55,15 @@ def resolve_prompts(
 
 
 def prompt_inputs(
-    params: Path,
-    config: Path | None,
+    params: Params,
     prompts: Sequence[str],
     token_ids: Sequence[str],
     tokenizer: Path | None,
-    sequence_length: int,
-) -> tuple[Path, ParamsConfig, list[Prompt]]:
-    """The params config (path and contents) and the prompts, tokenized with ``tokenizer`` or else the one the
-    params config records."""
-    config = config or params_config_path(params)
-    params_cfg = ParamsConfig.read(config)
-    tokenizer = tokenizer or (Path(params_cfg.tokenizer) if params_cfg.tokenizer else None)
-    return config, params_cfg, resolve_prompts(prompts, token_ids, tokenizer, sequence_length)
+    sequence_length: int | None,
+) -> list[Prompt]:
+    """The prompts, tokenized with ``tokenizer`` or else the one the params config records."""
+    tokenizer = tokenizer or (Path(params.config.tokenizer) if params.config.tokenizer else None)
+    return resolve_prompts(prompts, token_ids, tokenizer, sequence_length)
 
 
 def padded(prompt: Prompt, sequence_length: int) -> np.ndarray:

@@ -4,49 +4,30 @@ prompt spilled to disk, greedy generation with the KV cache."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gptoss.config import ParamsConfig, params_config_path
-from gptoss.errors import GptOssError
-from gptoss.formats.params_file import index_params, read_stored
 from gptoss.model.gpt_oss import decode_step
-from gptoss.model.params import abstract_model, flat_param_specs
+from gptoss.model.params import Params, abstract_model, flat_param_specs
 from gptoss.runtimes.generation import Generation, choose
 
 
 class StreamedModel:
     """The Flax model with its weights left in the params file: each piece (the embedding, block ``i``, the final
     norm, the unembedding) is read when it is used and dropped after, so the process holds one block's weights
-    at a time, whatever the depth. :func:`gptoss.model.forward` and :func:`gptoss.model.decode_step` run it."""
+    at a time, whatever the depth. :func:`gptoss.model.gpt_oss.forward` and ``decode_step`` run it."""
 
-    def __init__(self, params: Path, params_cfg: ParamsConfig) -> None:
-        self.path, self.cfg = params, params_cfg.model
-        self.index = index_params(params)
-        self.skeleton = abstract_model(self.cfg, params_cfg.dtype)
-        specs = {name: spec for _, name, spec in flat_param_specs(nnx.state(self.skeleton))}
-        missing, extra = sorted(set(specs) - set(self.index)), sorted(set(self.index) - set(specs))
-        if missing or extra:
-            raise GptOssError(f"params do not match the config: missing {missing[:3]}, unexpected {extra[:3]}")
-        for name, spec in specs.items():
-            stored = self.index[name]
-            if stored.shape != tuple(spec.shape) or stored.dtype != spec.dtype:
-                raise GptOssError(
-                    f"param {name!r} is {list(stored.shape)} {stored.dtype}, the config expects "
-                    f"{list(spec.shape)} {jnp.dtype(spec.dtype)}"
-                )
+    def __init__(self, params: Params) -> None:
+        self.params, self.cfg = params, params.model_config
+        self.skeleton = abstract_model(self.cfg, params.config.weight_format)
 
     def _load(self, module: nnx.Module, prefix: str) -> nnx.Module:
         # On CPU, `jax.device_put` adopts each freshly read (64-byte aligned) buffer without a copy.
         graphdef, state = nnx.split(module)
-        values = [
-            (path, jax.device_put(read_stored(self.path, self.index[prefix + name])))
-            for path, name, _ in flat_param_specs(state)
-        ]
+        values = [(path, jax.device_put(self.params.read(prefix + name))) for path, name, _ in flat_param_specs(state)]
         return nnx.merge(graphdef, nnx.from_flat_state(values))
 
     @property
@@ -80,16 +61,6 @@ class _Blocks(Sequence):
             raise IndexError(i)
         i %= len(self)
         return self.model._load(self.model.skeleton.layers[i], f"layers.{i}.")
-
-
-def load_model(params: Path, config: Path | None = None) -> tuple[ParamsConfig, StreamedModel]:
-    """Params + config as a :class:`StreamedModel`; a mismatch between the two is one clear error."""
-    config = config or params_config_path(params)
-    params_cfg = ParamsConfig.read(config)
-    try:
-        return params_cfg, StreamedModel(params, params_cfg)
-    except GptOssError as exc:
-        raise GptOssError(f"{params} does not match {config}: {exc}") from None
 
 
 def jax_generate(model, prompt: Sequence[int], steps: int, suppress: Sequence[int]) -> Generation:
