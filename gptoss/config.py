@@ -239,7 +239,7 @@ class ParamsConfig:
     source_checkpoint: str
     tokenizer: str | None
     source_layers: int
-    # How the checkpoint was made: the hub's download.json (repo_id, revision, resolved commit) or synth.json.
+    # Where the checkpoint comes from: the hub's download.json (repo_id, revision, resolved commit) or synth.json.
     origin: dict[str, Any] | None = None
     # The checkpoint's special tokens and sampling default: bos_token_id, eos_token_id (a list), pad_token_id,
     # do_sample (from generation_config.json, else config.json).

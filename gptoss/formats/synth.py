@@ -24,6 +24,7 @@ from gptoss.errors import GptOssError
 from gptoss.files import atomic_output, require_free_space
 from gptoss.formats.checkpoint_write import write_checkpoint, write_generation_config
 from gptoss.formats.mxfp4 import GROUP
+from gptoss.formats.names import hf_source
 from gptoss.formats.tokenizer import special_token_ids, train_synthetic_tokenizer, write_hf_tokenizer
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -79,7 +80,14 @@ def preset_config(preset: str, num_layers: int | None = None) -> GptOssConfig:
     return GptOssConfig(layer_types=default_layer_types(n), **fields)
 
 
+def hf(ours: str) -> str:
+    """The Hub's name of our parameter ``ours``."""
+    return hf_source(ours)[0]
+
+
 class _Generator:
+    """Random weights, drawn tensor by tensor in the Hub checkpoint's order."""
+
     def __init__(self, cfg: GptOssConfig, seed: int) -> None:
         self.cfg = cfg
         self.rng = np.random.default_rng(seed)
@@ -102,32 +110,32 @@ class _Generator:
         cfg = self.cfg
         h, i, e = cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts
         nq, nkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        yield "model.embed_tokens.weight", self.normal((cfg.vocab_size, h), 1.0)
+        yield hf("embed.embedding"), self.normal((cfg.vocab_size, h), 1.0)
         for layer in range(cfg.num_hidden_layers):
-            p = f"model.layers.{layer}"
-            yield f"{p}.input_layernorm.weight", self.normal((h,), 0.1, 1.0)
+            p = f"layers.{layer}."
+            yield hf(p + "attn_norm.scale"), self.normal((h,), 0.1, 1.0)
             for name, rows in (("q_proj", nq * d), ("k_proj", nkv * d), ("v_proj", nkv * d)):
-                yield f"{p}.self_attn.{name}.weight", self.normal((rows, h), 1 / math.sqrt(h))
-                yield f"{p}.self_attn.{name}.bias", self.normal((rows,), 0.1)
-            yield f"{p}.self_attn.o_proj.weight", self.normal((h, nq * d), 1 / math.sqrt(nq * d))
-            yield f"{p}.self_attn.o_proj.bias", self.normal((h,), 0.1)
-            yield f"{p}.self_attn.sinks", self.normal((nq,), 1.0)
-            yield f"{p}.post_attention_layernorm.weight", self.normal((h,), 0.1, 1.0)
+                yield hf(f"{p}attn.{name}.kernel"), self.normal((rows, h), 1 / math.sqrt(h))
+                yield hf(f"{p}attn.{name}.bias"), self.normal((rows,), 0.1)
+            yield hf(p + "attn.o_proj.kernel"), self.normal((h, nq * d), 1 / math.sqrt(nq * d))
+            yield hf(p + "attn.o_proj.bias"), self.normal((h,), 0.1)
+            yield hf(p + "attn.sinks"), self.normal((nq,), 1.0)
+            yield hf(p + "mlp_norm.scale"), self.normal((h,), 0.1, 1.0)
             # Router logits with std ~2: the top-k differs from token to token.
-            yield f"{p}.mlp.router.weight", self.normal((e, h), 2 / math.sqrt(h))
-            yield f"{p}.mlp.router.bias", self.normal((e,), 0.5)
+            yield hf(p + "mlp.router.kernel"), self.normal((e, h), 2 / math.sqrt(h))
+            yield hf(p + "mlp.router.bias"), self.normal((e,), 0.5)
             blocks, scales = self.mxfp4(e, 2 * i, h, EXPERT_PREACT_STD / math.sqrt(h))
-            yield f"{p}.mlp.experts.gate_up_proj_blocks", blocks
-            yield f"{p}.mlp.experts.gate_up_proj_scales", scales
-            yield f"{p}.mlp.experts.gate_up_proj_bias", self.normal((e, 2 * i), 0.5)
+            yield hf(p + "mlp.gate_up_blocks"), blocks
+            yield hf(p + "mlp.gate_up_scales"), scales
+            yield hf(p + "mlp.gate_up_bias"), self.normal((e, 2 * i), 0.5)
             # Down projection small enough that the MoE output stays of the order of the residual stream
             # (activations reach 7·8 = 56 where both clamps engage).
             blocks, scales = self.mxfp4(e, h, i, DOWN_PROJ_GAIN / math.sqrt(i))
-            yield f"{p}.mlp.experts.down_proj_blocks", blocks
-            yield f"{p}.mlp.experts.down_proj_scales", scales
-            yield f"{p}.mlp.experts.down_proj_bias", self.normal((e, h), 0.1)
-        yield "model.norm.weight", self.normal((h,), 0.1, 1.0)
-        yield "lm_head.weight", self.normal((cfg.vocab_size, h), 1 / math.sqrt(h))
+            yield hf(p + "mlp.down_blocks"), blocks
+            yield hf(p + "mlp.down_scales"), scales
+            yield hf(p + "mlp.down_bias"), self.normal((e, h), 0.1)
+        yield hf("norm.scale"), self.normal((h,), 0.1, 1.0)
+        yield hf("unembed.kernel"), self.normal((cfg.vocab_size, h), 1 / math.sqrt(h))
 
 
 def synthesize(

@@ -29,8 +29,8 @@ _HELP = {
 class Tolerances:
     """Max |diff| allowed per group; routing and greedy tokens allow no disagreement outside near ties.
 
-    Defaults sit a few times above the seed's measured gpt-oss-20b baseline2 differences
-    (logits 1.9e-5, hidden states 1.5e-4, MoE taps 4.5e-4).
+    Defaults sit a few times above the differences measured on gpt-oss-20b's first two layers
+    (docs/performance.md).
     """
 
     logits: float = 1e-4

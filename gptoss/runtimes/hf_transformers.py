@@ -22,6 +22,7 @@ except ImportError as exc:
 
 from gptoss.config import ParamsConfig
 from gptoss.formats.checkpoint import Checkpoint
+from gptoss.formats.names import OURS_TO_HF_EXPERTS
 from gptoss.runtimes.generation import Generation
 
 
@@ -35,7 +36,7 @@ def hf_model(checkpoint: Path, params_cfg: ParamsConfig):
     store = Checkpoint.open(checkpoint)  # tensors by their HF names, whatever the layout
     state = {}
     for name, param in model.state_dict().items():
-        if name.endswith(("experts.gate_up_proj", "experts.down_proj")) and f"{name}_blocks" in store:
+        if name.endswith(tuple(OURS_TO_HF_EXPERTS.values())) and f"{name}_blocks" in store:
             blocks = torch.from_numpy(np.array(store.get(f"{name}_blocks")))
             scales = torch.from_numpy(np.array(store.get(f"{name}_scales")))
             tensor = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)
@@ -47,7 +48,7 @@ def hf_model(checkpoint: Path, params_cfg: ParamsConfig):
             )
         state[name] = tensor.to(torch.float32)
     model.load_state_dict(state, assign=True)
-    model.model.rotary_emb = type(model.model.rotary_emb)(hf_cfg)  # its buffers were created on the meta device
+    model.model.rotary_emb = type(model.model.rotary_emb)(hf_cfg)  # its buffers live on the meta device
     return model.eval()
 
 
