@@ -6,23 +6,9 @@ from __future__ import annotations
 from gptoss.config import GptOssConfig
 
 # Per-block debug taps, in forward order (the order the gate uses to localise a discrepancy).
-BLOCK_TAPS = (
-    "input",
-    "attn_norm",
-    "q",
-    "k",
-    "v",
-    "attn_output",
-    "post_attn_residual",
-    "mlp_norm",
-    "router_logits",
-    "expert_indices",
-    "expert_weights",
-    "expert_preact",
-    "expert_act",
-    "expert_out",
-    "moe_output",
-    "output",
+BLOCK_TAPS = tuple(
+    "input attn_norm q k v attn_output post_attn_residual mlp_norm router_logits expert_indices "
+    "expert_weights expert_preact expert_act expert_out moe_output output".split()
 )
 
 

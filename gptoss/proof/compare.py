@@ -23,33 +23,11 @@ from gptoss.runtimes.generation import Generation, top2_margin
 
 log = logging.getLogger("gptoss.compare")
 
-COLUMNS = [
-    "stage",
-    "prompt_id",
-    "tensor",
-    "group",
-    "block",
-    "tap",
-    "shape",
-    "positions",
-    "max_abs_diff",
-    "mean_abs_diff",
-    "max_rel_diff",
-    "cosine",
-    "ref_abs_max",
-    "nonfinite",
-    "atol",
-    "passed",
-    "argmax_agreement",
-    "topk_overlap",
-    "expert_agreement",
-    "near_ties",
-    "step",
-    "tokens",
-    "ref_tokens",
-    "onnx_sha256",
-    "data_sha256",
-]
+COLUMNS = (
+    "stage prompt_id tensor group block tap shape positions max_abs_diff mean_abs_diff max_rel_diff cosine "
+    "ref_abs_max nonfinite atol passed argmax_agreement topk_overlap expert_agreement near_ties step tokens "
+    "ref_tokens onnx_sha256 data_sha256"
+).split()
 
 
 TOPK = 5
