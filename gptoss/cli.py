@@ -14,6 +14,7 @@ from pathlib import Path
 from gptoss.config import WEIGHT_FORMAT_NAMES
 from gptoss.errors import GptOssError
 from gptoss.proof.tolerances import Tolerances
+from gptoss.stages import EXPORT_STAGES, PARITY_STAGES
 
 log = logging.getLogger("gptoss")
 COMMANDS: dict[str, Callable[[argparse.Namespace], int | None]] = {}
@@ -182,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="Flax params -> ONNX graph of a stage (debug, canonical, decoder)")
     p.add_argument(
         "--stage",
-        choices=["debug", "canonical", "decoder"],
+        choices=EXPORT_STAGES,
         default=None,
         help="debug: every --emit-* output; decoder: the KV-cache graph for onnxruntime-genai, with "
         "genai_config.json and the tokenizer files beside it (default: debug if an --emit-* flag is given)",
@@ -211,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("parity", help="JAX vs ONNX Runtime (or transformers: --stage reference) -> CSV")
     p.add_argument(
         "--stage",
-        choices=["debug", "canonical", "decoder", "reference"],
+        choices=PARITY_STAGES,
         default=None,
         help="debug: hidden states and block taps too; decoder: greedy generation on the KV-cache graph (JAX, ONNX "
         "Runtime, onnxruntime-genai); reference: transformers on --checkpoint instead of a graph (default: debug "
