@@ -17,7 +17,8 @@ import pytest
 from conftest import assert_one_clean_error, file_sha256, opened, require_torch, run_cli, streamed
 
 from gptoss.formats.synth import synthesize
-from gptoss.graphs.export import ExportSpec, export
+from gptoss.graphs.export import export
+from gptoss.graphs.trace import ExportSpec
 from gptoss.model.convert import convert
 from gptoss.model.params import Params
 from gptoss.promote import promote

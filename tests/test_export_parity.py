@@ -19,8 +19,9 @@ from flax import nnx
 from gptoss.errors import GptOssError
 from gptoss.formats.params_file import read_params, write_params
 from gptoss.formats.synth import preset_config, synthesize
-from gptoss.graphs.export import ExportSpec, export
+from gptoss.graphs.export import export
 from gptoss.graphs.names import data_path
+from gptoss.graphs.trace import ExportSpec
 from gptoss.model import gpt_oss, layers
 from gptoss.model.convert import convert
 from gptoss.model.gpt_oss import forward

@@ -16,7 +16,8 @@ from safetensors.numpy import load_file, save_file
 from gptoss.formats import mxfp4
 from gptoss.formats.params_file import read_params
 from gptoss.formats.synth import synthesize
-from gptoss.graphs.export import ExportSpec, export
+from gptoss.graphs.export import export
+from gptoss.graphs.trace import ExportSpec
 from gptoss.model.convert import convert
 from gptoss.model.gpt_oss import forward
 from gptoss.model.layers import decode_mxfp4

@@ -19,3 +19,8 @@ def data_path(onnx_path: Path) -> Path:
     """The weights of a graph: ``model.onnx.data`` in its folder, which every graph of a model there shares
     (``x/model.onnx`` and ``x/decoder.onnx`` both read ``x/model.onnx.data``)."""
     return onnx_path.with_name(WEIGHTS_FILE)
+
+
+def is_data_input(name: str) -> bool:
+    """The graph inputs a caller feeds (token ids, the decoder's mask and cache); every other one is a weight."""
+    return name in (INPUT_NAME, MASK_NAME) or name.startswith(PAST_PREFIX)

@@ -1,0 +1,184 @@
+"""Tracing the Flax model into an ONNX graph with jax2onnx, then applying the rewrite passes
+(:mod:`gptoss.graphs.passes`). The canonical graph has input ``input_ids [batch, sequence]`` (int32, both axes
+symbolic) and one output ``logits [batch, sequence, vocab]`` float32; the debug graph fixes the sequence length and
+adds ``hidden_state_{i}`` and ``block_{i}_{tap}`` outputs; the decoder graph takes and returns the KV cache with
+onnxruntime-genai's names. The graph is traced from an *abstract* model with every weight as a graph input, so no
+weight is materialised, nor captured as a constant by ``jax.jit``/jax2onnx; the weights file
+(:mod:`gptoss.graphs.weights_file`) turns those inputs into initializers."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import onnx_ir as ir
+from flax import nnx
+
+from gptoss import __version__
+from gptoss.config import GptOssConfig
+from gptoss.graphs.genai import past_names, present_names
+from gptoss.graphs.names import INPUT_NAME, MASK_NAME
+from gptoss.graphs.passes import defer_weight_reads, drop_expands, einsums_to_matmul, genai_interface
+from gptoss.model.gpt_oss import GptOss
+from gptoss.model.outputs import output_names
+from gptoss.model.params import flat_param_specs
+
+log = logging.getLogger("gptoss.export")
+
+DEFAULT_OPSET = 21
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    """What to export: which outputs, which axes are symbolic; ``decoder`` for the KV-cache graph."""
+
+    sequence_length: int
+    emit_hidden_states: bool = False
+    emit_block_debug: bool = False
+    opset: int = DEFAULT_OPSET
+    decoder: bool = False
+    context_length: int | None = None  # decoder: genai_config's context length (default: the model's)
+
+    @property
+    def debug(self) -> bool:
+        return self.emit_hidden_states or self.emit_block_debug
+
+    @property
+    def stage(self) -> str:
+        return "decoder" if self.decoder else "debug" if self.debug else "canonical"
+
+    def input_shape(self) -> tuple[str | int, str | int]:
+        # The debug graph may fix the sequence length; the canonical graph keeps both axes symbolic.
+        return ("batch", self.sequence_length) if self.debug else ("batch", "sequence")
+
+
+class _Traceable:
+    """The model as a function of its inputs and ``*weights``: weights become graph inputs, never constants."""
+
+    def __init__(self, model: GptOss) -> None:
+        self.graphdef, state = nnx.split(model)
+        flat = flat_param_specs(state)
+        self.paths = [path for path, _, _ in flat]
+        self.weight_names = [name for _, name, _ in flat]
+        self.weight_specs = [spec for _, _, spec in flat]
+
+    def live(self, weights: tuple[jax.Array, ...]) -> GptOss:
+        return nnx.merge(self.graphdef, nnx.from_flat_state(list(zip(self.paths, weights, strict=True))))
+
+
+def forward_outputs(traceable: _Traceable, spec: ExportSpec) -> Callable[..., dict[str, jax.Array]]:
+    def outputs(input_ids: jax.Array, *weights: jax.Array) -> dict[str, jax.Array]:
+        return traceable.live(weights)(input_ids, spec.emit_hidden_states, spec.emit_block_debug)
+
+    return outputs
+
+
+def aliases(outputs: Callable[..., dict[str, jax.Array]], specs: list[jax.ShapeDtypeStruct]) -> dict[str, str]:
+    """Outputs that are the very same value as an earlier one (name → earlier name).
+
+    ``hidden_state_{i}`` is ``block_{i}_output`` and ``block_{i+1}_input``; an ONNX value has one name, so
+    such duplicates become Identity nodes after export. Found by one abstract trace (no computation).
+    """
+    found: dict[str, str] = {}
+
+    def probe(*args: jax.Array) -> jax.Array:
+        values = outputs(*args)
+        first_by_id: dict[int, str] = {}
+        for name, value in values.items():
+            found.setdefault(name, first_by_id.setdefault(id(value), name))
+        return values["logits"]
+
+    jax.eval_shape(probe, *specs)
+    return {name: first for name, first in found.items() if name != first}
+
+
+def _linear_output_check() -> None:
+    """jax2onnx 0.17 checks, after lowering each equation, that its outputs are connected by scanning every node
+    built so far: quadratic in the graph's size (docs/performance.md). A value that a node produced is connected;
+    only the others get the original scan (and onnx.checker checks the written graph whole)."""
+    from jax2onnx.converter import output_binding
+
+    original = output_binding._value_is_graph_connected
+    if getattr(original, "linear", False):
+        return
+
+    def connected(ctx: object, value: ir.Value) -> bool:
+        return value.producer() is not None or original(ctx, value)
+
+    connected.linear = True
+    output_binding._value_is_graph_connected = connected
+
+
+def build_onnx(model: GptOss, spec: ExportSpec) -> ir.Model:
+    """Trace ``model`` (usually abstract) with jax2onnx; every weight is a graph input named after the param."""
+    from jax2onnx import to_onnx
+
+    _linear_output_check()
+
+    traceable = _Traceable(model)
+    weight_specs = traceable.weight_specs
+    if spec.decoder:
+        input_names, input_specs, outputs = decoder_inputs(model.cfg, traceable)
+        names, duplicates = ["logits", *present_names(model.cfg.num_hidden_layers)], {}
+    else:
+        input_names = [INPUT_NAME]
+        input_specs = [jax.ShapeDtypeStruct(spec.input_shape(), jnp.int32)]
+        outputs = forward_outputs(traceable, spec)
+        names = output_names(model.cfg, spec.emit_hidden_states, spec.emit_block_debug)
+        duplicates = aliases(outputs, [jax.ShapeDtypeStruct((1, spec.sequence_length), jnp.int32), *weight_specs])
+    unique = [name for name in names if name not in duplicates]
+
+    def selected(*args: jax.Array) -> tuple[jax.Array, ...]:
+        values = outputs(*args)  # one trace of the model
+        return tuple(values[name] for name in unique)
+
+    onnx_model = to_onnx(
+        selected,
+        [*input_specs, *weight_specs],
+        input_names=[*input_names, *traceable.weight_names],
+        output_names=unique,
+        opset=spec.opset,
+        model_name="gpt_oss",
+        return_mode="ir",
+    )
+    graph = onnx_model.graph
+    by_name = {v.name: v for v in graph.outputs}
+    for alias, target in duplicates.items():
+        source = by_name[target]
+        node = ir.node("Identity", inputs=[source], outputs=[ir.Value(name=alias)])
+        node.outputs[0].type = source.type
+        node.outputs[0].shape = source.shape
+        graph.append(node)
+        by_name[alias] = node.outputs[0]
+    graph.outputs.clear()
+    graph.outputs.extend(by_name[name] for name in names)
+    if spec.decoder:
+        genai_interface(graph)
+    log.info("%d matmul-shaped Einsum nodes rewritten as MatMul", einsums_to_matmul(graph))
+    log.info("%d Expand nodes left to the broadcasting of their consumers", drop_expands(graph))
+    log.info("%d weight reads made to wait for their activations", defer_weight_reads(graph))
+    onnx_model.producer_name = "gptoss"
+    onnx_model.producer_version = __version__
+    return onnx_model
+
+
+def decoder_inputs(
+    cfg: GptOssConfig, traceable: _Traceable
+) -> tuple[list[str], list[jax.ShapeDtypeStruct], Callable[..., dict[str, jax.Array]]]:
+    """The decoder's input names and symbolic specs (the mask spans past + new positions), and its outputs."""
+    batch, seq, past = jax.export.symbolic_shape("batch_size, sequence_length, past_sequence_length")
+    kv = jax.ShapeDtypeStruct((batch, cfg.num_key_value_heads, past, cfg.head_dim), jnp.float32)
+    layers = cfg.num_hidden_layers
+    specs = [jax.ShapeDtypeStruct((batch, seq), jnp.int32), jax.ShapeDtypeStruct((batch, past + seq), jnp.int32)]
+    presents = present_names(layers)
+
+    def outputs(input_ids: jax.Array, mask: jax.Array, *rest: jax.Array) -> dict[str, jax.Array]:
+        caches, weights = rest[: 2 * layers], rest[2 * layers :]
+        past_kv = [(caches[2 * i], caches[2 * i + 1]) for i in range(layers)]
+        logits, present = traceable.live(weights).decode(input_ids, mask, past_kv)
+        return {"logits": logits, **dict(zip(presents, [t for kv in present for t in kv], strict=True))}
+
+    return [INPUT_NAME, MASK_NAME, *past_names(layers)], specs + [kv] * (2 * layers), outputs
