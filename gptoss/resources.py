@@ -1,0 +1,168 @@
+"""What each step of the workflow needs: resident memory, wall time and threads, from the model's architecture
+and how its weights are stored.
+
+The workflow's resource functions (workflow/rules/common.smk) look up a job's checkpoint and call these:
+``mem_mb`` is Snakemake's memory budget locally and the job's ``--mem`` on a cluster, ``runtime`` the job's
+``-t`` (minutes), threads its ``--cpus-per-task``. A step is one of ``STEPS``: the rule, with parity split by what
+it runs (``parity_step``). Pure Python, no JAX: the workflow imports it while it parses the Snakefile.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from gptoss.config import WEIGHT_FORMAT_NAMES, GptOssConfig, load_checkpoint_config
+from gptoss.errors import GptOssError
+from gptoss.formats.synth import preset_config
+from gptoss.stages import STAGES
+
+# The workflow's steps. parity: the debug and canonical graphs; parity_decoder: generation on the decoder graph;
+# parity_reference: transformers on the checkpoint.
+STEPS = (
+    "synth",
+    "download",
+    "convert",
+    "weights",
+    "export",
+    "parity",
+    "parity_decoder",
+    "parity_reference",
+    "gate",
+    "promote",
+    "report",
+)
+
+# --- memory ---------------------------------------------------------------------------------------------------
+# Resident memory per step, in MB (calibrated on the tables of docs/performance.md, "The memory model": the
+# 2-layer gpt-oss-20b in float32 and mxfp4, the 24-layer one in mxfp4, the 2-layer gpt-oss-120b in mxfp4):
+#   fixed + per_params × the params' MB (in their weight format)
+#         + per_embedding × the embedding's MB (the largest single tensor; float32 where the step decodes the
+#           checkpoint through float32, else in the params' format) + per_layer × layers.
+# Streaming keeps most steps independent of depth: synth and convert hold a tensor or a shard at a time, the
+# weights export one tensor, the JAX side of parity one block; ONNX Runtime maps the whole weights file.
+MEMORY_MODEL = {
+    #                      fixed, per_params, per_embedding, per_layer
+    "synth": (800, 0.0, 2.0, 0),  # generating a shard
+    "download": (1000, 0.0, 0.0, 0),
+    "convert": (800, 0.0, 2.0, 0),  # mxfp4: the experts copied, the rest read as bf16
+    "convert_decoded": (800, 0.0, 1.5, 0),  # float32/bfloat16: the experts decoded
+    "weights": (300, 0.0, 1.0, 0),  # one tensor at a time
+    "export": (500, 0.0, 0.0, 20),  # tracing only: the graph reads the weights file's layout, not its bytes
+    "parity": (300, 1.07, 0.0, 0),  # ONNX Runtime's session, the JAX side streamed in its own process
+    "parity_float32": (300, 0.8, 0.0, 0),
+    "parity_decoder": (1900, 1.0, 0.0, 0),  # + the KV caches and genai, each runtime in turn
+    "parity_decoder_float32": (1900, 0.73, 0.0, 0),
+    "parity_reference": (1500, 0.0, 0.0, 0),  # + transformers' model in float32: see estimate_mem_mb
+    "gate": (300, 0.0, 0.0, 0),
+    "promote": (300, 0.0, 0.0, 0),
+    "report": (1000, 0.0, 0.0, 0),
+}
+# transformers holds the model in float32 whatever the params' format: this many times its float32 bytes.
+REFERENCE_FLOAT32_FACTOR = 1.1
+# Each further attempt of a job (Snakemake's ``attempt``, 1 for the first) asks for this much more memory.
+MEMORY_PER_RETRY = 0.25
+
+# --- wall time ------------------------------------------------------------------------------------------------
+# Minutes per step: fixed + per_gb × the GB of weights the step reads or writes + per_layer × layers. Generous on
+# purpose (a job that outlives its limit is killed; one that ends early costs nothing): at least 3 times every
+# per-rule wall time of docs/performance.md (the 2- and 24-layer gpt-oss-20b, the 2-layer gpt-oss-120b) and of
+# the toy's table in workflow/README.md, and of the times predicted there for the whole gpt-oss-120b. The fixed
+# part covers a cluster job's start (Snakemake and Python on the node, imports from a shared filesystem).
+RUNTIME_MODEL = {
+    #                  fixed, per_gb, per_layer
+    "synth": (5, 0.2, 0.0),
+    "download": (30, 1.0, 0.0),  # the network's speed; a local rule on a cluster (the submit host runs it)
+    "convert": (5, 0.25, 0.0),
+    "weights": (5, 0.1, 0.0),
+    "export": (5, 0.0, 0.25),  # tracing: by depth, whatever the weights' size
+    "parity": (5, 0.5, 0.1),  # forward passes: ONNX Runtime decodes every MXFP4 expert of a layer per prompt
+    "parity_decoder": (10, 1.5, 0.25),  # greedy steps by JAX, ONNX Runtime and onnxruntime-genai in turn
+    "parity_reference": (15, 2.0, 0.25),  # transformers on the float32 model (not measured beyond the toy)
+    "gate": (5, 0.0, 0.0),
+    "promote": (5, 0.2, 0.0),  # copying and hashing the weights
+    "report": (10, 0.0, 0.0),
+}
+# The weights a step's time scales with, where they are not the params: synth and download write the
+# checkpoint (MXFP4 experts, bfloat16 elsewhere); transformers runs the model in float32.
+RUNTIME_WEIGHTS = {"synth": "mxfp4", "download": "mxfp4", "parity_reference": "float32"}
+
+# The model-sized steps use several cores once the params reach this size (XLA compilation, ONNX Runtime); a toy
+# model gains more from running the stages' branches side by side.
+BIG_MODEL_MB = 1000
+BIG_MODEL_THREADS = 4
+
+
+def _check(weight_format: str, step: str, attempt: int) -> None:
+    if weight_format not in WEIGHT_FORMAT_NAMES:
+        raise GptOssError(f"unknown weight format {weight_format!r}; choose one of {list(WEIGHT_FORMAT_NAMES)}")
+    if step not in STEPS:
+        raise GptOssError(f"unknown step {step!r}; choose one of {list(STEPS)}")
+    if attempt < 1:
+        raise GptOssError(f"attempt counts from 1, got {attempt}")
+
+
+def parity_step(stage: str) -> str:
+    """The step of a parity job of ``stage`` (a key of gptoss.stages.STAGES)."""
+    if STAGES[stage].decoder:
+        return "parity_decoder"
+    return "parity" if STAGES[stage].exported else "parity_reference"
+
+
+def params_mb(cfg: GptOssConfig, weight_format: str) -> float:
+    """The params' size in MB (10^6 bytes), stored as ``weight_format``."""
+    return cfg.weight_bytes(weight_format) / 1e6
+
+
+def estimate_mem_mb(cfg: GptOssConfig, weight_format: str, step: str, attempt: int = 1) -> int:
+    """Peak resident memory of ``step`` on the model ``cfg`` with its weights stored as ``weight_format``, in MB;
+    each attempt after the first asks ``MEMORY_PER_RETRY`` more."""
+    _check(weight_format, step, attempt)
+    decodes = step == "synth" or (step == "convert" and weight_format != "mxfp4")
+    key = step
+    if step == "convert" and decodes:
+        key = "convert_decoded"
+    elif weight_format == "float32" and f"{step}_float32" in MEMORY_MODEL:
+        key = f"{step}_float32"
+    fixed, per_params, per_embedding, per_layer = MEMORY_MODEL[key]
+    embedding_mb = cfg.vocab_size * cfg.hidden_size * (4 if decodes or weight_format == "float32" else 2) / 1e6
+    estimate = (
+        fixed
+        + per_params * params_mb(cfg, weight_format)
+        + per_embedding * embedding_mb
+        + per_layer * cfg.num_hidden_layers
+    )
+    if step == "parity_reference":
+        estimate += REFERENCE_FLOAT32_FACTOR * params_mb(cfg, "float32")
+    return int(estimate * (1 + MEMORY_PER_RETRY * (attempt - 1)))
+
+
+def estimate_runtime_min(cfg: GptOssConfig, weight_format: str, step: str, attempt: int = 1) -> int:
+    """Wall-time limit of ``step`` in minutes (generous: see RUNTIME_MODEL); attempt N gets N times the first's."""
+    _check(weight_format, step, attempt)
+    fixed, per_gb, per_layer = RUNTIME_MODEL[step]
+    gb = cfg.weight_bytes(RUNTIME_WEIGHTS.get(step, weight_format)) / 1e9
+    return math.ceil((fixed + per_gb * gb + per_layer * cfg.num_hidden_layers) * attempt)
+
+
+def estimate_threads(cfg: GptOssConfig, weight_format: str) -> int:
+    """Threads of the model-sized steps (export and parity): 1 for a toy, more once the params are big."""
+    return BIG_MODEL_THREADS if params_mb(cfg, weight_format) >= BIG_MODEL_MB else 1
+
+
+def estimate_config(
+    layers: int, checkpoint: Path | None = None, preset: str | None = None, hint: str = ""
+) -> GptOssConfig:
+    """The converted model's architecture, before anything ran: from the checkpoint's config.json when the folder
+    ``checkpoint`` holds one, else from the synthetic ``preset``, else (a Hub repo not downloaded yet) from the
+    gpt-oss-120b shapes when ``hint`` (the repo id or the folder) names 120b, and the gpt-oss-20b ones otherwise.
+    The first ``layers`` blocks are kept (all of them when the checkpoint has fewer)."""
+    if checkpoint is not None and any((checkpoint / sub / "config.json").is_file() for sub in (".", "original")):
+        try:
+            full = load_checkpoint_config(checkpoint)
+            return full.truncated(min(layers, full.num_hidden_layers))
+        except GptOssError:
+            pass  # the convert job reports a broken checkpoint properly
+    if preset is None:
+        preset = "gpt-oss-120b" if "120b" in hint.lower() else "gpt-oss-20b"
+    return preset_config(preset, layers)
