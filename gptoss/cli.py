@@ -14,7 +14,7 @@ from pathlib import Path
 from gptoss.config import WEIGHT_FORMAT_NAMES
 from gptoss.errors import GptOssError
 from gptoss.proof.tolerances import Tolerances
-from gptoss.stages import EXPORT_STAGES, PARITY_STAGES
+from gptoss.stages import EXPORT_STAGES, PARITY_STAGES, STAGES
 
 log = logging.getLogger("gptoss")
 COMMANDS: dict[str, Callable[[argparse.Namespace], int | None]] = {}
@@ -60,17 +60,23 @@ def _convert(args: argparse.Namespace) -> None:
 
 @command("export")
 def _export(args: argparse.Namespace) -> None:
-    from gptoss.graphs.export import ExportSpec, export, export_weights
+    from gptoss.graphs.export import export, export_weights
+    from gptoss.graphs.trace import ExportSpec
     from gptoss.model.params import Params
 
     params = Params.open(args.params, args.config)
     if args.weights_only:
         export_weights(params, args.output)
         return
-    hidden = args.emit_hidden_states or args.stage == "debug"
-    debug = args.emit_block_debug or args.stage == "debug"
-    spec = ExportSpec(args.sequence_length, hidden, debug, args.opset, args.stage == "decoder", args.context_length)
-    export(params, args.output, spec, args.skip_validation, args.threads, args.reuse_weights)
+    stage = STAGES[args.stage or "canonical"]
+    hidden, taps = stage.hidden_states or args.emit_hidden_states, stage.block_taps or args.emit_block_debug
+    spec = ExportSpec(args.sequence_length, hidden, taps, args.opset, stage.decoder, args.context_length)
+    export(params, args.output, spec, args.reuse_weights)
+    if not (args.skip_validation or spec.decoder):  # the decoder's proof is `gptoss parity --stage decoder`
+        from gptoss.proof.export_check import check_export
+
+        diff = check_export(params, args.output, spec.sequence_length, threads=args.threads)
+        log.info("validation: logits max |diff| JAX vs ONNX Runtime = %.3g", diff)
 
 
 @command("parity")
@@ -103,8 +109,8 @@ def _parity(args: argparse.Namespace) -> int:
     else:
         from gptoss.proof.parity import parity
 
-        hidden = args.compare_hidden_states or stage == "debug"
-        debug = args.compare_block_debug or stage == "debug"
+        hidden = args.compare_hidden_states or STAGES[stage].hidden_states
+        debug = args.compare_block_debug or STAGES[stage].block_taps
         rows = parity(
             params, args.onnx, args.csv, prompts, args.sequence_length, hidden, debug, threads=args.threads, **common
         )

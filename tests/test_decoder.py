@@ -45,7 +45,7 @@ def toy(tmp_path_factory) -> dict[str, Path]:
     params = root / "flax_params_2layers.msgpack"
     convert(root / "checkpoint", params, 2)
     canonical, decoder = root / "onnx" / "canonical.onnx", root / "onnx" / "decoder.onnx"
-    export(Params.open(params), canonical, ExportSpec(32), skip_validation=True)
+    export(Params.open(params), canonical, ExportSpec(32))
     export(Params.open(params), decoder, ExportSpec(32, decoder=True, context_length=64), reuse_weights=True)
     return {"root": root, "params": params, "canonical": canonical, "decoder": decoder}
 

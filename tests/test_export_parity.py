@@ -30,6 +30,7 @@ from gptoss.model.outputs import BLOCK_TAPS
 from gptoss.model.params import Params, abstract_model
 from gptoss.promote import promote
 from gptoss.proof.compare import COLUMNS
+from gptoss.proof.export_check import check_export
 from gptoss.proof.gate import gate
 from gptoss.proof.parity import parity
 from gptoss.proof.tolerances import Tolerances
@@ -48,8 +49,10 @@ def toy(tmp_path_factory) -> dict[str, Path]:
     convert(root / "checkpoint", params, 2)
     canonical = root / "canonical" / "model.onnx"
     debug = root / "debug" / "model.onnx"
-    export(Params.open(params), canonical, ExportSpec(SEQ))
-    export(Params.open(params), debug, ExportSpec(SEQ, emit_hidden_states=True, emit_block_debug=True))
+    opened_params = Params.open(params)
+    for graph, spec in ((canonical, ExportSpec(SEQ)), (debug, ExportSpec(SEQ, True, True))):
+        export(opened_params, graph, spec)
+        assert check_export(opened_params, graph, SEQ) <= 1e-4  # what `gptoss export` checks before it returns
     return {"root": root, "params": params, "canonical": canonical, "debug": debug}
 
 
@@ -295,7 +298,7 @@ def test_two_clean_runs_give_byte_identical_graphs(toy, tmp_path):
     params = tmp_path / "elsewhere" / "flax_params_2layers.msgpack"
     convert(tmp_path / "checkpoint", params, 2)
     again = tmp_path / "graph" / "model.onnx"
-    export(Params.open(params), again, ExportSpec(SEQ), skip_validation=True)
+    export(Params.open(params), again, ExportSpec(SEQ))
     assert file_sha256(again) == file_sha256(toy["canonical"])
     assert file_sha256(data_path(again)) == file_sha256(data_path(toy["canonical"]))
 
@@ -305,7 +308,7 @@ def test_bfloat16_params_store_bf16_weights_and_compute_in_float32(toy, tmp_path
     convert(toy["root"] / "checkpoint", params, 2, weight_format="bfloat16")
     assert params.stat().st_size < 0.6 * toy["params"].stat().st_size
     graph = tmp_path / "model.onnx"
-    export(Params.open(params), graph, ExportSpec(SEQ), skip_validation=True)
+    export(Params.open(params), graph, ExportSpec(SEQ))
     initializers = onnx.load(str(graph), load_external_data=False).graph.initializer
     kinds = {t.name: t.data_type for t in initializers}
     assert kinds["unembed.kernel"] == onnx.TensorProto.BFLOAT16
@@ -336,7 +339,7 @@ def test_bfloat16_weights_cast_in_slices_give_the_same_outputs(toy, tmp_path, mo
         np.testing.assert_allclose(np.asarray(sliced[name]), np.asarray(value), atol=1e-5, rtol=1e-5, err_msg=name)
 
     graph = tmp_path / "model.onnx"
-    export(Params.open(params), graph, ExportSpec(SEQ, True, True), skip_validation=True)
+    export(Params.open(params), graph, ExportSpec(SEQ, True, True))
     nodes = onnx.load(str(graph), load_external_data=False).graph.node
     # the export defers weight reads through a copy-free Reshape of the weight: follow it back to the weight
     reshaped = {n.output[0]: n.input[0] for n in nodes if n.op_type == "Reshape"}

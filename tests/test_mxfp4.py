@@ -104,7 +104,7 @@ def test_params_and_graphs_keep_the_checkpoint_bytes(toy, tmp_path):
         graphs[stage] = tmp_path / f"{stage}.onnx"
         spec = ExportSpec(32, *(True, True) if stage == "debug" else (False, False), decoder=stage == "decoder")
         params = Params.open(toy / "mx" / "p.msgpack")
-        export(params, graphs[stage], spec, skip_validation=True, reuse_weights=stage != "canonical")
+        export(params, graphs[stage], spec, reuse_weights=stage != "canonical")
         initializers = {t.name: t for t in onnx.load(str(graphs[stage]), load_external_data=False).graph.initializer}
         assert initializers["layers.0.mlp.gate_up_blocks"].data_type == onnx.TensorProto.UINT8
         assert not any(name.endswith(("gate_up_kernel", "down_kernel")) for name in initializers)
@@ -120,9 +120,9 @@ def test_params_and_graphs_keep_the_checkpoint_bytes(toy, tmp_path):
 def test_mxfp4_parity_passes_at_the_default_tolerances(toy, tmp_path):
     params, prompts = opened(toy / "mx" / "p.msgpack", [PROMPT], length=32)
     graphs = {s: tmp_path / f"{s}.onnx" for s in ("canonical", "debug", "decoder")}
-    export(params, graphs["canonical"], ExportSpec(32), skip_validation=True)
-    export(params, graphs["debug"], ExportSpec(32, True, True), skip_validation=True, reuse_weights=True)
-    export(params, graphs["decoder"], ExportSpec(32, decoder=True), skip_validation=True, reuse_weights=True)
+    export(params, graphs["canonical"], ExportSpec(32))
+    export(params, graphs["debug"], ExportSpec(32, True, True), reuse_weights=True)
+    export(params, graphs["decoder"], ExportSpec(32, decoder=True), reuse_weights=True)
     csvs = [tmp_path / f"{s}.csv" for s in graphs]
     parity(params, graphs["canonical"], csvs[0], prompts, 32)
     parity(params, graphs["debug"], csvs[1], prompts, 32, hidden_states=True, block_debug=True)

@@ -1,39 +1,32 @@
 """``gptoss export``'s entry points: trace a graph of the params (:mod:`gptoss.graphs.trace`), attach the shared
-weights file (:mod:`gptoss.graphs.weights_file`), write the graph and validate it. The weights go to
+weights file (:mod:`gptoss.graphs.weights_file`) and write the graph. The weights go to
 ``model.onnx.data`` beside the graph (the file always exists, so workflows can declare it); each file is written in a
 temporary beside its destination and renamed into place when complete. Export needs about one tensor of memory
-whatever the model size, since the weights stream from the params msgpack one tensor at a time; validation runs
-JAX first, frees it, then ONNX Runtime."""
+whatever the model size, since the weights stream from the params msgpack one tensor at a time."""
 
 from __future__ import annotations
 
 import functools
-import gc
 import logging
 import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-import jax.numpy as jnp
-import numpy as np
 import onnx
 import onnx_ir as ir
 
 from gptoss.errors import GptOssError
 from gptoss.files import atomic_output, temporary_name
 from gptoss.graphs.genai import write_companions
-from gptoss.graphs.names import INPUT_NAME, data_path
+from gptoss.graphs.names import data_path
 from gptoss.graphs.trace import ExportSpec, build_onnx
 from gptoss.graphs.weights_file import attach_weights, weights_layout, write_weights
-from gptoss.model.gpt_oss import forward
 from gptoss.model.params import Params, abstract_model
 
 log = logging.getLogger("gptoss.export")
 # onnx_ir notes every shape-only value it serialises without a type: benign and very chatty.
 logging.getLogger("onnx_ir.serde").setLevel(logging.ERROR)
-
-VALIDATION_ATOL = 1e-4
 
 
 def write_onnx(onnx_model: ir.Model, output: Path, companions: Callable[[Path], object] | None = None) -> None:
@@ -63,38 +56,10 @@ def export_weights(params: Params, output: Path) -> None:
     write_weights(params, layout, output)
 
 
-def validate(params: Params, onnx_path: Path, spec: ExportSpec, seed: int = 0, threads: int | None = None) -> float:
-    """Random token ids (not zeros) through JAX, then (JAX freed) ONNX Runtime; fail if logits differ > 1e-4."""
-    from gptoss.runtimes.jax_model import StreamedModel
-    from gptoss.runtimes.onnx_runtime import ort_session
-
-    model = StreamedModel(params)
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(0, model.cfg.vocab_size, size=(2, spec.sequence_length)).astype(np.int32)
-    expected = np.asarray(forward(model, jnp.asarray(ids))["logits"])
-    del model
-    gc.collect()
-    (actual,) = ort_session(onnx_path, threads).run(["logits"], {INPUT_NAME: ids})
-    diff = float(np.abs(actual.astype(np.float64) - expected).max())
-    if not np.isfinite(diff) or diff > VALIDATION_ATOL:
-        raise GptOssError(
-            f"{onnx_path}: validation failed: logits max |diff| {diff:.3g} between JAX and ONNX Runtime "
-            f"exceeds {VALIDATION_ATOL:g}"
-        )
-    return diff
-
-
-def export(
-    params: Params,
-    output: Path,
-    spec: ExportSpec,
-    skip_validation: bool = False,
-    threads: int | None = None,
-    reuse_weights: bool = False,
-) -> float | None:
-    """Export and (unless skipped) validate; returns the validation logits max |diff|. The weights go to
-    ``model.onnx.data`` beside the graph; ``reuse_weights``: that file is already there (an earlier export of the
-    same params, or ``--weights-only``) and every graph in the folder shares it."""
+def export(params: Params, output: Path, spec: ExportSpec, reuse_weights: bool = False) -> None:
+    """Trace the graph ``spec`` asks for and write it. The weights go to ``model.onnx.data`` beside the graph;
+    ``reuse_weights``: that file is already there (an earlier export of the same params, or ``--weights-only``)
+    and every graph in the folder shares it."""
     if spec.sequence_length < 1:
         raise GptOssError(f"--sequence-length must be positive, got {spec.sequence_length}")
     log.info("tracing the %s graph", spec.stage)
@@ -112,9 +77,3 @@ def export(
             write_companions, params_cfg=params.config, context_length=context, filename=output.name
         )
     write_onnx(onnx_model, output, companions)
-    del onnx_model
-    if skip_validation or spec.decoder:  # the decoder is checked by `gptoss parity --stage decoder`
-        return None
-    diff = validate(params, output, spec, threads=threads)
-    log.info("validation: logits max |diff| JAX vs ONNX Runtime = %.3g", diff)
-    return diff
