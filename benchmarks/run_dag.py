@@ -4,7 +4,8 @@
 
 Records, per rule, Snakemake's benchmark numbers (wall seconds, peak RSS, CPU seconds); then, in the same run,
 the forward latency at the configured sequence length of the canonical graph in ONNX Runtime and of the jitted
-JAX model (each in its own process, so their memory never adds up), and the floor set by reading every weight
+JAX model (each in a fresh process of its own, ``benchmarks/peers.py``, so their memory never adds up; with its
+peak RSS), and the floor set by reading every weight
 once (params bytes ÷ measured memory read bandwidth). Not a test: CI runs only the toy DAG.
 """
 
@@ -12,65 +13,44 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime
 import json
 import os
-import platform
 import re
 import shutil
-import subprocess
 import sys
-import time
+import tempfile
 from pathlib import Path
 
 import numpy as np
+import peers  # benchmarks/ is on sys.path: this script's own folder
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 LATENCY_RUNS = 5
 
-ORT_LATENCY = """
-import sys, time, numpy as np
-from gptoss.runtimes.onnx_runtime import ort_session
-session = ort_session(sys.argv[1])
-ids = np.random.default_rng(0).integers(0, int(sys.argv[3]), (1, int(sys.argv[2]))).astype(np.int32)
-session.run(["logits"], {"input_ids": ids})
-times = []
-for _ in range(int(sys.argv[4])):
-    t = time.perf_counter(); session.run(["logits"], {"input_ids": ids}); times.append(time.perf_counter() - t)
-print(min(times), float(np.median(times)))
-"""
 
-JAX_LATENCY = """
-import sys, time, numpy as np, jax.numpy as jnp
-from pathlib import Path
-from gptoss.model.gpt_oss import forward
-from gptoss.model.params import Params
-from gptoss.runtimes.jax_model import StreamedModel
-model = StreamedModel(Params.open(Path(sys.argv[1])))
-ids = jnp.asarray(np.random.default_rng(0).integers(0, model.cfg.vocab_size, (1, int(sys.argv[2]))).astype(np.int32))
-forward(model, ids)["logits"].block_until_ready()
-times = []
-for _ in range(int(sys.argv[3])):
-    t = time.perf_counter(); forward(model, ids)["logits"].block_until_ready(); times.append(time.perf_counter() - t)
-print(min(times), float(np.median(times)))
-"""
+def ort_forward(spec: dict) -> dict:
+    """The canonical graph's forward pass in ONNX Runtime (run in a process of its own): timings."""
+    from gptoss.graphs.names import INPUT_NAME
+    from gptoss.runtimes.onnx_runtime import ort_session
+
+    session = ort_session(Path(spec["path"]))
+    ids = np.random.default_rng(0).integers(0, spec["vocab"], (1, spec["length"])).astype(np.int32)
+    return peers.repeat(lambda: peers.seconds(session.run, ["logits"], {INPUT_NAME: ids}), spec["runs"])
 
 
-def read_bandwidth_gbs(size_bytes: int = 1 << 30) -> float:
-    """Memory read bandwidth: best of 5 sums over a 1 GiB array."""
-    data = np.ones(size_bytes // 8, dtype=np.float64)
-    best = float("inf")
-    for _ in range(5):
-        start = time.perf_counter()
-        data.sum()
-        best = min(best, time.perf_counter() - start)
-    return size_bytes / best / 1e9
+def jax_forward(spec: dict) -> dict:
+    """The jitted JAX model's forward pass on the params (run in a process of its own): timings."""
+    import jax.numpy as jnp
 
+    from gptoss.model.gpt_oss import forward
+    from gptoss.model.params import Params
+    from gptoss.runtimes.jax_model import StreamedModel
 
-def python_snippet(code: str, *args: str) -> list[float]:
-    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, check=True, cwd=ROOT)
-    return [float(x) for x in out.stdout.split()]
+    model = StreamedModel(Params.open(Path(spec["path"])))
+    ids = np.random.default_rng(0).integers(0, model.cfg.vocab_size, (1, spec["length"])).astype(np.int32)
+    ids = jnp.asarray(ids)
+    return peers.repeat(lambda: peers.seconds(lambda: forward(model, ids)["logits"].block_until_ready()), spec["runs"])
 
 
 PEAK = re.compile(r"finished in [0-9.]+ s, peak RSS ([0-9.]+) GB")
@@ -135,54 +115,50 @@ def main() -> int:
 
     shutil.rmtree(results, ignore_errors=True)
     shutil.rmtree(promoted, ignore_errors=True)
-    start = time.perf_counter()
     snakemake = [sys.executable, "-m", "snakemake"]
-    cmd = [*snakemake, "--cores", str(args.cores), "promote_baseline2", "--configfile", str(args.configfile)]
-    print("running:", " ".join(cmd), flush=True)
-    status = subprocess.run(cmd, cwd=ROOT).returncode
-    total = time.perf_counter() - start
-    if status:
-        print(f"error: the DAG failed (exit {status}); see results/{name}/logs/", file=sys.stderr)
-        return status
+    cmd = [*snakemake, "--cores", args.cores, "promote_baseline2", "--configfile", args.configfile]
+    dag = peers.run_command(cmd, None, cwd=ROOT, check=False)
+    if dag["exit_status"]:
+        print(f"error: the DAG failed (exit {dag['exit_status']}); see results/{name}/logs/", file=sys.stderr)
+        return dag["exit_status"]
 
     rows = benchmark_rows(results)
     seq = int(config.get("sequence_length", 32))
     canonical = results / "onnx" / "canonical.onnx"
     disk = {"results": tree_bytes(results), "promoted": tree_bytes(promoted)}
     params = next(results.glob("flax_params_*layers.msgpack"))
-    ort_min, ort_med = python_snippet(ORT_LATENCY, str(canonical), str(seq), str(cfg.vocab_size), str(LATENCY_RUNS))
-    jax_min, jax_med = python_snippet(JAX_LATENCY, str(params), str(seq), str(LATENCY_RUNS))
-    bandwidth = read_bandwidth_gbs()
+    spec = {"length": seq, "runs": LATENCY_RUNS}
+    with tempfile.TemporaryDirectory(prefix="run_dag-") as folder:
+        ort = peers.run_python(
+            ort_forward, spec | {"path": str(canonical), "vocab": cfg.vocab_size}, Path(folder), "ort"
+        )
+        jax = peers.run_python(jax_forward, spec | {"path": str(params)}, Path(folder), "jax")
+    bandwidth = peers.read_bandwidth_gbs()
     floor = params_bytes / 1e9 / bandwidth
     worst = json.loads((results / "gate" / "verdict.json").read_text())["worst"]
 
     title = args.title or f"{name} ({entry['layers']} layers, {entry.get('dtype', 'float32')})"
-    lines = [
-        f"## {title}",
-        "",
-        f"Measured {datetime.date.today()} on {platform.machine()}, {os.cpu_count()} cores, "
-        f"`snakemake --cores {args.cores}` from an empty results folder: **{total / 60:.1f} min** in all. "
+    section = peers.section(
+        title,
+        args.cores,
+        f"`snakemake --cores {args.cores}` from an empty results folder: **{dag['wall_s'] / 60:.1f} min** in all. "
         f"{cfg.param_count() / 1e9:.2f} B parameters, {params_bytes / 1e9:.1f} GB of {dtype} weights. Disk: "
         f"results/{name} {disk['results'] / 1e9:.1f} GB, promoted {disk['promoted'] / 1e9:.1f} GB.",
-        "",
-        "| rule | wall s | peak RSS GB (kernel) | max RSS GB (Snakemake, sampled) | CPU s |",
-        "|---|---|---|---|---|",
-        *(
-            f"| {r['rule']} | {r['wall_s']:.1f} | {r['peak_gb']:.2f} | {r['max_rss_gb']:.2f} | {r['cpu_s']:.1f} |"
-            for r in rows
+        peers.table(
+            ["rule", "wall s", "peak RSS GB (kernel)", "max RSS GB (Snakemake, sampled)", "CPU s"],
+            [
+                [r["rule"], f"{r['wall_s']:.1f}", f"{r['peak_gb']:.2f}", f"{r['max_rss_gb']:.2f}", f"{r['cpu_s']:.1f}"]
+                for r in rows
+            ],
         ),
-        "",
-        f"Forward pass, batch 1 × {seq} tokens (best / median of {LATENCY_RUNS}, after one warm-up): "
-        f"ONNX Runtime {ort_min:.2f} / {ort_med:.2f} s, jitted JAX {jax_min:.2f} / {jax_med:.2f} s "
-        f"(ORT/JAX {ort_med / jax_med:.2f}). Floor from reading every weight once: "
-        f"{params_bytes / 1e9:.1f} GB ÷ {bandwidth:.1f} GB/s = {floor:.2f} s.",
-        "",
+        f"Forward pass, batch 1 × {seq} tokens (best / median of {LATENCY_RUNS}, after one warm-up; peak RSS of "
+        f"each process): ONNX Runtime {ort['min_s']:.2f} / {ort['median_s']:.2f} s, "
+        f"{ort['peak_rss_bytes'] / 1e9:.2f} GB; jitted JAX {jax['min_s']:.2f} / {jax['median_s']:.2f} s, "
+        f"{jax['peak_rss_bytes'] / 1e9:.2f} GB (ORT/JAX {ort['median_s'] / jax['median_s']:.2f}). Floor from "
+        f"reading every weight once: {params_bytes / 1e9:.1f} GB ÷ {bandwidth:.1f} GB/s = {floor:.2f} s.",
         "Gate: " + ", ".join(f"{k} {w['max_abs_diff']:.3g} (atol {w['atol']:.3g})" for k, w in worst.items()),
-        "",
-    ]
-    with open(args.output, "a") as fh:
-        fh.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    )
+    peers.write_outputs(section + "\n", args.output, append=True)
     return 0
 
 
