@@ -9,7 +9,8 @@
 #      checks that `--profile profiles/slurm` does not inherit profiles/default's local memory budget;
 #   4. in a fresh copy of the workflow files (like tests/test_workflow.py's workdir fixture):
 #      a. the toy DAG to promotion: every job Snakemake ran is a SLURM job (its SLURM comment names its rule;
-#         CPUs = the rule's threads, a memory request, the profile's wall time), and the graph is promoted;
+#         CPUs = the rule's threads, a memory request, the wall time of the workflow's model), and the graph is
+#         promoted;
 #      b. then a failing gate (tolerances 1e-12): the run fails with the gate's message on stderr, the gate's
 #         SLURM job ran once (no retry), and the promoted graph is left as it was;
 #      c. in another copy, a partition that does not exist: the run fails at the first submission, naming it;
@@ -235,14 +236,17 @@ check_run() {
     squeue --states=all -h -o '%i|%j|%k|%T|%C|%m|%l' >"$1/squeue.txt"
     .venv/bin/python - "$1" "$2" <<'EOF'
 """Every job Snakemake ran is a SLURM job, or a local rule without a command; each SLURM job's comment names the
-rule Snakemake said it submitted, its CPUs are the job's threads, it asked for memory and got the profile's wall
-time; no job was submitted twice (no retries). A passed run: every SLURM job COMPLETED. A failed run: exactly
-one FAILED. Rule names come from the logs, never from this script."""
+rule Snakemake said it submitted, its CPUs are the job's threads, it asked for memory and got the wall time its
+rule's `runtime` asks for (the workflow's model, gptoss.resources, on the toy; a profile's set-resources would
+override it); no job was submitted twice (no retries). A passed run: every SLURM job COMPLETED. A failed run:
+exactly one FAILED. Rule names come from the logs and the rules' files, never from this script."""
 import re
 import sys
 from pathlib import Path
 
 import yaml
+
+from gptoss.resources import estimate_config, estimate_runtime_min, parity_step
 
 workdir, expect = Path(sys.argv[1]), sys.argv[2]
 # The submit host's own lines: without the failed jobs' logs that show-failed-logs prints, each framed by
@@ -282,8 +286,29 @@ def minutes(limit):  # squeue's [D-]HH:MM:SS or MM:SS
         parts.insert(0, 0)
     return int(days or 0) * 1440 + parts[0] * 60 + parts[1] + (parts[2] > 0)
 
+# The wall time each rule asks for: its `runtime=runtime("STEP")` in workflow/rules/*.smk, the model's minutes
+# for that step on the toy (parity's step follows the job's {stage}, the last part of its SLURM comment).
+steps = {}
+for smk in sorted((workdir / "workflow/rules").glob("*.smk")):
+    for rule, body in re.findall(r"^rule (\w+):\n((?:[ #].*\n|\n)*)", smk.read_text(), re.M):
+        step = re.search(r'^ +runtime=runtime\("(\w+)"\),$', body, re.M)
+        if step:
+            steps[rule] = step[1]
+toy = yaml.safe_load((workdir / "config/toy.yaml").read_text())["checkpoints"]["toy"]
+toy_model = estimate_config(toy["layers"], workdir / "results/toy/checkpoint", toy["preset"])
+overrides = profile.get("set-resources") or {}
+
+
+def expected_runtime(rule, comment):
+    if "runtime" in overrides.get(rule, {}):
+        return overrides[rule]["runtime"]
+    if rule not in steps:
+        return None
+    step = parity_step(comment.rsplit("_", 1)[1]) if steps[rule] == "parity" else steps[rule]
+    return estimate_runtime_min(toy_model, toy["weight_format"], step)
+
+
 errors = []
-runtimes = profile["set-resources"]
 print(f"{'rule':<20} {'snakemake job':>13} {'SLURM job':>9} {'state':<10} {'CPUs':>4} {'mem':>7} {'time limit':>10}")
 for n, job in sorted(jobs.items(), key=lambda item: submitted.get(item[0], (10**9,))[0]):
     rule = job.get("rule") or submitted.get(n, (None, "?"))[1]
@@ -308,11 +333,11 @@ for n, job in sorted(jobs.items(), key=lambda item: submitted.get(item[0], (10**
         errors.append(f"{rule}: SLURM job {jid} got {s['cpus']} CPUs, the rule runs {threads[1]} threads")
     if not re.fullmatch(r"[1-9]\d*[MG]", s["mem"]):
         errors.append(f"{rule}: SLURM job {jid} has no memory request ({s['mem']})")
-    runtime = runtimes.get(logged_rule, {}).get("runtime")
+    runtime = expected_runtime(logged_rule, s["comment"])
     if runtime is None:
-        errors.append(f"rule {logged_rule} has no runtime in profiles/slurm set-resources")
+        errors.append(f"rule {logged_rule} has no runtime=runtime(STEP) in workflow/rules/*.smk")
     elif minutes(s["limit"]) != runtime:
-        errors.append(f"{rule}: SLURM job {jid} time limit {s['limit']}, the profile says {runtime} min")
+        errors.append(f"{rule}: SLURM job {jid} time limit {s['limit']}, its rule asks for {runtime} min")
 if len(slurm) != len(submitted):
     errors.append(f"{len(slurm)} SLURM jobs for {len(submitted)} Snakemake submissions (a retry?)")
 comments = [s["comment"] for s in slurm.values()]

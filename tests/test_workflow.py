@@ -153,6 +153,30 @@ def test_schema_fills_defaults(workdir: Path):
     assert "--dest docs/onnx/examples/nnx_gpt_oss/baseline2" in text
 
 
+def test_former_dtype_key_still_works_with_one_deprecation_line(workdir: Path):
+    """`dtype:`, weight_format's former name, still sets the weight format and says so in one line; an entry
+    with both keys fails with one line."""
+    cfg = yaml.safe_load((workdir / "config/toy.yaml").read_text())
+    del cfg["checkpoints"]["toy"]["weight_format"]
+    cfg["checkpoints"]["toy"]["dtype"] = "mxfp4"
+    (workdir / "config/old.yaml").write_text(yaml.safe_dump(cfg))
+    proc = snakemake("-n", "promote_baseline2", "--configfile", "config/old.yaml", cwd=workdir)
+    assert proc.returncode == 0, output(proc)
+    text = proc.stdout + proc.stderr
+    deprecations = [line for line in text.splitlines() if "deprecated" in line]
+    assert deprecations == ["config: checkpoints.toy.dtype is deprecated: use weight_format"], output(proc)
+    assert "--layers 2 --weight-format mxfp4 >" in text
+
+    both = "checkpoints={toy: {dtype: mxfp4}}"  # toy.yaml sets weight_format
+    proc = snakemake("-n", "promote_baseline2", "--configfile", "config/toy.yaml", "--config", both, cwd=workdir)
+    assert proc.returncode != 0, output(proc)
+    errors = [line for line in (proc.stdout + proc.stderr).splitlines() if "weight_format" in line]
+    assert errors == [
+        "invalid config: checkpoints.toy sets both weight_format and dtype (dtype is the former name of "
+        "weight_format: keep weight_format)"
+    ], output(proc)
+
+
 def assert_genai_generates_what_transformers_does(decoder: Path, checkpoint: Path, steps: int = 16) -> None:
     """The promoted decoder opened as a user would (onnxruntime_genai.Model on the folder, its tokenizer) and
     transformers' own from_pretrained + generate on the checkpoint: the same greedy tokens."""

@@ -16,6 +16,7 @@ rule synth_checkpoint:
     threads: 1
     resources:
         mem_mb=mem_mb("synth"),
+        runtime=runtime("synth"),
     params:
         preset=entry_value("preset"),
         seed=entry_value("seed"),
@@ -46,6 +47,7 @@ rule download_checkpoint:
     threads: 1
     resources:
         mem_mb=mem_mb("download"),
+        runtime=runtime("download"),
     params:
         folder=lambda wildcards: checkpoint_folder(wildcards.checkpoint),
         repo_id=entry_value("repo_id"),

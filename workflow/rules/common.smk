@@ -1,5 +1,6 @@
 # Helpers shared by the rules: config checks the schema cannot express, the stages, output paths, the
-# command-line flags built from the config, and memory estimates scaled to the parameter size.
+# command-line flags built from the config, and the resource functions: each looks up its job's checkpoint and
+# asks the package's model (gptoss.resources: memory, wall time, threads).
 
 import dataclasses
 import functools
@@ -9,8 +10,12 @@ import sys
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
+from snakemake.logging import logger
 from snakemake_interface_executor_plugins.settings import DeploymentMethod
 from snakemake.utils import validate
+
+from gptoss.resources import estimate_config, estimate_mem_mb, estimate_runtime_min, estimate_threads, parity_step
+from gptoss.stages import STAGES
 
 RESULTS = "results"
 # The software of the rules with `--sdm conda` (they then run the `gptoss` of that environment).
@@ -18,6 +23,8 @@ CONDA_ENV = "../../environment.yml"
 BASELINE_TAG = "baseline2"
 # Keys that only mean something for one source (the schema accepts each of them on any entry).
 SOURCE_KEYS = {"hub": {"repo_id", "revision", "retries", "layout"}, "synthetic": {"preset", "seed"}, "local": {"path"}}
+# Checkpoint keys read under their former name: old -> new.
+RENAMED_KEYS = {"dtype": "weight_format"}
 
 
 def find_gptoss_next_to_snakemake():
@@ -50,12 +57,30 @@ def numbers_from_strings(cfg):
             entry.update({key: number(entry[key], int) for key in ("layers", "seed", "retries") if key in entry})
 
 
+def renamed_keys(cfg):
+    """The checkpoint entries' keys under a former name (RENAMED_KEYS), as [(name, old, new)]; an entry that sets
+    both names is an error."""
+    renamed = []
+    for name, entry in (cfg.get("checkpoints") or {}).items():
+        for old, new in RENAMED_KEYS.items():
+            if isinstance(entry, dict) and old in entry:
+                if new in entry:
+                    raise WorkflowError(
+                        f"invalid config: checkpoints.{name} sets both {new} and {old} ({old} is the former name "
+                        f"of {new}: keep {new})"
+                    )
+                renamed.append((name, old, new))
+    return renamed
+
+
 def validate_config(cfg, schema):
     """Fill in the schema's defaults and reject unknown keys, with one line naming the offending key; then
-    the checks a schema cannot express."""
+    the checks a schema cannot express. A key under its former name (RENAMED_KEYS) is validated as written, then
+    renamed, with one deprecation line."""
     import jsonschema
 
     numbers_from_strings(cfg)
+    renamed = renamed_keys(cfg)
     try:
         validate(cfg, schema)
     except WorkflowError as exc:
@@ -65,6 +90,9 @@ def validate_config(cfg, schema):
         raise WorkflowError(
             f"invalid config at {error.json_path}: {error.message} (keys and defaults: config/README.md)"
         ) from None
+    for name, old, new in renamed:  # the schema filled in the new key's default: the old key's value wins
+        cfg["checkpoints"][name][new] = cfg["checkpoints"][name].pop(old)
+        logger.warning(f"config: checkpoints.{name}.{old} is deprecated: use {new}")
     for name, entry in cfg["checkpoints"].items():
         for other, keys in SOURCE_KEYS.items():
             stray = sorted(keys & set(entry)) if other != entry["source"] else []
@@ -110,19 +138,10 @@ def one_of(names):
 
 # --- stages ---------------------------------------------------------------------------------------------------
 # One export rule and one parity rule serve every stage; `gptoss export/parity --stage S` decides what the
-# graph holds and what is compared. The messages say it in words.
+# graph holds and what is compared. The stages and their words (the rules' messages) are gptoss.stages.STAGES.
 
-EXPORT_STAGES = {
-    "debug": "the debug ONNX graph (hidden states + block taps)",
-    "canonical": "the canonical ONNX graph (logits only)",
-    "decoder": "the KV-cache decoder graph for onnxruntime-genai",
-}
-PARITY_STAGES = {
-    "debug": "parity of the debug graph (logits, hidden states, block taps)",
-    "canonical": "parity of the canonical graph (logits)",
-    "decoder": "generation parity of the decoder graph (JAX, ONNX Runtime, onnxruntime-genai)",
-    "reference": "transformers reference vs JAX (logits, hidden states, greedy generation)",
-}
+EXPORT_STAGES = {name: stage.graph for name, stage in STAGES.items() if stage.exported}
+PARITY_STAGES = {name: stage.parity for name, stage in STAGES.items()}
 
 
 def export_stages():
@@ -277,92 +296,54 @@ def tolerance_summary():
 
 
 # --- resources ------------------------------------------------------------------------------------------------
-
-# Resident memory per stage (calibrated on the 2-layer gpt-oss-20b in float32 and mxfp4, the 24-layer one in
-# mxfp4 and the 2-layer gpt-oss-120b in mxfp4: docs/performance.md), in MB:
-#   fixed + per_params × the params' MB (float32, bfloat16 or mxfp4 bytes)
-#         + per_embedding × the embedding's MB (the largest single tensor; float32 where the stage decodes the
-#           checkpoint through float32, else in the params' dtype) + per_layer × layers.
-# Streaming keeps most stages independent of depth: synth and convert hold a tensor or a shard at a time, the
-# weights export one tensor, the JAX side of parity one block; ONNX Runtime maps the whole weights file.
-MEMORY_MODEL = {
-    #                      fixed, per_params, per_embedding, per_layer
-    "synth": (800, 0.0, 2.0, 0),  # 5.6 GB at 2 layers of 20b, 4.7 GB at 24
-    "download": (1000, 0.0, 0.0, 0),
-    "convert": (800, 0.0, 2.0, 0),  # mxfp4: the experts copied, the rest read as bf16 (3.1 GB)
-    "convert_decoded": (800, 0.0, 1.5, 0),  # float32/bfloat16: the experts decoded (4.3 GB float32)
-    "weights": (300, 0.0, 1.0, 0),  # one tensor at a time (2.6 GB float32, 1.4 GB mxfp4)
-    "export": (500, 0.0, 0.0, 20),  # tracing only (0.5 GB at 2 layers, 0.9-1.2 GB at 24)
-    "parity": (300, 1.07, 0.0, 0),  # ONNX Runtime's session, the JAX side streamed in its own process
-    "parity_float32": (300, 0.8, 0.0, 0),
-    "parity_decoder": (1900, 1.0, 0.0, 0),  # + the KV caches and genai, each runtime in turn
-    "parity_decoder_float32": (1900, 0.73, 0.0, 0),
-    "parity_reference": (1500, 0.0, 0.0, 0),  # + transformers' model, float32 whatever the params: see below
-    "gate": (300, 0.0, 0.0, 0),
-    "promote": (300, 0.0, 0.0, 0),
-    "report": (1000, 0.0, 0.0, 0),
-}
+# The models (memory, wall time, threads) live in gptoss.resources, tested against the measured peaks; these
+# functions find a job's checkpoint and hand its architecture and weight format over. Snakemake passes
+# `attempt` (1, then 2, ... on a retry): a retried job asks for more memory and time.
 
 
 @functools.cache
 def model_config(name):
-    """The converted model's architecture: from the checkpoint's config.json when it is already on disk, else
-    from the synthetic preset, else (a hub repo not yet downloaded) from the gpt-oss-20b/120b shapes."""
-    from gptoss.config import load_checkpoint_config
-    from gptoss.errors import GptOssError
-    from gptoss.formats.synth import preset_config
-
+    """The converted model's architecture: from the checkpoint's config.json once it is on disk, else from the
+    synthetic preset, else (a hub repo not yet downloaded) from the gpt-oss-20b/120b shapes its name suggests."""
     entry = checkpoints()[name]
-    layers = entry["layers"]
-    folder = Path(checkpoint_folder(name))
-    if (folder / "config.json").is_file() or (folder / "original" / "config.json").is_file():
-        try:
-            full = load_checkpoint_config(folder)
-            return full.truncated(min(layers, full.num_hidden_layers))
-        except GptOssError:
-            pass  # the convert rule reports a broken checkpoint properly
-    preset = entry.get("preset")
-    if preset is None:
-        where = (entry.get("repo_id") or entry.get("path") or "").lower()
-        preset = "gpt-oss-120b" if "120b" in where else "gpt-oss-20b"
-    return preset_config(preset, layers)
+    hint = entry.get("repo_id") or entry.get("path") or ""
+    return estimate_config(entry["layers"], Path(checkpoint_folder(name)), entry.get("preset"), hint)
 
 
-def params_mb(name):
-    return model_config(name).weight_bytes(checkpoints()[name]["dtype"]) / 1e6
+def job_checkpoint(wildcards):
+    """A job's checkpoint: its {checkpoint} wildcard, the checkpoint promoted as its {tag}, or the baseline."""
+    if "checkpoint" in wildcards.keys():
+        return wildcards.checkpoint
+    return promotions()[wildcards.tag] if "tag" in wildcards.keys() else baseline()
 
 
-def estimate_mem_mb(name, stage):
-    cfg, dtype = model_config(name), checkpoints()[name]["dtype"]
-    decodes = stage == "synth" or (stage == "convert" and dtype != "mxfp4")
-    if stage == "convert" and decodes:
-        stage = "convert_decoded"
-    elif stage.startswith("parity") and dtype == "float32" and f"{stage}_float32" in MEMORY_MODEL:
-        stage = f"{stage}_float32"
-    fixed, per_params, per_embedding, per_layer = MEMORY_MODEL[stage]
-    embedding_mb = cfg.vocab_size * cfg.hidden_size * (4 if decodes or dtype == "float32" else 2) / 1e6
-    estimate = fixed + per_params * params_mb(name) + per_embedding * embedding_mb + per_layer * cfg.num_hidden_layers
-    if stage == "parity_reference":  # transformers holds the model in float32
-        estimate += 1.1 * cfg.weight_bytes("float32") / 1e6
-    return int(estimate)
+def job_step(step, wildcards):
+    """The model's step of a job: parity's follows its {stage} (parity, parity_decoder, parity_reference)."""
+    return parity_step(wildcards.stage) if step == "parity" else step
 
 
-def parity_mem_mb(wildcards):
-    """The parity rule's resources function: its stage decides the model."""
-    stage = {"decoder": "parity_decoder", "reference": "parity_reference"}.get(wildcards.stage, "parity")
-    return estimate_mem_mb(wildcards.checkpoint, stage)
+def job_estimate(estimate, step):
+    """A resources function: ``estimate`` (gptoss.resources) of ``step`` for the job's checkpoint."""
+
+    def resource(wildcards, attempt):
+        name = job_checkpoint(wildcards)
+        cfg, weight_format = model_config(name), checkpoints()[name]["weight_format"]
+        return estimate(cfg, weight_format, job_step(step, wildcards), attempt)
+
+    return resource
 
 
-def mem_mb(stage):
-    """A resources function for rules with a ``{checkpoint}`` wildcard."""
-    return lambda wildcards: estimate_mem_mb(wildcards.checkpoint, stage)
+def mem_mb(step):
+    """The job's memory in MB (Snakemake's budget locally, sbatch --mem on a cluster)."""
+    return job_estimate(estimate_mem_mb, step)
 
 
-# The model-sized stages use several cores once the model is big (XLA compilation, ONNX Runtime); a toy model
-# gains more from running the stages' branches side by side.
-BIG_MODEL_MB = 1000
+def runtime(step):
+    """The job's wall-time limit in minutes (sbatch -t on a cluster)."""
+    return job_estimate(estimate_runtime_min, step)
 
 
 def model_threads(wildcards):
-    """A threads function for rules with a ``{checkpoint}`` wildcard (capped by --cores)."""
-    return 4 if params_mb(wildcards.checkpoint) >= BIG_MODEL_MB else 1
+    """A threads function for the model-sized rules (capped by --cores): 1 for a toy, more for a big model."""
+    name = job_checkpoint(wildcards)
+    return estimate_threads(model_config(name), checkpoints()[name]["weight_format"])

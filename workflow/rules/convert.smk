@@ -17,11 +17,12 @@ rule convert_params:
     threads: 1
     resources:
         mem_mb=mem_mb("convert"),
+        runtime=runtime("convert"),
     params:
         folder=lambda wildcards: checkpoint_folder(wildcards.checkpoint),
-        dtype=entry_value("dtype"),
+        weight_format=entry_value("weight_format"),
     message:
-        "{wildcards.checkpoint}: converting {wildcards.layers} layers to {params.dtype} Flax params"
+        "{wildcards.checkpoint}: converting {wildcards.layers} layers to {params.weight_format} Flax params"
     shell:
         "gptoss convert --checkpoint {params.folder:q} --output {output.params} --layers {wildcards.layers} "
-        "--dtype {params.dtype} > {log} 2>&1"
+        "--weight-format {params.weight_format} > {log} 2>&1"

@@ -22,6 +22,7 @@ rule export_weights:
     threads: 1
     resources:
         mem_mb=mem_mb("weights"),
+        runtime=runtime("weights"),
     message:
         "{wildcards.checkpoint}: writing the ONNX weights file"
     shell:
@@ -44,6 +45,7 @@ rule export_onnx:
     threads: model_threads
     resources:
         mem_mb=mem_mb("export"),
+        runtime=runtime("export"),
     params:
         sequence_length=config["sequence_length"],
         opset=config["opset"],

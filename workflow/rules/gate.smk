@@ -18,6 +18,7 @@ rule parity_gate:
     threads: 1
     resources:
         mem_mb=mem_mb("gate"),
+        runtime=runtime("gate"),
     params:
         tolerances=tolerance_args(),
         stages=" ".join(parity_stages()),

@@ -20,7 +20,8 @@ rule parity:
         CONDA_ENV
     threads: model_threads
     resources:
-        mem_mb=parity_mem_mb,
+        mem_mb=mem_mb("parity"),
+        runtime=runtime("parity"),
     params:
         source=parity_source,
         sequence_length=config["sequence_length"],

@@ -20,7 +20,8 @@ rule promote:
         CONDA_ENV
     threads: 1
     resources:
-        mem_mb=lambda wildcards: estimate_mem_mb(promotions()[wildcards.tag], "promote"),
+        mem_mb=mem_mb("promote"),
+        runtime=runtime("promote"),
     params:
         checkpoint=lambda wildcards: promotions()[wildcards.tag],
         sequence_length=config["sequence_length"],

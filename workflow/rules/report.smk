@@ -26,7 +26,8 @@ rule report_baseline2:
         CONDA_ENV
     threads: 1
     resources:
-        mem_mb=estimate_mem_mb(baseline(), "report"),
+        mem_mb=mem_mb("report"),
+        runtime=runtime("report"),
     params:
         tolerances=tolerance_args(),
         outdir=lambda wildcards, output: os.path.dirname(output.gate),
