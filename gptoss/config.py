@@ -97,13 +97,13 @@ class GptOssConfig:
         """Expert weights (gate_up and down, no biases): what MXFP4 stores at 4.25 bits each."""
         return self.num_hidden_layers * self.num_local_experts * 3 * self.hidden_size * self.intermediate_size
 
-    def weight_bytes(self, dtype: str) -> int:
-        """Bytes of the weights in a params dtype: float32, bfloat16, or mxfp4 (experts as 4-bit codes plus one
-        8-bit scale per 32, every other weight bfloat16 — also the size of an HF checkpoint)."""
-        if dtype == "mxfp4":
+    def weight_bytes(self, weight_format: str) -> int:
+        """Bytes of the weights stored as ``weight_format``: float32, bfloat16, or mxfp4 (experts as 4-bit codes
+        plus one 8-bit scale per 32, every other weight bfloat16 — also the size of an HF checkpoint)."""
+        if weight_format == "mxfp4":
             experts = self.expert_weight_count()
             return int(2 * (self.param_count() - experts) + experts * 17 / 32)
-        return self.param_count() * {"float32": 4, "bfloat16": 2}[dtype]
+        return self.param_count() * {"float32": 4, "bfloat16": 2}[weight_format]
 
     def to_hf_dict(self) -> dict[str, Any]:
         """An HF-style ``config.json`` dict (transformers accepts it as ``GptOssConfig``)."""
