@@ -102,7 +102,7 @@ def main() -> int:
     from gptoss.formats.synth import preset_config
 
     cfg = preset_config(entry.get("preset", "gpt-oss-20b"), entry["layers"])
-    dtype = entry.get("dtype", "float32")
+    dtype = entry.get("weight_format", entry.get("dtype", "float32"))
     params_bytes = cfg.weight_bytes(dtype)
     needed = cfg.weight_bytes("mxfp4") + 3 * params_bytes  # checkpoint, params, the graphs' one weights file, promoted
     reclaimed = sum(tree_bytes(folder) for folder in (results, promoted) if folder.is_dir())  # deleted below
