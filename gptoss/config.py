@@ -93,15 +93,11 @@ class GptOssConfig:
         block = attn + moe + 2 * h
         return self.num_hidden_layers * block + 2 * self.vocab_size * h + h
 
-    def expert_weight_count(self) -> int:
-        """Expert weights (gate_up and down, no biases): what MXFP4 stores at 4.25 bits each."""
-        return self.num_hidden_layers * self.num_local_experts * 3 * self.hidden_size * self.intermediate_size
-
     def weight_bytes(self, weight_format: str) -> int:
         """Bytes of the weights stored as ``weight_format``: float32, bfloat16, or mxfp4 (experts as 4-bit codes
         plus one 8-bit scale per 32, every other weight bfloat16 — also the size of an HF checkpoint)."""
         if weight_format == "mxfp4":
-            experts = self.expert_weight_count()
+            experts = self.num_hidden_layers * self.num_local_experts * 3 * self.hidden_size * self.intermediate_size
             return int(2 * (self.param_count() - experts) + experts * 17 / 32)
         return self.param_count() * {"float32": 4, "bfloat16": 2}[weight_format]
 
@@ -138,7 +134,9 @@ class GptOssConfig:
             raise GptOssError(f"{source}: rope type {rope_type!r} is not supported (GPT-OSS uses 'yarn')")
         raw = {"rope_theta": rope.get("rope_theta"), **raw}  # v5 keeps theta among the rope parameters
         heads = _require(raw, "num_attention_heads", source)
-        fields = _fields(raw, {field: hf for field, (hf, _) in CONFIG_KEYS.items()}, source, derived=_DERIVED)
+        # transformers derives the kv head count and head size when a config leaves them out
+        hf_keys = {field: hf for field, (hf, _) in CONFIG_KEYS.items()}
+        fields = _fields(raw, hf_keys, source, derived=frozenset({"num_key_value_heads", "head_dim"}))
         fields.setdefault("num_key_value_heads", heads)
         fields.setdefault("head_dim", _require(raw, "hidden_size", source) // heads)
         layer_types = raw.get("layer_types") or default_layer_types(fields["num_hidden_layers"])
@@ -180,8 +178,6 @@ ROPE_ORIGINAL_KEYS = {
     "beta_slow": "rope_ntk_alpha",
     "original_max_position_embeddings": "initial_context_length",
 }
-# HF configs may leave these out (transformers derives them from the head count and hidden size).
-_DERIVED = frozenset({"num_key_value_heads", "head_dim"})
 
 
 def _fields(raw: dict[str, Any], keys: dict[str, str], source: str, derived: frozenset = frozenset()) -> dict[str, Any]:
@@ -251,9 +247,8 @@ class ParamsConfig:
         return list((self.generation or {}).get("eos_token_id", []))
 
     def checkpoint_info(self) -> dict[str, Any]:
-        """What identifies the source without naming this machine's folders: the hub repo and resolved commit or
-        the synthetic preset and seed (the origin file convert found), else the folder relative to the working
-        directory (the workflow's)."""
+        """The source without this machine's folders: the origin file convert found (hub repo and commit, or
+        synthetic preset and seed), else the folder relative to the working directory."""
         if self.origin:
             return dict(self.origin)
         return {"local": os.path.relpath(self.source_checkpoint)}

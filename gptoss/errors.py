@@ -2,8 +2,5 @@
 
 
 class GptOssError(Exception):
-    """A user-facing error: bad input, a missing file, a failed check.
-
-    The message names the file or tensor and what is wrong; the CLI prints it on one line
-    (no traceback) and exits with status 1.
-    """
+    """A user-facing error (bad input, a missing file, a failed check) naming the file or tensor and what is wrong;
+    the CLI prints it on one line, without a traceback, and exits with status 1."""

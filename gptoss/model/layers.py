@@ -39,10 +39,9 @@ Outputs = dict[str, jax.Array]
 COMPUTE_DTYPE = jnp.float32
 
 
-# A bfloat16 weight's float32 cast is a temporary the size of the weight in float32: 3.2 GB for one 20b block's
-# experts, 2.3 GB for the unembedding. Large weights are therefore cast and used one slice at a time (experts
-# along the expert axis, the unembedding along the vocabulary), so XLA and ONNX Runtime alike free each
-# slice's cast before making the next and the casts alive at once stay under about this many bytes.
+# Large bfloat16 weights are cast and used one slice at a time (experts along the expert axis, the unembedding
+# along the vocabulary), so that the float32 casts alive at once stay under about this many bytes (XLA and ONNX
+# Runtime alike free each slice's cast before making the next; docs/performance.md).
 CAST_SLICE_BYTES = 256 * 2**20
 # The most float32 expert weights the decoding path gathers for one layer (see MoE.__call__).
 SPARSE_BYTES = 2**30
@@ -101,11 +100,8 @@ class Linear(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.kernel[...]
-        columns = cast_slices(kernel.shape, kernel.dtype, axis=1)
-        if len(columns) == 1:
-            y = x @ _compute(kernel)
-        else:  # bfloat16 and large (the unembedding): cast and multiply a slice of columns at a time
-            y = jnp.concatenate([x @ _compute(kernel[:, cols]) for cols in columns], axis=-1)
+        columns = cast_slices(kernel.shape, kernel.dtype, axis=1)  # several: bfloat16 and large (the unembedding)
+        y = _concat([x @ _compute(kernel[:, cols]) for cols in columns], axis=-1)
         return y + _compute(self.bias) if self.bias is not None else y
 
 
@@ -219,10 +215,9 @@ class MoE(nnx.Module):
         top_logits, top_idx = jax.lax.top_k(router_logits, k)
         top_weights = jax.nn.softmax(top_logits.astype(jnp.float32), axis=-1).astype(x.dtype)
         if sparse and taps is None:
-            # Few (token, expert) pairs: reading just those experts costs less than reading every expert once —
-            # up to half the experts, and up to SPARSE_BYTES of their float32 weights (gathered per pair, they
-            # are copies: at 120b's 128 experts, half of them would be 6.4 GB). A count from the data, not the
-            # shape: the graph keeps symbolic axes.
+            # Few (token, expert) pairs: reading just those experts costs less than reading every one — up to half
+            # the experts and SPARSE_BYTES of their gathered float32 copies. A count from the data, not the shape:
+            # the graph keeps symbolic axes.
             expert_bytes = 4 * 3 * cfg.hidden_size * cfg.intermediate_size
             max_pairs = min(e // 2, max(k, SPARSE_BYTES // expert_bytes))
             pairs = jnp.sum(jnp.ones_like(top_idx))
@@ -257,13 +252,12 @@ class MoE(nnx.Module):
     ) -> tuple[jax.Array, tuple[jax.Array, ...] | None]:
         """Every token through every expert, then the weighted sum with zero weight for unselected experts.
 
-        Trade-off: for a prompt of a few dozen tokens this reads each expert weight once and never
-        materialises per-token weight copies (gathering the selected experts per token would be
-        ``[tokens, k, 2I, H]``: 8.5 GB per 20b layer at 32 tokens); the cost is ``experts/k`` (8×) more FLOPs
-        than grouping tokens by expert. The expert axis is the leading *batch* axis of both matmuls
-        (``[E, tokens, H] × [E, H, 2I]``, a plain batched MatMul in ONNX), so neither XLA nor ONNX Runtime
-        transposes or copies a weight. bfloat16 experts are computed a few at a time (``CAST_SLICE_BYTES``).
-        Returns the output and, if ``taps`` asks for them, the per-expert intermediates ``[E, N, f]``.
+        Trade-off: this reads each expert weight once and never copies weights per token (gathering the selected
+        experts per token is ``[tokens, k, 2I, H]``; docs/performance.md), at ``experts/k`` (8×) the FLOPs of
+        grouping tokens by expert. The expert axis is the *batch* axis of both matmuls (``[E, tokens, H] ×
+        [E, H, 2I]``, a batched MatMul in ONNX), so no weight is transposed or copied. bfloat16 experts are
+        computed a few at a time (``CAST_SLICE_BYTES``). Returns the output and, if ``taps`` asks for them, the
+        per-expert intermediates ``[E, N, f]``.
         """
         e = self.cfg.num_local_experts
         batch, seq, hidden = x.shape
@@ -340,13 +334,10 @@ def _expert_matmul(x: jax.Array, w: jax.Array, out_major: bool = False) -> jax.A
 
 def decode_mxfp4(blocks: jax.Array, scales: jax.Array) -> jax.Array:
     """MXFP4 ``blocks [..., G, 16]`` uint8 and ``scales [..., G]`` to float32 ``[..., G·32]``, exactly as
-    :func:`gptoss.mxfp4.decode`: each byte looks up its two values (trap: the low nibble is element 2i, the high
-    nibble 2i+1; bit 3 of a nibble is the sign, so -0.0 stays -0.0) and each scale its factor 2^(s-127) (255 is
-    NaN). Lookups and a multiply only, so JAX and the ONNX graph multiply bit-identical weights.
-
-    The lookups are indexed by the unsigned bytes themselves: plain Gathers, one per byte, not per nibble
-    (``jnp.take``, or signed indices, guard every element with Where/Min/Max against out-of-range and negative
-    indices: seconds per 20b layer in ONNX Runtime)."""
+    :func:`gptoss.formats.mxfp4.decode`: each byte looks up its two values (trap: the low nibble is element 2i, the
+    high nibble 2i+1; bit 3 of a nibble is the sign, so -0.0 stays -0.0) and each scale its factor 2^(s-127) (255
+    is NaN), so JAX and the ONNX graph multiply bit-identical weights. Indexed by the unsigned bytes themselves:
+    plain Gathers (``jnp.take``, or signed indices, guard every element with Where/Min/Max: seconds a 20b layer)."""
     pairs = jnp.asarray(mxfp4_format.FP4_PAIRS)[blocks]  # [..., G, 16, 2]
     factors = jnp.asarray(mxfp4_format.E8M0_VALUES)[scales]
     values = pairs.reshape(*scales.shape, -1) * factors[..., None]
