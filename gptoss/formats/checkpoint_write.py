@@ -1,9 +1,6 @@
-"""Write real checkpoint folders (HF or OpenAI ``original/`` layout): safetensors shards, index, config.
-
-``config.json`` carries what openai/gpt-oss-* carries beyond the architecture (``quantization_config``, token ids,
-transformers' training defaults), so Hugging Face tools (``transformers``, the onnxruntime-genai builder) read a
-written folder as they read the real one.
-"""
+"""Write real checkpoint folders (HF or OpenAI ``original/`` layout): safetensors shards, index, config. The
+``config.json`` has what openai/gpt-oss-*'s has beyond the architecture, so Hugging Face tools read a written folder
+as they read the real one."""
 
 from __future__ import annotations
 
@@ -23,7 +20,6 @@ from gptoss.formats.safetensors_file import INDEX_NAME
 from gptoss.formats.tokenizer import SpecialTokenIds
 
 SHARD_BYTES = 2 * 1024**3
-GENERATION_CONFIG = "generation_config.json"
 # openai/gpt-oss-*: the experts are MXFP4 (``*_blocks``/``*_scales``); transformers dequantizes them on load.
 MXFP4_QUANTIZATION = {
     "modules_to_not_convert": [
@@ -49,10 +45,7 @@ _DTYPE_NAMES = {np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype(np.float32): "F32
 
 
 def hf_config_dict(
-    cfg: GptOssConfig,
-    quantized: bool,
-    dtype: np.dtype | None = None,
-    special: SpecialTokenIds | None = None,
+    cfg: GptOssConfig, quantized: bool, dtype: np.dtype | None = None, special: SpecialTokenIds | None = None
 ) -> dict[str, Any]:
     """``config.json`` as openai/gpt-oss-* writes it: the architecture plus ``quantization_config`` (when the
     experts are MXFP4), ``torch_dtype`` (the dense tensors' dtype), ``eos_token_id``/``pad_token_id`` and the
@@ -80,17 +73,17 @@ def generation_config_dict(special: SpecialTokenIds) -> dict[str, Any]:
 
 def write_generation_config(folder: Path, special: SpecialTokenIds) -> Path:
     """Write :func:`generation_config_dict` to ``folder/generation_config.json``."""
-    path = folder / GENERATION_CONFIG
+    path = folder / "generation_config.json"
     path.write_text(json.dumps(generation_config_dict(special), indent=2) + "\n")
     return path
 
 
-def _original_dtype(name: str, arr: np.ndarray) -> str:
+def _original_dtype(name: str, dtype: np.dtype) -> str:
     if name.endswith(".blocks"):
         return "FP4"
     if name.endswith(".scales"):
         return "UE8"
-    return _DTYPE_NAMES.get(arr.dtype, arr.dtype.name.upper())
+    return _DTYPE_NAMES.get(dtype, dtype.name.upper())
 
 
 def hf_to_original(tensors: Iterable[tuple[str, np.ndarray]]) -> Iterator[tuple[str, np.ndarray]]:
@@ -129,45 +122,31 @@ def write_checkpoint(
     ``special`` puts the tokenizer's eos and pad ids into the HF ``config.json``.
     """
     folder.mkdir(parents=True, exist_ok=True)
-    seen: dict[str, np.dtype] = {}
-
-    def noting(stream: Iterable[tuple[str, np.ndarray]]) -> Iterator[tuple[str, np.ndarray]]:
-        for name, arr in stream:
-            seen[name] = arr.dtype
-            yield name, arr
-
-    tensors = noting(tensors)
+    target = folder / "original" if layout == "original" else folder
     if layout == "original":
-        target = folder / "original"
         target.mkdir(exist_ok=True)
         (target / "config.json").write_text(json.dumps(cfg.to_original_dict(), indent=2) + "\n")
         tensors = hf_to_original(tensors)
-    else:
-        target = folder
-    dtypes: dict[str, str] = {}
-
-    shards: list[dict[str, np.ndarray]] = [{}]
-    sizes = [0]
-    written: list[Path] = []
+    dtypes: dict[str, np.dtype] = {}
+    weight_map: dict[str, int] = {}  # tensor -> the index of its shard
+    shard: dict[str, np.ndarray] = {}
+    total_size = 0
     tmp_names: list[Path] = []
 
     def flush() -> None:
         path = target / f".shard-{len(tmp_names):05d}.safetensors"
-        save_file(shards[-1], str(path), metadata={"format": "pt"})
+        save_file(shard, str(path), metadata={"format": "pt"})
         tmp_names.append(path)
-        shards[-1] = {}
+        shard.clear()
 
-    weight_map: dict[str, int] = {}
     for name, arr in tensors:
         arr = np.ascontiguousarray(arr)
-        dtypes[name] = _original_dtype(name, arr)
-        if shards[-1] and sizes[-1] + arr.nbytes > shard_bytes:
+        if shard and sum(a.nbytes for a in shard.values()) + arr.nbytes > shard_bytes:
             flush()
-            shards.append({})
-            sizes.append(0)
-        shards[-1][name] = arr
-        sizes[-1] += arr.nbytes
+        shard[name] = arr
+        dtypes[name] = arr.dtype
         weight_map[name] = len(tmp_names)
+        total_size += arr.nbytes
     flush()
 
     count = len(tmp_names)
@@ -177,22 +156,22 @@ def write_checkpoint(
         final = [target / f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
     for tmp, dest in zip(tmp_names, final, strict=True):
         tmp.rename(dest)
-        written.append(dest)
     if count > 1:
         index = {
-            "metadata": {"total_size": int(sum(sizes))},
+            "metadata": {"total_size": total_size},
             "weight_map": {name: final[i].name for name, i in sorted(weight_map.items())},
         }
         (target / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
     if layout == "original":
-        (target / "dtypes.json").write_text(json.dumps(dtypes, indent=2) + "\n")
+        original_dtypes = {name: _original_dtype(name, dtype) for name, dtype in dtypes.items()}
+        (target / "dtypes.json").write_text(json.dumps(original_dtypes, indent=2) + "\n")
     else:
-        dense = {dtype for name, dtype in seen.items() if not name.endswith(("_blocks", "_scales"))}
+        dense = {dtype for name, dtype in dtypes.items() if not name.endswith(("_blocks", "_scales"))}
         raw = hf_config_dict(
             cfg,
-            quantized=any(name.endswith("_blocks") for name in seen),
+            quantized=any(name.endswith("_blocks") for name in dtypes),
             dtype=dense.pop() if len(dense) == 1 else None,
             special=special,
         )
         (folder / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
-    return written
+    return final

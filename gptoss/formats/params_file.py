@@ -1,12 +1,9 @@
 """Flax-compatible msgpack params files, written and read one tensor at a time.
 
-The file is exactly what ``flax.serialization.msgpack_serialize`` makes of the nested params dict
-(``{"embed": {"embedding": array}, "layers": {"0": {...}}, ...}``): arrays are msgpack ext type 1 holding
-``(shape, dtype name, raw bytes)``; arrays over 1 GiB use flax's chunked form. So
-``flax.serialization.msgpack_restore`` reads it — but a 2-layer gpt-oss-20b is 11 GB in float32, so we never
-build the file as one ``bytes`` object: the writer streams each array's buffer straight to disk, the reader
-indexes where each array's bytes are (one pass over the headers) and reads an array straight into its final
-buffer when it is asked for.
+The file is exactly what ``flax.serialization.msgpack_serialize`` makes of the nested params dict (arrays as msgpack
+ext type 1 holding ``(shape, dtype name, raw bytes)``, those over 1 GiB in flax's chunked form), but never built as
+one ``bytes`` object: the writer streams each array to disk, the reader indexes where each array's bytes are (one
+pass over the headers) and reads an array straight into its final buffer when asked for.
 """
 
 from __future__ import annotations
@@ -81,11 +78,9 @@ def write_params(
             if isinstance(value, dict):
                 write_node(fh, value)
             else:
-                arr = get_array(value)
-                _write_array(fh, packer, arr)
+                _write_array(fh, packer, get_array(value))
                 if progress:
                     progress(value)
-                del arr
 
     with atomic_output(path) as tmp, open(tmp, "wb") as fh:
         write_node(fh, tree)
@@ -95,12 +90,8 @@ ALIGNMENT = 64
 
 
 def aligned_empty(shape: Sequence[int], dtype: np.dtype) -> np.ndarray:
-    """An uninitialised array whose data starts on a 64-byte boundary.
-
-    JAX on CPU adopts such a numpy buffer without copying; a merely 16-byte-aligned one (what ``np.empty``
-    gives large arrays) is copied when a jitted function first uses it, and the copy lives as long as the
-    array.
-    """
+    """An uninitialised array whose data starts on a 64-byte boundary: JAX on CPU adopts it without a copy (it
+    copies a merely 16-byte-aligned one, as ``np.empty`` gives, on first use; docs/performance.md)."""
     nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
     raw = np.empty(nbytes + ALIGNMENT, dtype=np.uint8)
     start = -raw.ctypes.data % ALIGNMENT
@@ -208,13 +199,11 @@ class _Indexer:
 
     def _map_header(self) -> int | None:
         """If the next value is a map, consume its header and return its size; otherwise consume nothing."""
-        b = self.fh.read(1)
-        if not b:
-            raise GptOssError(f"{self.path}: truncated params file")
-        if 0x80 <= b[0] <= 0x8F:
-            return b[0] & 0x0F
-        if b[0] in (0xDE, 0xDF):
-            return self._uint(2 if b[0] == 0xDE else 4)
+        b = self._read(1)[0]
+        if 0x80 <= b <= 0x8F:
+            return b & 0x0F
+        if b in (0xDE, 0xDF):
+            return self._uint(2 if b == 0xDE else 4)
         self.fh.seek(-1, 1)
         return None
 
