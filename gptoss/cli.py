@@ -17,6 +17,7 @@ from gptoss.proof.tolerances import Tolerances
 from gptoss.stages import EXPORT_STAGES, PARITY_STAGES, STAGES
 
 log = logging.getLogger("gptoss")
+LAYOUTS = ["hf", "original"]
 COMMANDS: dict[str, Callable[[argparse.Namespace], int | None]] = {}
 
 
@@ -82,6 +83,7 @@ def _export(args: argparse.Namespace) -> None:
 @command("parity")
 def _parity(args: argparse.Namespace) -> int:
     from gptoss.model.params import Params
+    from gptoss.proof.compare import Results
     from gptoss.proof.prompts import prompt_inputs
 
     stage = args.stage or ("debug" if args.compare_hidden_states or args.compare_block_debug else "canonical")
@@ -92,28 +94,21 @@ def _parity(args: argparse.Namespace) -> int:
     params = Params.open(args.params, args.config)
     length = None if stage == "decoder" else args.sequence_length  # the decoder checks its context length
     prompts = prompt_inputs(params, args.prompt, args.token_ids, args.tokenizer, length)
-    common = dict(tolerances=Tolerances.from_args(args), logits_diffs=args.logits_diffs)
+    results = Results(args.csv, Tolerances.from_args(args), args.logits_diffs)
     if stage == "reference":
         from gptoss.proof.reference import reference
 
-        steps = args.generate_tokens or 0
-        rows = reference(
-            args.checkpoint, params, args.csv, prompts, args.sequence_length, generate_tokens=steps, **common
-        )
+        rows = reference(args.checkpoint, params, results, prompts, args.sequence_length, args.generate_tokens or 0)
     elif stage == "decoder":
         from gptoss.proof.parity import parity_decoder
 
-        rows = parity_decoder(
-            params, args.onnx, args.csv, prompts, args.generate_tokens or 16, threads=args.threads, **common
-        )
+        rows = parity_decoder(params, args.onnx, results, prompts, args.generate_tokens or 16, args.threads)
     else:
         from gptoss.proof.parity import parity
 
         hidden = args.compare_hidden_states or STAGES[stage].hidden_states
         debug = args.compare_block_debug or STAGES[stage].block_taps
-        rows = parity(
-            params, args.onnx, args.csv, prompts, args.sequence_length, hidden, debug, threads=args.threads, **common
-        )
+        rows = parity(params, args.onnx, results, prompts, args.sequence_length, hidden, debug, args.threads)
     failed = sum(not r["passed"] for r in rows)
     if failed:
         log.warning("%d of %d rows exceed their tolerance (the gate decides)", failed, len(rows))
@@ -138,15 +133,8 @@ def _promote(args: argparse.Namespace) -> None:
 def _plots(args: argparse.Namespace) -> None:
     from gptoss.plots import plots
 
-    plots(
-        args.csv,
-        args.logits_diffs,
-        args.benchmarks,
-        args.outdir,
-        Tolerances.from_args(args),
-        args.verdict,
-        args.manifest,
-    )
+    tol = Tolerances.from_args(args)
+    plots(args.csv, args.logits_diffs, args.benchmarks, args.outdir, tol, args.verdict, args.manifest)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,9 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("synth", help="write a synthetic HF-layout checkpoint (MXFP4 experts, tokenizer.json)")
     p.add_argument("--preset", default="toy", choices=["toy", "gpt-oss-20b", "gpt-oss-120b"])
-    p.add_argument("--layers", type=int, default=None, help="number of layers (default: the preset's)")
+    p.add_argument("--layers", type=int, help="number of layers (default: the preset's)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--layout", default="hf", choices=["hf", "original"], help="tensor naming to write")
+    p.add_argument("--layout", default="hf", choices=LAYOUTS, help="tensor naming to write")
     p.add_argument("--output", type=Path, required=True, help="checkpoint folder to create")
 
     p = sub.add_parser("download", help="snapshot a checkpoint from the Hugging Face Hub")
@@ -166,99 +154,75 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", default="main", help="branch, tag or commit (pin a commit for reproducibility)")
     p.add_argument("--output", type=Path, required=True)
     p.add_argument("--retries", type=int, default=3)
-    p.add_argument(
-        "--layout",
-        default="hf",
-        choices=["hf", "original"],
-        help="which copy of the weights: hf (model*.safetensors) or original (OpenAI's original/); never both",
-    )
+    layout = "which copy of the weights: hf (model*.safetensors) or original (OpenAI's original/); never both"
+    p.add_argument("--layout", default="hf", choices=LAYOUTS, help=layout)
 
     p = sub.add_parser("convert", help="checkpoint folder -> Flax params msgpack + .config.json")
     p.add_argument("--checkpoint", type=Path, required=True, help="HF or original/ layout checkpoint folder")
     p.add_argument("--output", type=Path, required=True, help="X.msgpack (X.config.json is written next to it)")
-    p.add_argument("--layers", type=int, default=None, help="keep only the first N layers")
-    p.add_argument(
-        "--weight-format",
-        default=None,
-        choices=WEIGHT_FORMAT_NAMES,
-        help="how the weights are stored (default float32); mxfp4 keeps the experts as the checkpoint's MXFP4 "
-        "blocks/scales, the rest bfloat16",
+    p.add_argument("--layers", type=int, help="keep only the first N layers")
+    weight_format = (
+        "how the weights are stored (default float32); mxfp4 keeps the experts as the checkpoint's MXFP4 "
+        "blocks/scales, the rest bfloat16"
     )
-    p.add_argument("--dtype", choices=WEIGHT_FORMAT_NAMES, default=None, help=argparse.SUPPRESS)  # deprecated
+    p.add_argument("--weight-format", choices=WEIGHT_FORMAT_NAMES, help=weight_format)
+    p.add_argument("--dtype", choices=WEIGHT_FORMAT_NAMES, help=argparse.SUPPRESS)  # deprecated
 
     p = sub.add_parser("export", help="Flax params -> ONNX graph of a stage (debug, canonical, decoder)")
-    p.add_argument(
-        "--stage",
-        choices=EXPORT_STAGES,
-        default=None,
-        help="debug: every --emit-* output; decoder: the KV-cache graph for onnxruntime-genai, with "
-        "genai_config.json and the tokenizer files beside it (default: debug if an --emit-* flag is given)",
+    stage = (
+        "debug: every --emit-* output; decoder: the KV-cache graph for onnxruntime-genai, with genai_config.json "
+        "and the tokenizer files beside it (default: debug if an --emit-* flag is given)"
     )
-    p.add_argument("--context-length", type=int, default=None, help="decoder: longest prompt + generation")
-    p.add_argument(
-        "--weights-only",
-        action="store_true",
-        help="write only the weights file (--output DIR/model.onnx.data) that every graph of these params shares",
-    )
-    p.add_argument(
-        "--reuse-weights",
-        action="store_true",
-        help="model.onnx.data beside --output holds these params' weights already: share it, do not rewrite it",
-    )
-    p.add_argument("--params", type=Path, required=True, help="X.msgpack from `gptoss convert`")
-    p.add_argument("--config", type=Path, default=None, help="default: X.config.json next to --params")
+    _params_arguments(p, EXPORT_STAGES, stage)
+    p.add_argument("--context-length", type=int, help="decoder: longest prompt + generation")
+    weights = "write only the weights file (--output DIR/model.onnx.data) that every graph of these params shares"
+    p.add_argument("--weights-only", action="store_true", help=weights)
+    reuse = "model.onnx.data beside --output holds these params' weights already: share it, do not rewrite it"
+    p.add_argument("--reuse-weights", action="store_true", help=reuse)
     p.add_argument("--output", type=Path, required=True, help="model.onnx (model.onnx.data is written next to it)")
     p.add_argument("--sequence-length", type=int, default=32, help="validation length; fixed in debug graphs")
     p.add_argument("--emit-hidden-states", action="store_true", help="add hidden_state_{i} outputs")
     p.add_argument("--emit-block-debug", action="store_true", help="add block_{i}_{tap} outputs")
     p.add_argument("--skip-validation", action="store_true", help="skip the JAX vs ONNX Runtime check")
     p.add_argument("--opset", type=int, default=21)
-    _threads_argument(p)
 
     p = sub.add_parser("parity", help="JAX vs ONNX Runtime (or transformers: --stage reference) -> CSV")
-    p.add_argument(
-        "--stage",
-        choices=PARITY_STAGES,
-        default=None,
-        help="debug: hidden states and block taps too; decoder: greedy generation on the KV-cache graph (JAX, ONNX "
+    stage = (
+        "debug: hidden states and block taps too; decoder: greedy generation on the KV-cache graph (JAX, ONNX "
         "Runtime, onnxruntime-genai); reference: transformers on --checkpoint instead of a graph (default: debug "
-        "if a --compare-* flag is given, else canonical)",
+        "if a --compare-* flag is given, else canonical)"
     )
-    p.add_argument(
-        "--generate-tokens",
-        type=int,
-        default=None,
-        help="greedy steps after each prompt (decoder: default 16; reference: also compare transformers' "
-        "generate(), end-of-sequence suppressed)",
+    _params_arguments(p, PARITY_STAGES, stage)
+    steps = (
+        "greedy steps after each prompt (decoder: default 16; reference: also compare transformers' generate(), "
+        "end-of-sequence suppressed)"
     )
-    p.add_argument("--params", type=Path, required=True)
-    p.add_argument("--config", type=Path, default=None, help="default: X.config.json next to --params")
-    p.add_argument("--onnx", type=Path, default=None, help="the graph to compare (every stage but reference)")
-    p.add_argument("--checkpoint", type=Path, default=None, help="(reference) the checkpoint the params came from")
+    p.add_argument("--generate-tokens", type=int, help=steps)
+    p.add_argument("--onnx", type=Path, help="the graph to compare (every stage but reference)")
+    p.add_argument("--checkpoint", type=Path, help="(reference) the checkpoint the params came from")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--token-ids", action="append", default=[], help="comma-separated token ids (repeatable)")
-    p.add_argument("--tokenizer", type=Path, default=None, help="default: the one recorded in the params config")
+    p.add_argument("--tokenizer", type=Path, help="default: the one recorded in the params config")
     p.add_argument("--sequence-length", type=int, default=32)
     p.add_argument("--compare-hidden-states", action="store_true")
     p.add_argument("--compare-block-debug", action="store_true")
     p.add_argument("--csv", type=Path, required=True)
-    p.add_argument("--logits-diffs", type=Path, default=None, help="also save every logits |diff| (.npz)")
-    _threads_argument(p)
+    p.add_argument("--logits-diffs", type=Path, help="also save every logits |diff| (.npz)")
     Tolerances.add_arguments(p)
 
     p = sub.add_parser("gate", help="parity CSVs + tolerances -> verdict JSON + summary; exit 1 on any breach")
     p.add_argument("--csv", type=Path, nargs="+", required=True)
     p.add_argument("--expect-stage", nargs="*", default=[], help="stages that must have rows")
     p.add_argument("--verdict", type=Path, required=True, help="verdict JSON to write")
-    p.add_argument("--summary", type=Path, default=None, help="Markdown summary (default: next to the verdict)")
+    p.add_argument("--summary", type=Path, help="Markdown summary (default: next to the verdict)")
     Tolerances.add_arguments(p)
 
     p = sub.add_parser("plots", help="report figures: tap heatmap, logits histogram, routing, benchmarks (PNG)")
     p.add_argument("--csv", type=Path, nargs="+", required=True, help="parity CSVs (the debug one for the taps)")
     p.add_argument("--logits-diffs", type=Path, nargs="*", default=[], help=".npz files from parity --logits-diffs")
     p.add_argument("--benchmarks", type=Path, nargs="*", default=[], help="Snakemake benchmark .tsv files")
-    p.add_argument("--verdict", type=Path, default=None, help="gate verdict JSON -> gate.html")
-    p.add_argument("--manifest", type=Path, default=None, help="promoted manifest.json -> manifest.html")
+    p.add_argument("--verdict", type=Path, help="gate verdict JSON -> gate.html")
+    p.add_argument("--manifest", type=Path, help="promoted manifest.json -> manifest.html")
     p.add_argument("--outdir", type=Path, required=True)
     Tolerances.add_arguments(p)
 
@@ -267,16 +231,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verdict", type=Path, required=True)
     p.add_argument("--dest", type=Path, required=True, help="folder to create (replaced if it exists)")
     p.add_argument("--tag", required=True, help="e.g. baseline2")
-    p.add_argument("--config", type=Path, default=None, help="params config (.config.json) to describe in the manifest")
-    p.add_argument("--sequence-length", type=int, default=None, help="recorded in the manifest")
-    p.add_argument(
-        "--decoder", type=Path, default=None, help="a decoder folder (export --stage decoder) to promote too"
-    )
+    p.add_argument("--config", type=Path, help="params config (.config.json) to describe in the manifest")
+    p.add_argument("--sequence-length", type=int, help="recorded in the manifest")
+    p.add_argument("--decoder", type=Path, help="a decoder folder (export --stage decoder) to promote too")
     return parser
 
 
-def _threads_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
+def _params_arguments(p: argparse.ArgumentParser, stages: Sequence[str], stage_help: str) -> None:
+    """The flags export and parity share: the stage, the params, ONNX Runtime's threads."""
+    p.add_argument("--stage", choices=stages, help=stage_help)
+    p.add_argument("--params", type=Path, required=True, help="X.msgpack from `gptoss convert`")
+    p.add_argument("--config", type=Path, help="default: X.config.json next to --params")
+    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -284,10 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     logging.basicConfig(
-        level=logging.WARNING,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
+        level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
     )
     # Our progress at INFO; third-party libraries only when they warn.
     logging.getLogger("gptoss").setLevel(logging.DEBUG if args.verbose else logging.INFO)
@@ -300,9 +263,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"gptoss {args.command}: interrupted", file=sys.stderr)
         return 130
-    # The kernel's high-water mark of this process (Snakemake's benchmark samples RSS and can miss short peaks),
-    # in GB of 10^9 bytes like every other size we print (ru_maxrss is in KiB); or of its largest child process
-    # (the JAX side of parity runs in one), whichever is larger.
+    # The kernel's high-water mark (Snakemake's benchmark samples RSS and can miss short peaks) of this process or of
+    # its largest child (the JAX side of parity runs in one), in GB of 10^9 bytes like every size we print.
     peak_kib = max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
     peak_gb = peak_kib * 1024 / 1e9
     log.info("%s finished in %.1f s, peak RSS %.2f GB", args.command, time.perf_counter() - start, peak_gb)

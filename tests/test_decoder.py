@@ -22,6 +22,7 @@ from gptoss.graphs.trace import ExportSpec
 from gptoss.model.convert import convert
 from gptoss.model.params import Params
 from gptoss.promote import promote
+from gptoss.proof.compare import Results
 from gptoss.proof.gate import gate
 from gptoss.proof.parity import parity_decoder
 from gptoss.proof.tolerances import Tolerances
@@ -156,7 +157,7 @@ def test_three_runtimes_generate_the_same_tokens_and_padding_changes_nothing(toy
 def test_generation_parity_rows_gate_and_promote(toy, tmp_path):
     csv_path = tmp_path / "decoder.csv"
     params, prompts = opened(toy["params"], [PROMPT], ["1,2,3,4,5,6,7,8,9,10"])
-    rows = parity_decoder(params, toy["decoder"], csv_path, prompts, 12)
+    rows = parity_decoder(params, toy["decoder"], Results(csv_path), prompts, 12)
     groups = {(r["group"], r["tensor"]) for r in rows}
     assert {("greedy_tokens", "tokens_onnxruntime"), ("greedy_tokens", "tokens_genai")} <= groups
     assert ("decode_logits", "logits_batched") in groups
@@ -175,7 +176,7 @@ def test_generation_parity_rows_gate_and_promote(toy, tmp_path):
     from gptoss.proof.parity import parity
 
     params, prompts = opened(toy["params"], [PROMPT], length=32)
-    parity(params, toy["canonical"], tmp_path / "canonical.csv", prompts, 32)
+    parity(params, toy["canonical"], Results(tmp_path / "canonical.csv"), prompts, 32)
     gate([csv_path, tmp_path / "canonical.csv"], Tolerances(), verdict)
     dest = promote(toy["canonical"], verdict, tmp_path / "promoted", "baseline2", decoder=toy["decoder"])
     manifest = json.loads((dest / "manifest.json").read_text())

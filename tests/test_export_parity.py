@@ -29,7 +29,7 @@ from gptoss.model.layers import cast_slices
 from gptoss.model.outputs import BLOCK_TAPS
 from gptoss.model.params import Params, abstract_model
 from gptoss.promote import promote
-from gptoss.proof.compare import COLUMNS
+from gptoss.proof.compare import COLUMNS, Results
 from gptoss.proof.export_check import check_export
 from gptoss.proof.gate import gate
 from gptoss.proof.parity import parity
@@ -68,7 +68,7 @@ def parity_csvs(toy) -> dict[str, Path]:
 def parity_of(params_path: Path, graph: Path, csv_path: Path, debug: bool = False) -> list[dict]:
     """``gptoss parity`` on PROMPTS: stage debug (every hidden state and tap) or canonical."""
     params, prompts = opened(params_path, PROMPTS, length=SEQ)
-    return parity(params, graph, csv_path, prompts, SEQ, hidden_states=debug, block_debug=debug)
+    return parity(params, graph, Results(csv_path), prompts, SEQ, hidden_states=debug, block_debug=debug)
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -376,7 +376,7 @@ def test_transformers_reference_rows_agree_and_catch_a_wrong_conversion(toy, tmp
     from gptoss.proof.reference import reference
 
     params, prompts = opened(toy["params"], PROMPTS, length=SEQ)
-    rows = reference(toy["root"] / "checkpoint", params, tmp_path / "ref.csv", prompts, SEQ)
+    rows = reference(toy["root"] / "checkpoint", params, Results(tmp_path / "ref.csv"), prompts, SEQ)
     assert {r["stage"] for r in rows} == {"reference"} and {r["group"] for r in rows} == {"logits", "hidden_states"}
     assert all(r["passed"] for r in rows)
     assert max(r["max_abs_diff"] for r in rows if r["group"] == "logits") <= 2e-5
@@ -388,7 +388,7 @@ def test_transformers_reference_rows_agree_and_catch_a_wrong_conversion(toy, tmp
     write_params(wrong, list(arrays), arrays.__getitem__)
     shutil.copy(toy["params"].with_name("flax_params_2layers.config.json"), tmp_path)
     params, prompts = opened(wrong, PROMPTS, length=SEQ)
-    rows = reference(toy["root"] / "checkpoint", params, tmp_path / "wrong.csv", prompts, SEQ)
+    rows = reference(toy["root"] / "checkpoint", params, Results(tmp_path / "wrong.csv"), prompts, SEQ)
     failed = {r["tensor"] for r in rows if not r["passed"]}
     assert "hidden_state_1" in failed and "hidden_state_0" not in failed
 

@@ -7,6 +7,7 @@ One row per (prompt, tensor, block), real (non-padding) positions only.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
@@ -28,11 +29,8 @@ COLUMNS = (
     "ref_abs_max nonfinite atol passed argmax_agreement topk_overlap expert_agreement near_ties step tokens "
     "ref_tokens onnx_sha256 data_sha256"
 ).split()
-
-
+NUMERIC = ("max_abs_diff", "mean_abs_diff", "max_rel_diff", "cosine", "ref_abs_max", "atol")
 TOPK = 5
-
-
 # Taps laid out per routing slot: compared only on tokens whose selected experts agree slot by slot.
 PER_SLOT_TAPS = {"expert_weights", "expert_preact", "expert_act", "expert_out"}
 
@@ -44,10 +42,7 @@ def diff_metrics(ref: np.ndarray, got: np.ndarray) -> dict[str, float | int]:
     if ref64.size == 0:
         return dict(max_abs_diff=0.0, mean_abs_diff=0.0, max_rel_diff=0.0, cosine=1.0, ref_abs_max=0.0, nonfinite=0)
     if nonfinite:
-        nan = float("nan")
-        return dict(
-            max_abs_diff=nan, mean_abs_diff=nan, max_rel_diff=nan, cosine=nan, ref_abs_max=nan, nonfinite=nonfinite
-        )
+        return dict.fromkeys(NUMERIC[:-1], math.nan) | {"nonfinite": nonfinite}
     diff = np.abs(got64 - ref64)
     ref_abs_max = float(np.abs(ref64).max())
     norms = float(np.linalg.norm(ref64) * np.linalg.norm(got64))
@@ -117,6 +112,24 @@ def compare_prompt(
         yield row
 
 
+@dataclasses.dataclass(frozen=True)
+class Results:
+    """Where a parity run's rows go: the CSV, judged by ``tolerances``, and (if ``logits_diffs``) every real
+    position's logits |diff| per prompt as ``.npz``, for the report's histogram."""
+
+    csv: Path
+    tolerances: Tolerances = Tolerances()
+    logits_diffs: Path | None = None
+
+    def write(self, rows: list[dict], diffs: dict[str, np.ndarray]) -> None:
+        """The CSV and the differences, each written atomically; a summary logged."""
+        write_csv(self.csv, rows)
+        log_summary(rows, self.tolerances)
+        if self.logits_diffs is not None:
+            with atomic_output(self.logits_diffs) as tmp, open(tmp, "wb") as fh:
+                np.savez(fh, **diffs)
+
+
 def write_csv(path: Path, rows: list[dict]) -> None:
     with atomic_output(path) as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=COLUMNS, restval="")
@@ -125,39 +138,25 @@ def write_csv(path: Path, rows: list[dict]) -> None:
             writer.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()})
 
 
-def log_summary(rows: list[dict], tolerances: Tolerances | None = None) -> None:
+def log_summary(rows: list[dict], tolerances: Tolerances) -> None:
     """Worst row per group, as a compact table in the log, and the first failing tap in forward order."""
-    tolerances = tolerances or Tolerances()
     log.info("%-14s %-34s %12s %10s %6s", "group", "worst tensor", "max|diff|", "atol", "ok")
     for group in GROUPS:
         members = [r for r in rows if r["group"] == group]
         if not members:
             continue
         worst = max(members, key=lambda r: breach(r, tolerances))
-        ok = all(r["passed"] for r in members)
-        log.info(
-            "%-14s %-34s %12.3g %10.3g %6s",
-            group,
-            f"{worst['tensor']} ({worst['prompt_id']})",
-            worst["max_abs_diff"],
-            worst["atol"],
-            "yes" if ok else "NO",
-        )
+        tensor = f"{worst['tensor']} ({worst['prompt_id']})"
+        ok = "yes" if all(r["passed"] for r in members) else "NO"
+        log.info("%-14s %-34s %12.3g %10.3g %6s", group, tensor, worst["max_abs_diff"], worst["atol"], ok)
     first = first_failure(rows, tolerances)
     if first:
         log.warning(
             "first tap over its tolerance in forward order: block %s %s (max |diff| %.3g, atol %.3g; the tap "
             "before it, %s: %.3g)",
-            first["block"],
-            first["tap"],
-            first["max_abs_diff"],
-            first["atol"],
-            first["previous_tensor"],
+            *(first[k] for k in ("block", "tap", "max_abs_diff", "atol", "previous_tensor")),
             first["previous_max_abs_diff"] or 0.0,
         )
-
-
-NUMERIC = ("max_abs_diff", "mean_abs_diff", "max_rel_diff", "cosine", "ref_abs_max", "atol")
 
 
 def read_rows(paths: Sequence[Path]) -> list[dict]:
@@ -200,9 +199,8 @@ def forward_order(row: dict) -> tuple[int, int]:
 
 def first_failure(rows: list[dict], tol: Tolerances) -> dict | None:
     """The first tap in forward order that exceeds its tolerance, and the step from the tap before it."""
-    ordered = sorted((r for r in rows if r["block"] is not None), key=forward_order)
     worst_at: dict[tuple[int, int], dict] = {}
-    for r in ordered:
+    for r in (r for r in rows if r["block"] is not None):
         key = forward_order(r)
         if key not in worst_at or breach(r, tol) > breach(worst_at[key], tol):
             worst_at[key] = r
@@ -266,17 +264,6 @@ def logits_diff(prompt: Prompt, ref: Mapping[str, np.ndarray], got: Mapping[str,
     """Every real position's logits |diff| (float32, flat), for the report's histogram."""
     n = len(prompt.ids)
     return np.abs(got["logits"][:, :n] - ref["logits"][:, :n]).astype(np.float32).ravel()
-
-
-def write_results(
-    csv_path: Path, rows: list[dict], tol: Tolerances, diffs: dict[str, np.ndarray], diffs_path: Path | None
-) -> None:
-    """The CSV and (if asked) the logits |diff| per prompt (``.npz``), each written atomically; a summary logged."""
-    write_csv(csv_path, rows)
-    log_summary(rows, tol)
-    if diffs_path is not None:
-        with atomic_output(diffs_path) as tmp, open(tmp, "wb") as fh:
-            np.savez(fh, **diffs)
 
 
 def compare_tokens(

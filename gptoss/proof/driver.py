@@ -1,9 +1,7 @@
 """One comparison, whatever the candidate: the JAX side runs first, in a process of its own, and spills its outputs
 to a temporary folder; then the candidate (ONNX Runtime, onnxruntime-genai, transformers) runs and compares
-against them; the rows (with the hashes of the graph they verified) and the logits differences are written.
-
-The two sides never hold their weights at the same time, and what JAX keeps after a run (compiled programs,
-buffers its allocator holds) goes back to the system with its process before the candidate starts.
+against them. The two sides never hold their weights at the same time, and what JAX keeps after a run (compiled
+programs, its allocator's buffers) goes back to the system with its process before the candidate starts.
 """
 
 from __future__ import annotations
@@ -22,9 +20,8 @@ from gptoss.graphs.names import data_path
 from gptoss.model.gpt_oss import forward
 from gptoss.model.outputs import output_names
 from gptoss.model.params import Params
-from gptoss.proof.compare import write_results
+from gptoss.proof.compare import Results
 from gptoss.proof.prompts import Prompt, padded
-from gptoss.proof.tolerances import Tolerances
 from gptoss.runtimes.generation import Generation
 from gptoss.runtimes.jax_model import StreamedModel, jax_generate
 from gptoss.runtimes.process import in_fresh_process
@@ -79,19 +76,11 @@ Candidate = Callable[[JaxOutputs], tuple[list[dict], dict[str, np.ndarray]]]
 
 
 def compare(
-    stage: str,
-    params: Params,
-    request: JaxRequest,
-    candidate: Candidate,
-    csv_path: Path,
-    tolerances: Tolerances | None = None,
-    logits_diffs: Path | None = None,
-    graph: Path | None = None,
+    stage: str, params: Params, request: JaxRequest, candidate: Candidate, results: Results, graph: Path | None = None
 ) -> list[dict]:
     """Run the JAX side, then ``candidate`` (which returns its rows and its logits |diff| per prompt); write the
-    CSV (and the differences, if ``logits_diffs``) atomically and return the rows. ``graph``: the ONNX graph the
-    candidate ran, whose sha256 and its weights file's every row records."""
-    tolerances = tolerances or Tolerances()
+    ``results`` and return the rows. ``graph``: the ONNX graph the candidate ran, whose sha256 and its weights
+    file's every row records."""
     with tempfile.TemporaryDirectory(prefix=f"gptoss-{stage}-") as folder:
         steps = f", {request.generate_tokens} greedy steps each" if request.generate_tokens else ""
         log.info("JAX side: %d prompt(s)%s", len(request.prompts), steps)
@@ -100,5 +89,5 @@ def compare(
     if graph is not None:
         hashes = dict(onnx_sha256=sha256(graph), data_sha256=sha256(data_path(graph)))
         rows = [{**row, **hashes} for row in rows]
-    write_results(csv_path, rows, tolerances, diffs, logits_diffs)
+    results.write(rows, diffs)
     return rows

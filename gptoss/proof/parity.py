@@ -19,7 +19,7 @@ from gptoss.graphs.genai import GENAI_CONFIG, check_folder
 from gptoss.graphs.names import INPUT_NAME
 from gptoss.model.outputs import output_names
 from gptoss.model.params import Params
-from gptoss.proof.compare import compare_prompt, logits_diff, logits_row, step_rows, token_row
+from gptoss.proof.compare import Results, compare_prompt, logits_diff, logits_row, step_rows, token_row
 from gptoss.proof.driver import JaxOutputs, JaxRequest, compare
 from gptoss.proof.prompts import Prompt, padded
 from gptoss.proof.tolerances import Tolerances
@@ -58,19 +58,15 @@ def check_graph(onnx_path: Path, wanted: Sequence[str], sequence_length: int) ->
 def parity(
     params: Params,
     onnx_path: Path,
-    csv_path: Path,
+    results: Results,
     prompts: list[Prompt],
     sequence_length: int,
     hidden_states: bool = False,
     block_debug: bool = False,
-    tolerances: Tolerances | None = None,
     threads: int | None = None,
-    logits_diffs: Path | None = None,
 ) -> list[dict]:
     """Every prompt through JAX and through the graph in ONNX Runtime: one row per output (stage ``debug`` with
-    hidden states or taps, else ``canonical``). ``logits_diffs``: also write every real position's logits |diff|
-    (float32, one array per prompt) to this ``.npz``, for the report's histogram."""
-    tolerances = tolerances or Tolerances()
+    hidden states or taps, else ``canonical``)."""
     stage = "debug" if hidden_states or block_debug else "canonical"
     wanted = output_names(params.model_config, hidden_states, block_debug)
     check_graph(onnx_path, wanted, sequence_length)
@@ -82,24 +78,22 @@ def parity(
         for prompt in prompts:
             got = dict(zip(wanted, session.run(wanted, {INPUT_NAME: padded(prompt, sequence_length)}), strict=True))
             with jax.forward(prompt) as ref:
-                rows += compare_prompt(stage, prompt, ref, got, tolerances)
+                rows += compare_prompt(stage, prompt, ref, got, results.tolerances)
                 diffs[prompt.prompt_id] = logits_diff(prompt, ref, got)
             del got
         return rows, diffs
 
     request = JaxRequest(prompts, sequence_length, hidden_states, block_debug)
-    return compare(stage, params, request, onnx_runtime_side, csv_path, tolerances, logits_diffs, onnx_path)
+    return compare(stage, params, request, onnx_runtime_side, results, onnx_path)
 
 
 def parity_decoder(
     params: Params,
     onnx_path: Path,
-    csv_path: Path,
+    results: Results,
     prompts: list[Prompt],
     generate_tokens: int,
-    tolerances: Tolerances | None = None,
     threads: int | None = None,
-    logits_diffs: Path | None = None,
 ) -> list[dict]:
     """Generation parity on the decoder graph: every prompt, then ``generate_tokens`` greedy steps, by the JAX
     model with its cache, by ONNX Runtime on the graph and by onnxruntime-genai on the graph's folder.
@@ -108,7 +102,7 @@ def parity_decoder(
     at once in a left-padded batch (``logits_batched``: each row must equal its prompt run alone), and one
     ``greedy_tokens`` row per prompt and runtime.
     """
-    tolerances = tolerances or Tolerances()
+    tolerances = results.tolerances
     if generate_tokens < 1:
         raise GptOssError(f"--generate-tokens must be at least 1, got {generate_tokens}")
     folder = onnx_path.parent
@@ -144,7 +138,7 @@ def parity_decoder(
         return rows, diffs
 
     request = JaxRequest(prompts, generate_tokens=generate_tokens, suppress=suppress)
-    return compare("decoder", params, request, generation_side, csv_path, tolerances, logits_diffs, onnx_path)
+    return compare("decoder", params, request, generation_side, results, onnx_path)
 
 
 def batched_rows(session, prompts: list[Prompt], references: dict[str, Generation], tol: Tolerances) -> list[dict]:

@@ -14,10 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from gptoss.model.params import Params
-from gptoss.proof.compare import compare_prompt, logits_diff, step_rows, token_row
+from gptoss.proof.compare import Results, compare_prompt, logits_diff, step_rows, token_row
 from gptoss.proof.driver import JaxOutputs, JaxRequest, compare
 from gptoss.proof.prompts import Prompt, padded
-from gptoss.proof.tolerances import Tolerances
 from gptoss.runtimes.hf_transformers import hf_forward, hf_model, transformers_generate
 
 log = logging.getLogger("gptoss.reference")
@@ -26,11 +25,9 @@ log = logging.getLogger("gptoss.reference")
 def reference(
     checkpoint: Path,
     params: Params,
-    csv_path: Path,
+    results: Results,
     prompts: list[Prompt],
     sequence_length: int,
-    tolerances: Tolerances | None = None,
-    logits_diffs: Path | None = None,
     generate_tokens: int = 0,
 ) -> list[dict]:
     """Run JAX, then transformers, on every prompt; write the CSV (and the logits |diff| per prompt) atomically.
@@ -38,7 +35,7 @@ def reference(
     With ``generate_tokens``, both also generate greedily from every prompt (JAX with its KV cache, transformers
     with ``generate``): ``decode_logits`` rows per step and a ``greedy_tokens`` row (``tokens_transformers``).
     """
-    tolerances = tolerances or Tolerances()
+    tolerances = results.tolerances
     suppress = tuple(params.config.eos_token_ids)
 
     def transformers_side(jax: JaxOutputs) -> tuple[list[dict], dict[str, np.ndarray]]:
@@ -66,4 +63,4 @@ def reference(
     request = JaxRequest(
         prompts, sequence_length, hidden_states=True, generate_tokens=generate_tokens, suppress=suppress
     )
-    return compare("reference", params, request, transformers_side, csv_path, tolerances, logits_diffs)
+    return compare("reference", params, request, transformers_side, results)
