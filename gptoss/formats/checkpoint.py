@@ -1,7 +1,4 @@
-"""Read a GPT-OSS checkpoint folder (HF or OpenAI ``original/`` layout): its tensors by their HF names, or by our
-parameter names. Tensors are read from the safetensors files one at a time when they are needed. The layout is
-detected from the tensor names.
-"""
+"""Read a GPT-OSS checkpoint folder (HF or OpenAI ``original/`` layout, told apart by the tensor names)."""
 
 from __future__ import annotations
 
@@ -20,8 +17,8 @@ from gptoss.formats.safetensors_file import TensorStore
 
 @dataclasses.dataclass
 class Checkpoint:
-    """A checkpoint folder opened for reading: its config, layout and tensors, read by their HF names whatever
-    the layout (original/ tensors are renamed, and q/k/v sliced out of the fused qkv)."""
+    """A checkpoint folder opened for reading: its config, layout and tensors, each read when needed by its HF name
+    whatever the layout (original/ tensors are renamed, and q/k/v sliced out of the fused qkv)."""
 
     config: GptOssConfig
     layout: str  # "hf" | "original"
@@ -98,10 +95,8 @@ class Checkpoint:
         return lambda: self.get(hf)
 
     def _decode_experts(self, blocks: str, scales: str, dtype: np.dtype) -> np.ndarray:
-        """MXFP4 experts ``blocks``/``scales`` (``[E, out, ...]``) → our ``[E, in, out]`` kernel in ``dtype``.
-
-        Decoded one expert at a time straight into the result: the float32 decode of a whole 20b tensor
-        (2.1 GB) and its transposed copy never exist. Mismatched shapes are a clear error naming both tensors.
+        """MXFP4 experts ``blocks``/``scales`` (``[E, out, ...]``) → our ``[E, in, out]`` kernel in ``dtype``,
+        decoded one expert at a time straight into the result (no whole float32 decode, no transposed copy).
         Trap: ``down_proj`` is square for gpt-oss-20b (2880×2880), so a missing transpose keeps the shapes right.
         """
         b, s = self.get(blocks), self.get(scales)

@@ -11,9 +11,8 @@ from gptoss.files import atomic_output, require_free_space
 
 log = logging.getLogger("gptoss.download")
 
-# The Hub client matches patterns with fnmatch, where ``*`` also matches ``/``: "*.safetensors" would fetch
-# openai/gpt-oss-20b's original/model.safetensors as well, a second copy of the same weights. So every pattern
-# names one folder: the top level (HF layout) or original/ (OpenAI's layout), never both.
+# The Hub client's fnmatch lets ``*`` match ``/`` ("*.safetensors" would fetch original/'s copy of the weights
+# too), so every pattern names one folder: the top level (HF layout) or original/ (OpenAI's layout).
 TOKENIZER_PATTERNS = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"]
 ALLOW_PATTERNS: dict[str, list[str]] = {
     "hf": [
@@ -26,7 +25,6 @@ ALLOW_PATTERNS: dict[str, list[str]] = {
     ],
     "original": ["original/*", "generation_config.json", *TOKENIZER_PATTERNS],
 }
-LAYOUTS = tuple(ALLOW_PATTERNS)
 REVISION_FILE = "download.json"
 
 
@@ -55,7 +53,7 @@ def download(repo_id: str, revision: str, output: Path, retries: int = 3, layout
     Returns the resolved commit hash, also written to ``output/download.json``.
     """
     if layout not in ALLOW_PATTERNS:
-        raise GptOssError(f"unknown layout {layout!r}; choose one of {list(LAYOUTS)}")
+        raise GptOssError(f"unknown layout {layout!r}; choose one of {list(ALLOW_PATTERNS)}")
     from huggingface_hub import HfApi, snapshot_download
 
     last_error: Exception | None = None
@@ -65,13 +63,7 @@ def download(repo_id: str, revision: str, output: Path, retries: int = 3, layout
             commit = info.sha or revision
             require_free_space(output, missing_bytes(info, output, layout), f"{repo_id} ({layout} layout)")
             log.info(
-                "downloading %s@%s (commit %s, %s layout) into %s, attempt %d",
-                repo_id,
-                revision,
-                commit,
-                layout,
-                output,
-                attempt,
+                f"downloading {repo_id}@{revision} (commit {commit}, {layout} layout) into {output}, attempt {attempt}"
             )
             snapshot_download(
                 repo_id=repo_id, revision=commit, local_dir=str(output), allow_patterns=ALLOW_PATTERNS[layout]
@@ -88,8 +80,7 @@ def download(repo_id: str, revision: str, output: Path, retries: int = 3, layout
             f"({str(last_error).splitlines()[0] if last_error else 'unknown error'}); offline? "
             "try the synthetic toy workflow: --configfile config/toy.yaml"
         )
+    origin = {"repo_id": repo_id, "revision": revision, "commit": commit, "layout": layout}
     with atomic_output(output / REVISION_FILE) as tmp:
-        tmp.write_text(
-            json.dumps({"repo_id": repo_id, "revision": revision, "commit": commit, "layout": layout}, indent=2) + "\n"
-        )
+        tmp.write_text(json.dumps(origin, indent=2) + "\n")
     return commit

@@ -29,7 +29,6 @@ HF_TO_ORIGINAL_LAYER = {
 }
 QKV = ("q_proj", "k_proj", "v_proj")
 _HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
-_ORIGINAL_LAYER = re.compile(r"^block\.(\d+)\.(.+)$")
 
 
 def original_name(hf: str) -> str | None:
@@ -90,9 +89,8 @@ def hf_source(ours: str) -> tuple[str, str]:
     prefix, rest = (f"model.layers.{m.group(1)}.", m.group(2)) if m else ("", ours)
     module, _, leaf = rest.rpartition(".")
     if module in OURS_TO_HF_LINEAR:
-        return f"{prefix}{OURS_TO_HF_LINEAR[module]}.{'weight' if leaf == 'kernel' else leaf}", (
-            "transpose" if leaf == "kernel" else "copy"
-        )
+        kernel = leaf == "kernel"
+        return f"{prefix}{OURS_TO_HF_LINEAR[module]}.{'weight' if kernel else leaf}", "transpose" if kernel else "copy"
     if rest in OURS_TO_HF_EXPERTS:
         return prefix + OURS_TO_HF_EXPERTS[rest], "experts"
     if rest in OURS_TO_HF_MXFP4:

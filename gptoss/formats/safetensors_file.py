@@ -1,11 +1,7 @@
-"""Validated reading of safetensors files (single or sharded), one tensor at a time.
-
-We parse the format ourselves (8-byte little-endian header length, JSON header, raw data) so that a tensor is
-read only when asked for (a 13 GB checkpoint never sits in memory, and truncating to 2 layers reads only their
-tensors) and bf16 works without torch (``ml_dtypes``). Tensors are read into fresh arrays, not memory-mapped:
-mapped pages a process has touched count in its resident memory until it exits, which for a whole checkpoint
-read once (convert) is its whole size. Every structural problem becomes a ``GptOssError`` naming the file.
-"""
+"""Validated reading of safetensors files (single or sharded), one tensor at a time, without torch (bf16 through
+``ml_dtypes``): a tensor is read only when asked for, into a fresh array. Not memory-mapped: mapped pages a process
+has touched count in its resident memory until it exits, for convert the whole checkpoint. Every structural problem
+is a ``GptOssError`` naming the file."""
 
 from __future__ import annotations
 
@@ -100,10 +96,7 @@ class TensorStore:
     """All tensors of a checkpoint folder (``*.safetensors``, sharded or not), by name."""
 
     def __init__(self, files: list[SafetensorsFile]) -> None:
-        self._where: dict[str, SafetensorsFile] = {}
-        for f in files:
-            for name in f.keys():
-                self._where[name] = f
+        self._where = {name: f for f in files for name in f.keys()}
 
     @classmethod
     def open(cls, folder: Path) -> TensorStore:

@@ -1,12 +1,9 @@
-"""Synthetic GPT-OSS checkpoints: real HF-layout files (MXFP4 experts, bf16 elsewhere) from a preset and a seed.
+"""Synthetic GPT-OSS checkpoints from a preset and a seed: the files openai/gpt-oss-* has (MXFP4 experts, bf16
+elsewhere, configs and a small tokenizer), in the HF or ``original/`` layout.
 
-Besides the weights and ``tokenizer.json`` the folder has what openai/gpt-oss-* has for Hugging Face tools:
-``config.json`` with ``quantization_config`` and token ids, ``generation_config.json``, ``tokenizer_config.json`` and
-``special_tokens_map.json`` (the synthetic tokenizer's ``<|start|>``, ``<|end|>``, ``<|endoftext|>`` as bos, eos, pad).
-
-Weight scales are chosen so the computation is not degenerate: attention scores of order 1, router logits
-spread enough that routing varies per token, and expert pre-activations large enough that the swiglu clamps
-(gate ≤ 7, |linear| ≤ 7) engage for a few percent of the values.
+Weight scales keep the computation from being degenerate: attention scores of order 1, routing that varies per token,
+and expert pre-activations large enough that the swiglu clamps (gate ≤ 7, |linear| ≤ 7) engage for a few percent of
+the values.
 """
 
 from __future__ import annotations
@@ -76,8 +73,7 @@ def preset_config(preset: str, num_layers: int | None = None) -> GptOssConfig:
         if num_layers < 1:
             raise GptOssError(f"--layers must be at least 1, got {num_layers}")
         fields["num_hidden_layers"] = num_layers
-    n = fields["num_hidden_layers"]
-    return GptOssConfig(layer_types=default_layer_types(n), **fields)
+    return GptOssConfig(layer_types=default_layer_types(fields["num_hidden_layers"]), **fields)
 
 
 def hf(ours: str) -> str:
@@ -152,7 +148,7 @@ def synthesize(
     with atomic_output(output) as tmp:
         write_checkpoint(tmp, cfg, _Generator(cfg, seed).tensors(), layout=layout, special=special)
         write_generation_config(tmp, special)
-        write_hf_tokenizer(tmp, tokenizer, cfg.to_hf_dict()["max_position_embeddings"])
+        write_hf_tokenizer(tmp, tokenizer, cfg.max_position_embeddings)
         origin = {"synthetic": True, "preset": preset, "layers": cfg.num_hidden_layers, "seed": seed, "layout": layout}
         (tmp / SYNTH_FILE).write_text(json.dumps(origin, indent=2) + "\n")
     return cfg

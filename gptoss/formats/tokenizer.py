@@ -89,15 +89,9 @@ def hf_tokenizer_files(
 ) -> dict[str, dict[str, Any]]:
     """``tokenizer_config.json`` and ``special_tokens_map.json`` for ``tokenizer`` in the form openai/gpt-oss-*
     ships them, so that ``transformers.AutoTokenizer`` loads the folder with its special tokens set."""
+    fields = ("content", "lstrip", "normalized", "rstrip", "single_word", "special")
     added = {
-        str(token_id): {
-            "content": token.content,
-            "lstrip": token.lstrip,
-            "normalized": token.normalized,
-            "rstrip": token.rstrip,
-            "single_word": token.single_word,
-            "special": token.special,
-        }
+        str(token_id): {field: getattr(token, field) for field in fields}
         for token_id, token in sorted(tokenizer.get_added_tokens_decoder().items())
     }
     config = {
