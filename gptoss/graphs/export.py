@@ -1,8 +1,6 @@
 """``gptoss export``'s entry points: trace a graph of the params (:mod:`gptoss.graphs.trace`), attach the shared
-weights file (:mod:`gptoss.graphs.weights_file`) and write the graph. The weights go to
-``model.onnx.data`` beside the graph (the file always exists, so workflows can declare it); each file is written in a
-temporary beside its destination and renamed into place when complete. Export needs about one tensor of memory
-whatever the model size, since the weights stream from the params msgpack one tensor at a time."""
+weights file ``model.onnx.data`` beside it (:mod:`gptoss.graphs.weights_file`; it always exists, so workflows can
+declare it) and write the graph, each file atomically, in about one tensor of memory."""
 
 from __future__ import annotations
 

@@ -1,15 +1,11 @@
-"""The decoder graph's contract with onnxruntime-genai: input/output names and axes, ``genai_config.json``, the
-tokenizer files beside the graph, and the checks that a folder's config agrees with its graph.
+"""The decoder graph's contract with onnxruntime-genai (its inputs and outputs: docs/gpt_oss/README.md):
+``genai_config.json``, the tokenizer files beside the graph, and the checks that a folder's config agrees with its
+graph.
 
-Inputs ``input_ids`` int64 ``[batch_size, sequence_length]``, ``attention_mask`` int64
-``[batch_size, total_sequence_length]`` and ``past_key_values.{i}.key|value`` float32
-``[batch_size, num_key_value_heads, past_sequence_length, head_dim]`` (keys after RoPE); outputs ``logits``
-``[batch_size, sequence_length, vocab]`` and ``present.{i}.key|value`` with ``total_sequence_length`` positions
-(the past ones, then the new ones). Every layer keeps every position: the sliding window is a mask in the
-graph. So ``genai_config.json`` has no ``sliding_window`` section: with one, onnxruntime-genai 0.18 hands the
-listed layers a ``present`` buffer capped below ``total_sequence_length`` (measured on the toy: 24 positions
-for a window of 8, and the run fails at position 25), and ``past_present_share_buffer`` is off, so ``present``
-has exactly the shape the graph computes.
+Every layer's ``present`` keeps every position (the sliding window is a mask in the graph), so ``genai_config.json``
+has no ``sliding_window`` section: with one, onnxruntime-genai 0.18 hands those layers a ``present`` buffer capped
+below ``total_sequence_length`` (on the toy: 24 positions for a window of 8, and the run fails at position 25).
+``past_present_share_buffer`` is off, so ``present`` has exactly the shape the graph computes.
 """
 
 from __future__ import annotations

@@ -1,9 +1,5 @@
 """Rewrite passes over a traced graph: pure ``onnx_ir`` functions, free of JAX, that keep the arithmetic and change
-how ONNX Runtime runs it. ``genai_interface`` gives the decoder onnxruntime-genai's input types and axis names;
-``einsums_to_matmul`` turns matmul-shaped Einsum nodes into MatMul; ``drop_expands`` leaves explicit broadcasts to
-the elementwise ops that broadcast by themselves; ``defer_weight_reads`` makes nodes that read only weights wait
-for the activation their result meets. Each pass edits the graph in place, If branches included, and returns
-what it changed."""
+how ONNX Runtime runs it. Each edits the graph in place, If branches included, and returns what it changed."""
 
 from __future__ import annotations
 
@@ -92,15 +88,10 @@ def drop_expands(graph: ir.Graph) -> int:
 
 
 def defer_weight_reads(graph: ir.Graph) -> int:
-    """Make every node that reads only weights (a bfloat16 Cast, a Slice of MXFP4 blocks, then what follows it)
-    wait for the activation its result is combined with, so that ONNX Runtime runs it just in time.
-
-    Nothing in a graph keeps ONNX Runtime from running such nodes as soon as a run starts, and it does: it casts
-    every layer's weights first and keeps them until their layer comes. So each such read takes its weight
-    through a Reshape to the weight's own shape, computed from the activation's shape (``shape + 0·dim``):
-    nothing is copied, and the read waits for the activation.
-    Returns the number of deferred reads (inside If branches too).
-    """
+    """Make every node that reads only weights (a bfloat16 Cast, a Slice of MXFP4 blocks) wait for the activation
+    its result is combined with; left free, ONNX Runtime runs them all first and keeps every layer's result until
+    its layer comes. The weight goes through a Reshape to its own shape computed from the activation's
+    (``shape + 0·dim``): nothing is copied, and the read waits. Returns the number of deferred reads."""
     deferred = 0
     weights = {v for v in graph.inputs if not is_data_input(v.name)} | set(graph.initializers.values())
     for sub in (graph, *subgraphs(graph)):

@@ -1,10 +1,7 @@
-"""Tracing the Flax model into an ONNX graph with jax2onnx, then applying the rewrite passes
-(:mod:`gptoss.graphs.passes`). The canonical graph has input ``input_ids [batch, sequence]`` (int32, both axes
-symbolic) and one output ``logits [batch, sequence, vocab]`` float32; the debug graph fixes the sequence length and
-adds ``hidden_state_{i}`` and ``block_{i}_{tap}`` outputs; the decoder graph takes and returns the KV cache with
-onnxruntime-genai's names. The graph is traced from an *abstract* model with every weight as a graph input, so no
-weight is materialised, nor captured as a constant by ``jax.jit``/jax2onnx; the weights file
-(:mod:`gptoss.graphs.weights_file`) turns those inputs into initializers."""
+"""Tracing the Flax model into an ONNX graph (canonical, debug or decoder: docs/gpt_oss/README.md) with jax2onnx,
+then applying the rewrite passes (:mod:`gptoss.graphs.passes`). The model is *abstract* and every weight a graph
+input, so no weight is materialised nor captured as a constant; the weights file (:mod:`gptoss.graphs.weights_file`)
+turns those inputs into initializers."""
 
 from __future__ import annotations
 
@@ -28,8 +25,6 @@ from gptoss.model.params import flat_param_specs
 
 log = logging.getLogger("gptoss.export")
 
-DEFAULT_OPSET = 21
-
 
 @dataclass(frozen=True)
 class ExportSpec:
@@ -38,7 +33,7 @@ class ExportSpec:
     sequence_length: int
     emit_hidden_states: bool = False
     emit_block_debug: bool = False
-    opset: int = DEFAULT_OPSET
+    opset: int = 21
     decoder: bool = False
     context_length: int | None = None  # decoder: genai_config's context length (default: the model's)
 
@@ -49,10 +44,6 @@ class ExportSpec:
     @property
     def stage(self) -> str:
         return "decoder" if self.decoder else "debug" if self.debug else "canonical"
-
-    def input_shape(self) -> tuple[str | int, str | int]:
-        # The debug graph may fix the sequence length; the canonical graph keeps both axes symbolic.
-        return ("batch", self.sequence_length) if self.debug else ("batch", "sequence")
 
 
 class _Traceable:
@@ -125,7 +116,9 @@ def build_onnx(model: GptOss, spec: ExportSpec) -> ir.Model:
         names, duplicates = ["logits", *present_names(model.cfg.num_hidden_layers)], {}
     else:
         input_names = [INPUT_NAME]
-        input_specs = [jax.ShapeDtypeStruct(spec.input_shape(), jnp.int32)]
+        # The debug graph fixes the sequence length; the canonical graph keeps both axes symbolic.
+        shape = ("batch", spec.sequence_length) if spec.debug else ("batch", "sequence")
+        input_specs = [jax.ShapeDtypeStruct(shape, jnp.int32)]
         outputs = forward_outputs(traceable, spec)
         names = output_names(model.cfg, spec.emit_hidden_states, spec.emit_block_debug)
         duplicates = aliases(outputs, [jax.ShapeDtypeStruct((1, spec.sequence_length), jnp.int32), *weight_specs])
@@ -148,11 +141,8 @@ def build_onnx(model: GptOss, spec: ExportSpec) -> ir.Model:
     by_name = {v.name: v for v in graph.outputs}
     for alias, target in duplicates.items():
         source = by_name[target]
-        node = ir.node("Identity", inputs=[source], outputs=[ir.Value(name=alias)])
-        node.outputs[0].type = source.type
-        node.outputs[0].shape = source.shape
-        graph.append(node)
-        by_name[alias] = node.outputs[0]
+        by_name[alias] = ir.Value(name=alias, type=source.type, shape=source.shape)
+        graph.append(ir.node("Identity", inputs=[source], outputs=[by_name[alias]]))
     graph.outputs.clear()
     graph.outputs.extend(by_name[name] for name in names)
     if spec.decoder:

@@ -1,8 +1,6 @@
 """The weights file every graph of a model shares (``model.onnx.data`` beside the graphs): where each weight goes,
-streaming the large ones into it, and turning a traced graph's weight inputs into initializers that point into
-it. Tensors over ``EXTERNAL_THRESHOLD_BYTES`` go to the file at ``DATA_ALIGNMENT``-aligned offsets so ONNX Runtime
-can memory-map them; the small ones live in the graph. The layout is a function of the params alone, so one file
-serves the canonical, debug and decoder graphs, and writing it needs about one tensor of memory."""
+streaming the large ones into it (one tensor at a time), and turning a traced graph's weight inputs into
+initializers that point into it."""
 
 from __future__ import annotations
 

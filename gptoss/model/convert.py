@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from collections.abc import Callable
@@ -43,35 +44,31 @@ def convert(
     checkpoint: Path, output: Path, num_layers: int | None = None, weight_format: str = "float32"
 ) -> ParamsConfig:
     """Convert ``checkpoint`` to ``output`` (msgpack) and its config; both written atomically."""
+    checkpoint = Path(checkpoint)
     full_cfg, cfg, specs, loaders = load_params(checkpoint, num_layers, weight_format)
     total = sum(s.size * s.dtype.itemsize for s in specs.values())
     require_free_space(output.parent, int(total * 1.02), f"{output.name}")
     log.info(
-        "converting %s: %d layers, %d params, %.2f GB as %s",
-        checkpoint,
-        cfg.num_hidden_layers,
-        cfg.param_count(),
-        total / 1e9,
-        weight_format,
+        f"converting {checkpoint}: {cfg.num_hidden_layers} layers, {cfg.param_count()} params, "
+        f"{total / 1e9:.2f} GB as {weight_format}"
     )
-    done = [0]
+    done = itertools.count(1)
 
     def progress(name: str) -> None:
-        done[0] += 1
-        log.info("[%d/%d] %s", done[0], len(specs), name)
+        log.info("[%d/%d] %s", next(done), len(specs), name)
 
     write_params(output, list(specs), lambda name: loaders[name](), progress)
-    tokenizer = find_tokenizer(Path(checkpoint))
+    tokenizer = find_tokenizer(checkpoint)
     if tokenizer is None:
         log.warning("%s has no tokenizer.json: parity will need --tokenizer or --token-ids", checkpoint)
     params_cfg = ParamsConfig(
         model=cfg,
         weight_format=weight_format,
-        source_checkpoint=str(Path(checkpoint).resolve()),
+        source_checkpoint=str(checkpoint.resolve()),
         tokenizer=str(tokenizer) if tokenizer else None,
         source_layers=full_cfg.num_hidden_layers,
-        origin=checkpoint_origin(Path(checkpoint)),
-        generation=generation_tokens(Path(checkpoint)),
+        origin=checkpoint_origin(checkpoint),
+        generation=generation_tokens(checkpoint),
     )
     config_path = params_config_path(output)
     try:

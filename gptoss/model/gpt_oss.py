@@ -80,18 +80,15 @@ def forward(
     emit_block_debug: bool = False,
     jit: bool = True,
 ) -> Outputs:
-    """Logits of a whole sequence and, on request, the hidden states and block taps.
-    ``model``: a :class:`GptOss`, or anything with its ``cfg``, ``embed``, ``layers``, ``norm`` and ``unembed``
-    (:class:`gptoss.runtimes.jax_model.StreamedModel` reads each piece from disk as it comes).
+    """Logits of a whole sequence and, on request, the hidden states and block taps. ``model``: a :class:`GptOss`,
+    or anything with its ``cfg``, ``embed``, ``layers``, ``norm`` and ``unembed`` (such as
+    :class:`gptoss.runtimes.jax_model.StreamedModel`, which reads each piece from disk as it comes).
 
-    ``jit``: one program per piece (embedding, each block, head), the weights its arguments. Captured as constants
-    they would be copied into the program, and ``nnx.jit`` returns the module state as outputs (a second copy).
-    One program per block keeps XLA's temporaries to one block's worth; within a block, bfloat16 weights are cast
-    a slice at a time (``CAST_SLICE_BYTES``), which holds because ``gptoss`` selects XLA's memory-minimising
-    scheduler.
-    """
+    ``jit``: one program per piece (embedding, each block, head), so XLA's temporaries stay one block's worth, with
+    the weights as its arguments (captured as constants they would be copied into the program, and ``nnx.jit``
+    returns the module state as outputs, a second copy)."""
     positions = token_positions(input_ids)
-    x = _run(jit, _embed, model.embed, input_ids)
+    x = _run(jit, Embed.__call__, model.embed, input_ids)
     outputs: Outputs = {}
     for i, block in enumerate(model.layers):
         x, taps = _run(jit, block_outputs, block, x, positions, static=(emit_block_debug,))
@@ -106,16 +103,12 @@ def decode_step(
     ``[b, kv_heads, p, head_dim]``), ``attention_mask [b, p + s]`` (0 marks padding). Returns the logits
     ``[b, s, vocab]`` and every layer's keys/values ``[b, kv_heads, p + s, head_dim]``. ``jit`` as in
     :func:`forward` (one program per block and shape)."""
-    x = _run(jit, _embed, model.embed, input_ids)
+    x = _run(jit, Embed.__call__, model.embed, input_ids)
     presents = []
     for block, layer_past in zip(model.layers, past, strict=True):
         x, present = _run(jit, _cached_block, block, x, input_ids, attention_mask, layer_past)
         presents.append(present)
     return _run(jit, _head, (model.norm, model.unembed), x), presents
-
-
-def _embed(embed: Embed, input_ids: jax.Array) -> jax.Array:
-    return embed(input_ids)
 
 
 def _cached_block(

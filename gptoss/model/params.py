@@ -18,10 +18,6 @@ from gptoss.formats.params_file import StoredArray, index_params, read_stored
 from gptoss.model.gpt_oss import GptOss
 
 
-def _path_to_name(path: tuple) -> str:
-    return ".".join(str(p) for p in path)
-
-
 def abstract_model(cfg: GptOssConfig, weight_format: str = "float32") -> GptOss:
     """The model's structure with shape-only parameters (nothing allocated)."""
     return nnx.eval_shape(lambda: GptOss(cfg, weight_format))
@@ -29,7 +25,7 @@ def abstract_model(cfg: GptOssConfig, weight_format: str = "float32") -> GptOss:
 
 def flat_param_specs(state: nnx.State) -> list[tuple[tuple, str, jax.ShapeDtypeStruct]]:
     """``(path, dotted name, shape/dtype)`` of every parameter of an abstract model's state, in state order."""
-    return [(path, _path_to_name(path), var.get_value()) for path, var in nnx.to_flat_state(state)]
+    return [(path, ".".join(str(p) for p in path), var.get_value()) for path, var in nnx.to_flat_state(state)]
 
 
 def param_specs(cfg: GptOssConfig, weight_format: str = "float32") -> dict[str, jax.ShapeDtypeStruct]:
