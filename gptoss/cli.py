@@ -8,7 +8,7 @@ import os
 import resource
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from gptoss.config import WEIGHT_FORMAT_NAMES
@@ -18,18 +18,8 @@ from gptoss.stages import EXPORT_STAGES, PARITY_STAGES, STAGES
 
 log = logging.getLogger("gptoss")
 LAYOUTS = ["hf", "original"]
-COMMANDS: dict[str, Callable[[argparse.Namespace], int | None]] = {}
 
 
-def command(name: str) -> Callable:
-    def register(fn: Callable[[argparse.Namespace], int | None]) -> Callable:
-        COMMANDS[name] = fn
-        return fn
-
-    return register
-
-
-@command("synth")
 def _synth(args: argparse.Namespace) -> None:
     from gptoss.formats.synth import synthesize
 
@@ -43,14 +33,12 @@ def _synth(args: argparse.Namespace) -> None:
     )
 
 
-@command("download")
 def _download(args: argparse.Namespace) -> None:
     from gptoss.formats.hub import download
 
     download(args.repo_id, args.revision, args.output, args.retries, args.layout)
 
 
-@command("convert")
 def _convert(args: argparse.Namespace) -> None:
     from gptoss.model.convert import convert
 
@@ -59,7 +47,6 @@ def _convert(args: argparse.Namespace) -> None:
     convert(args.checkpoint, args.output, args.layers, args.weight_format or args.dtype or "float32")
 
 
-@command("export")
 def _export(args: argparse.Namespace) -> None:
     from gptoss.graphs.export import export, export_weights
     from gptoss.graphs.trace import ExportSpec
@@ -80,7 +67,6 @@ def _export(args: argparse.Namespace) -> None:
         log.info("validation: logits max |diff| JAX vs ONNX Runtime = %.3g", diff)
 
 
-@command("parity")
 def _parity(args: argparse.Namespace) -> int:
     from gptoss.model.params import Params
     from gptoss.proof.compare import Results
@@ -115,21 +101,18 @@ def _parity(args: argparse.Namespace) -> int:
     return 0
 
 
-@command("gate")
 def _gate(args: argparse.Namespace) -> int:
     from gptoss.proof.gate import gate
 
     return gate(args.csv, Tolerances.from_args(args), args.verdict, args.summary, args.expect_stage)
 
 
-@command("promote")
 def _promote(args: argparse.Namespace) -> None:
     from gptoss.promote import promote
 
     promote(args.onnx, args.verdict, args.dest, args.tag, args.config, args.sequence_length, args.decoder)
 
 
-@command("plots")
 def _plots(args: argparse.Namespace) -> None:
     from gptoss.plots import plots
 
@@ -143,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("synth", help="write a synthetic HF-layout checkpoint (MXFP4 experts, tokenizer.json)")
+    p.set_defaults(run=_synth)
     p.add_argument("--preset", default="toy", choices=["toy", "gpt-oss-20b", "gpt-oss-120b"])
     p.add_argument("--layers", type=int, help="number of layers (default: the preset's)")
     p.add_argument("--seed", type=int, default=0)
@@ -150,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, required=True, help="checkpoint folder to create")
 
     p = sub.add_parser("download", help="snapshot a checkpoint from the Hugging Face Hub")
+    p.set_defaults(run=_download)
     p.add_argument("--repo-id", required=True)
     p.add_argument("--revision", default="main", help="branch, tag or commit (pin a commit for reproducibility)")
     p.add_argument("--output", type=Path, required=True)
@@ -158,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", default="hf", choices=LAYOUTS, help=layout)
 
     p = sub.add_parser("convert", help="checkpoint folder -> Flax params msgpack + .config.json")
+    p.set_defaults(run=_convert)
     p.add_argument("--checkpoint", type=Path, required=True, help="HF or original/ layout checkpoint folder")
     p.add_argument("--output", type=Path, required=True, help="X.msgpack (X.config.json is written next to it)")
     p.add_argument("--layers", type=int, help="keep only the first N layers")
@@ -169,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=WEIGHT_FORMAT_NAMES, help=argparse.SUPPRESS)  # deprecated
 
     p = sub.add_parser("export", help="Flax params -> ONNX graph of a stage (debug, canonical, decoder)")
+    p.set_defaults(run=_export)
     stage = (
         "debug: every --emit-* output; decoder: the KV-cache graph for onnxruntime-genai, with genai_config.json "
         "and the tokenizer files beside it (default: debug if an --emit-* flag is given)"
@@ -187,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=21)
 
     p = sub.add_parser("parity", help="JAX vs ONNX Runtime (or transformers: --stage reference) -> CSV")
+    p.set_defaults(run=_parity)
     stage = (
         "debug: hidden states and block taps too; decoder: greedy generation on the KV-cache graph (JAX, ONNX "
         "Runtime, onnxruntime-genai); reference: transformers on --checkpoint instead of a graph (default: debug "
@@ -211,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     Tolerances.add_arguments(p)
 
     p = sub.add_parser("gate", help="parity CSVs + tolerances -> verdict JSON + summary; exit 1 on any breach")
+    p.set_defaults(run=_gate)
     p.add_argument("--csv", type=Path, nargs="+", required=True)
     p.add_argument("--expect-stage", nargs="*", default=[], help="stages that must have rows")
     p.add_argument("--verdict", type=Path, required=True, help="verdict JSON to write")
@@ -218,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     Tolerances.add_arguments(p)
 
     p = sub.add_parser("plots", help="report figures: tap heatmap, logits histogram, routing, benchmarks (PNG)")
+    p.set_defaults(run=_plots)
     p.add_argument("--csv", type=Path, nargs="+", required=True, help="parity CSVs (the debug one for the taps)")
     p.add_argument("--logits-diffs", type=Path, nargs="*", default=[], help=".npz files from parity --logits-diffs")
     p.add_argument("--benchmarks", type=Path, nargs="*", default=[], help="Snakemake benchmark .tsv files")
@@ -227,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     Tolerances.add_arguments(p)
 
     p = sub.add_parser("promote", help="copy a gated graph with a manifest; refuses without a passing verdict")
+    p.set_defaults(run=_promote)
     p.add_argument("--onnx", type=Path, required=True)
     p.add_argument("--verdict", type=Path, required=True)
     p.add_argument("--dest", type=Path, required=True, help="folder to create (replaced if it exists)")
@@ -256,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("gptoss").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     start = time.perf_counter()
     try:
-        status = COMMANDS[args.command](args) or 0
+        status = args.run(args) or 0
     except GptOssError as exc:
         print(f"gptoss {args.command}: error: {exc}", file=sys.stderr)
         return 1

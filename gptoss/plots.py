@@ -40,9 +40,12 @@ def _pyplot():
 
 
 def _save(fig, path: Path) -> None:
+    """Write and close the figure; no timestamp in the metadata, so the same inputs give the same bytes."""
+    import matplotlib.pyplot as plt
+
     with atomic_output(path) as tmp, open(tmp, "wb") as fh:
-        # No timestamp in the metadata: the same inputs give the same bytes.
         fig.savefig(fh, format="png", bbox_inches="tight", metadata={"Software": None})
+    plt.close(fig)
 
 
 def taps_heatmap(rows: list[dict], tol: Tolerances, path: Path) -> None:
@@ -83,7 +86,6 @@ def taps_heatmap(rows: list[dict], tol: Tolerances, path: Path) -> None:
     ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.8), ncol=3, fontsize=7, frameon=False)
     ax.set_title("Debug graph: max |JAX − ONNX Runtime| per block and tap (worst prompt)")
     _save(fig, path)
-    plt.close(fig)
 
 
 def logits_histogram(diffs_files: Sequence[Path], tol: Tolerances, path: Path) -> None:
@@ -105,7 +107,6 @@ def logits_histogram(diffs_files: Sequence[Path], tol: Tolerances, path: Path) -
     ax.legend(fontsize=7)
     ax.set_title("Logits differences, every real position and vocabulary entry")
     _save(fig, path)
-    plt.close(fig)
 
 
 def routing_plot(rows: list[dict], path: Path) -> None:
@@ -124,7 +125,6 @@ def routing_plot(rows: list[dict], path: Path) -> None:
     ax.set_ylabel("tokens routed to the same experts")
     ax.set_title("Routing agreement (JAX vs ONNX Runtime)")
     _save(fig, path)
-    plt.close(fig)
 
 
 def benchmarks_plot(benchmark_files: Sequence[Path], path: Path) -> None:
@@ -144,28 +144,26 @@ def benchmarks_plot(benchmark_files: Sequence[Path], path: Path) -> None:
     left.invert_yaxis()
     fig.suptitle("Per-rule benchmarks (Snakemake benchmark files)")
     _save(fig, path)
-    plt.close(fig)
 
 
-def _html_table(title: str, rows: list[tuple[str, str]]) -> str:
+def _html_page(path: Path, title: str, rows: list[tuple[str, str]]) -> None:
+    """A titled two-column table as a small HTML page (the report shows HTML inline)."""
     cells = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
     style = (
         "<style>body{font-family:sans-serif} th{text-align:left;padding:2px 16px 2px 0} "
         "td{font-family:monospace}</style>"
     )
-    return f"{style}<h3>{html.escape(title)}</h3><table>{cells}</table>"
+    with atomic_output(path) as tmp:
+        tmp.write_text(f"<html><body>{style}<h3>{html.escape(title)}</h3><table>{cells}</table></body></html>\n")
 
 
 def verdict_html(verdict: dict, path: Path) -> None:
-    """The gate verdict as a small HTML page (the report shows HTML inline)."""
     status = "PASSED" if verdict["passed"] else "FAILED"
     rows = [
         (key, f"{w['tensor']} max |diff| {w['max_abs_diff']:.3g} (atol {w['atol']:.3g})")
         for key, w in verdict["worst"].items()
     ]
-    body = _html_table(f"Parity gate: {status}", rows + [("problems", "; ".join(verdict["problems"]) or "none")])
-    with atomic_output(path) as tmp:
-        tmp.write_text(f"<html><body>{body}</body></html>\n")
+    _html_page(path, f"Parity gate: {status}", rows + [("problems", "; ".join(verdict["problems"]) or "none")])
 
 
 def manifest_html(manifest: dict, path: Path) -> None:
@@ -175,9 +173,7 @@ def manifest_html(manifest: dict, path: Path) -> None:
     rows += [("opset / sequence length", f"{manifest.get('opset')} / {manifest.get('sequence_length')}")]
     rows += [("versions", ", ".join(f"{k} {v}" for k, v in manifest["versions"].items()))]
     rows += [("project commit", manifest.get("project_commit", ""))]
-    with atomic_output(path) as tmp:
-        table = _html_table(f"Promoted: {manifest['tag']}", rows)
-        tmp.write_text(f"<html><body>{table}</body></html>\n")
+    _html_page(path, f"Promoted: {manifest['tag']}", rows)
 
 
 def plots(

@@ -44,15 +44,10 @@ def versions() -> dict[str, str]:
 def git_commit() -> str:
     """The project's git commit (with ``-dirty`` if the tree has changes), or ``unknown``."""
     root = Path(__file__).resolve().parent.parent
+    git = functools.partial(subprocess.run, cwd=root, capture_output=True, text=True, check=True)
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=root,
-            capture_output=True,
-            text=True,
-            check=True,
-        )
+        commit = git(["git", "rev-parse", "HEAD"])
+        dirty = git(["git", "status", "--porcelain", "--untracked-files=no"])
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
@@ -77,14 +72,8 @@ def manifest(
     sequence_length: int | None,
     stage: str,
 ) -> dict:
-    opset = next(
-        (
-            o.version
-            for o in onnx.load(str(onnx_path), load_external_data=False).opset_import
-            if o.domain in ("", "ai.onnx")
-        ),
-        None,
-    )
+    imports = onnx.load(str(onnx_path), load_external_data=False).opset_import
+    opset = next((o.version for o in imports if o.domain in ("", "ai.onnx")), None)
     model = None
     if params_cfg is not None:
         model = {

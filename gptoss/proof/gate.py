@@ -40,11 +40,8 @@ def _describe(row: dict, tol: Tolerances) -> str:
 
 def evaluate(rows: list[dict], tol: Tolerances, expect_stages: Sequence[str]) -> dict:
     """The verdict as a dict (deterministic: no timestamps)."""
-    problems: list[str] = []
     stages = sorted({r["stage"] for r in rows})
-    for stage in expect_stages:
-        if stage not in stages:
-            problems.append(f"expected stage {stage!r} has no rows")
+    problems = [f"expected stage {stage!r} has no rows" for stage in expect_stages if stage not in stages]
     if not rows:
         problems.append("no parity rows at all")
     worst: dict[str, dict] = {}
@@ -135,14 +132,8 @@ def gate(
     with atomic_output(summary_path) as tmp:
         tmp.write_text(summary_markdown(verdict))
     for key, w in verdict["worst"].items():
-        log.info(
-            "%-26s %-34s max|diff| %.3g (atol %.3g) %s",
-            key,
-            w["tensor"],
-            w["max_abs_diff"],
-            w["atol"],
-            "ok" if w["passed"] else "FAIL",
-        )
+        ok = "ok" if w["passed"] else "FAIL"
+        log.info("%-26s %-34s max|diff| %.3g (atol %.3g) %s", key, w["tensor"], w["max_abs_diff"], w["atol"], ok)
     if not verdict["passed"]:
         first = verdict["first_failure"]
         where = f"; first failing tap in forward order: block {first['block']} {first['tap']}" if first else ""

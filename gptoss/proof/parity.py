@@ -39,11 +39,8 @@ def check_graph(onnx_path: Path, wanted: Sequence[str], sequence_length: int) ->
     available = {o.name for o in graph.output}
     missing = [name for name in wanted if name not in available]
     if missing:
-        needs = []
-        if any(n.startswith("hidden_state_") for n in missing):
-            needs.append("--emit-hidden-states")
-        if any(n.startswith("block_") for n in missing):
-            needs.append("--emit-block-debug")
+        flags = {"hidden_state_": "--emit-hidden-states", "block_": "--emit-block-debug"}
+        needs = [flag for prefix, flag in flags.items() if any(n.startswith(prefix) for n in missing)]
         raise GptOssError(
             f"{onnx_path} lacks outputs {missing[:3]}{'...' if len(missing) > 3 else ''}: "
             f"export it with {' '.join(needs) or 'the matching flags'}"

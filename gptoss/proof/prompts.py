@@ -23,19 +23,20 @@ class Prompt:
     ids: list[int]
 
 
-def resolve_prompts(
-    prompts: Sequence[str], token_ids: Sequence[str], tokenizer_path: Path | None, sequence_length: int | None
+def prompt_inputs(
+    params: Params, prompts: Sequence[str], token_ids: Sequence[str], tokenizer: Path | None, length: int | None
 ) -> list[Prompt]:
-    """Prompts (tokenized with the checkpoint's tokenizer) and/or literal comma-separated token id lists, each at
-    most ``sequence_length`` tokens (None: any length)."""
+    """Prompts (tokenized with ``tokenizer``, else the one the params config records) and/or literal
+    comma-separated token id lists, each at most ``length`` tokens (None: any length)."""
+    tokenizer = tokenizer or (Path(params.config.tokenizer) if params.config.tokenizer else None)
     resolved: list[Prompt] = []
     if prompts:
         from gptoss.formats.tokenizer import encode, load_tokenizer
 
-        if tokenizer_path is None:
+        if tokenizer is None:
             raise GptOssError("no tokenizer: the params config records none; pass --tokenizer or --token-ids")
-        tokenizer = load_tokenizer(tokenizer_path)
-        resolved += [Prompt(f"p{i}", encode(tokenizer, text)) for i, text in enumerate(prompts)]
+        loaded = load_tokenizer(tokenizer)
+        resolved += [Prompt(f"p{i}", encode(loaded, text)) for i, text in enumerate(prompts)]
     for i, text in enumerate(token_ids):
         try:
             resolved.append(Prompt(f"t{i}", [int(t) for t in text.replace(" ", "").split(",") if t]))
@@ -46,24 +47,12 @@ def resolve_prompts(
     for p in resolved:
         if not p.ids:
             raise GptOssError(f"prompt {p.prompt_id} has no tokens")
-        if sequence_length is not None and len(p.ids) > sequence_length:
+        if length is not None and len(p.ids) > length:
             raise GptOssError(
-                f"prompt {p.prompt_id} has {len(p.ids)} tokens, more than --sequence-length {sequence_length} "
+                f"prompt {p.prompt_id} has {len(p.ids)} tokens, more than --sequence-length {length} "
                 "(prompts are never truncated)"
             )
     return resolved
-
-
-def prompt_inputs(
-    params: Params,
-    prompts: Sequence[str],
-    token_ids: Sequence[str],
-    tokenizer: Path | None,
-    sequence_length: int | None,
-) -> list[Prompt]:
-    """The prompts, tokenized with ``tokenizer`` or else the one the params config records."""
-    tokenizer = tokenizer or (Path(params.config.tokenizer) if params.config.tokenizer else None)
-    return resolve_prompts(prompts, token_ids, tokenizer, sequence_length)
 
 
 def padded(prompt: Prompt, sequence_length: int) -> np.ndarray:

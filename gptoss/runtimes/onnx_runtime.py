@@ -16,11 +16,8 @@ from gptoss.runtimes.generation import Generation, choose
 
 def ort_session(onnx_path: Path, threads: int | None = None) -> ort.InferenceSession:
     """A CPU session as a deployment (and onnxruntime-genai) makes it: full graph optimisations, memory arena.
-
-    Weights that are not float32 (bfloat16, MXFP4) are overridable graph inputs (see
-    ``gptoss.graphs.weights_file.attach_weights``), so constant folding leaves their float32 casts and decodes to
-    run time instead of keeping a float32 copy of every one.
-    """
+    Constant folding keeps no float32 copy of weights stored narrower: those are overridable graph inputs
+    (``gptoss.graphs.weights_file.attach_weights``)."""
     if not Path(onnx_path).is_file():
         raise GptOssError(f"{onnx_path}: ONNX file not found")
     options = ort.SessionOptions()
