@@ -97,8 +97,7 @@ class Checkpoint:
     def _decode_experts(self, blocks: str, scales: str, dtype: np.dtype) -> np.ndarray:
         """MXFP4 experts ``blocks``/``scales`` (``[E, out, ...]``) → our ``[E, in, out]`` kernel in ``dtype``,
         decoded one expert at a time straight into the result (no whole float32 decode, no transposed copy).
-        Trap: ``down_proj`` is square for gpt-oss-20b (2880×2880), so a missing transpose keeps the shapes right.
-        """
+        Trap: ``down_proj`` is square for gpt-oss-20b (2880×2880), so a missing transpose keeps the shapes right."""
         b, s = self.get(blocks), self.get(scales)
         try:
             mxfp4.check_shapes(b, s)

@@ -87,10 +87,8 @@ def _original_dtype(name: str, dtype: np.dtype) -> str:
 
 
 def hf_to_original(tensors: Iterable[tuple[str, np.ndarray]]) -> Iterator[tuple[str, np.ndarray]]:
-    """Rename HF-layout tensors to OpenAI's ``original/`` names (``gptoss.names``), fusing q/k/v.
-
-    Tensors of one layer must arrive together (as ``synth`` and the tests produce them).
-    """
+    """Rename HF-layout tensors to OpenAI's ``original/`` names (:mod:`gptoss.formats.names`), fusing q/k/v (so
+    the tensors of one layer must arrive together)."""
     fused: dict[str, list[np.ndarray | None]] = {}
     for name, arr in tensors:
         if (original := original_name(name)) is not None:
@@ -115,12 +113,9 @@ def write_checkpoint(
     shard_bytes: int = SHARD_BYTES,
     special: SpecialTokenIds | None = None,
 ) -> list[Path]:
-    """Write ``tensors`` (HF names) as safetensors shards plus ``config.json`` into ``folder``.
-
-    ``layout="original"`` writes OpenAI's names into ``folder/original/`` with its ``config.json`` and
-    ``dtypes.json`` there. Above ``shard_bytes`` the files are sharded with a ``model.safetensors.index.json``.
-    ``special`` puts the tokenizer's eos and pad ids into the HF ``config.json``.
-    """
+    """Write ``tensors`` (HF names) as safetensors shards plus ``config.json`` into ``folder``, or with
+    ``layout="original"`` OpenAI's names, ``config.json`` and ``dtypes.json`` into ``folder/original/``. Above
+    ``shard_bytes`` the files are sharded, with an index. ``special``: the eos and pad ids for HF's ``config.json``."""
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / "original" if layout == "original" else folder
     if layout == "original":

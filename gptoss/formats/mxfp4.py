@@ -31,10 +31,8 @@ def check_shapes(blocks: np.ndarray, scales: np.ndarray) -> None:
 
 
 def decode(blocks: np.ndarray, scales: np.ndarray, rows_per_chunk: int = 1 << 16) -> np.ndarray:
-    """Dequantize MXFP4 ``blocks [..., G, 16]`` with ``scales [..., G]`` to float32 ``[..., G*32]``.
-
-    Works in row chunks so that the temporaries stay small next to the float32 result.
-    """
+    """Dequantize MXFP4 ``blocks [..., G, 16]`` with ``scales [..., G]`` to float32 ``[..., G*32]``, in row chunks
+    so that the temporaries stay small next to the result."""
     check_shapes(blocks, scales)
     *prefix, groups, _ = blocks.shape
     flat_blocks = np.asarray(blocks, dtype=np.uint8).reshape(-1, GROUP // 2)
@@ -51,11 +49,9 @@ def decode(blocks: np.ndarray, scales: np.ndarray, rows_per_chunk: int = 1 << 16
 
 
 def encode(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Quantize float ``[..., K]`` (K a multiple of 32) to MXFP4 ``(blocks [..., K/32, 16], scales [..., K/32])``.
-
-    The shared exponent is ``floor(log2(amax)) - 2`` (E2M1's largest exponent), codes round to the nearest
-    representable value (clipped at ±6). ``decode(*encode(x)) == x`` wherever ``x`` is representable.
-    """
+    """Quantize float ``[..., K]`` (K a multiple of 32) to MXFP4 ``(blocks [..., K/32, 16], scales [..., K/32])``:
+    the shared exponent is ``floor(log2(amax)) - 2`` (E2M1's largest exponent), codes round to the nearest
+    representable value (clipped at ±6), so ``decode(*encode(x)) == x`` wherever ``x`` is representable."""
     x = np.asarray(values, dtype=np.float32)
     if x.shape[-1] % GROUP:
         raise ValueError(f"last dimension {x.shape[-1]} is not a multiple of {GROUP}")

@@ -41,11 +41,8 @@ def is_matmul_equation(equation: str) -> bool:
 
 
 def einsums_to_matmul(graph: ir.Graph) -> int:
-    """Rewrite matmul-shaped Einsum nodes (jax2onnx's form of ``dot_general``) as MatMul.
-
-    Same arithmetic, but ONNX Runtime's MatMul reads weights in place (pre-packed once), where its generic
-    Einsum kernel transposes operands per call (the gain is in docs/performance.md).
-    """
+    """Rewrite matmul-shaped Einsum nodes (jax2onnx's form of ``dot_general``) as MatMul: same arithmetic, but ONNX
+    Runtime's MatMul reads weights in place (pre-packed once) where its Einsum transposes operands per call."""
     rewritten = 0
     for node in list(ir.traversal.RecursiveGraphIterator(graph)):  # If branches (the decoder's MoE) too
         equation = node.attributes.get("equation")

@@ -68,11 +68,9 @@ def forward_outputs(traceable: _Traceable, spec: ExportSpec) -> Callable[..., di
 
 
 def aliases(outputs: Callable[..., dict[str, jax.Array]], specs: list[jax.ShapeDtypeStruct]) -> dict[str, str]:
-    """Outputs that are the very same value as an earlier one (name → earlier name).
-
-    ``hidden_state_{i}`` is ``block_{i}_output`` and ``block_{i+1}_input``; an ONNX value has one name, so
-    such duplicates become Identity nodes after export. Found by one abstract trace (no computation).
-    """
+    """Outputs that are the very same value as an earlier one (name → earlier name), found by one abstract trace:
+    ``hidden_state_{i}`` is ``block_{i}_output`` and ``block_{i+1}_input``, and an ONNX value has one name, so such
+    duplicates become Identity nodes after export."""
     found: dict[str, str] = {}
 
     def probe(*args: jax.Array) -> jax.Array:

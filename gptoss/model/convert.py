@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
@@ -83,12 +84,9 @@ def convert(
 def load_params(
     folder: Path, num_layers: int | None = None, weight_format: str = "float32"
 ) -> tuple[GptOssConfig, GptOssConfig, dict[str, jax.ShapeDtypeStruct], dict[str, Callable[[], np.ndarray]]]:
-    """Open ``folder``; return the checkpoint's config, the truncated config, and name → spec and name → loader
-    of each param.
-
-    Each loader reads one tensor, checks its shape against the model and that it is finite, and casts
-    it to the ``weight_format``'s dtype (norm scales stay float32).
-    """
+    """The checkpoint's config, the truncated config, and name → spec and name → loader of each param of
+    ``folder``. A loader reads one tensor, checks its shape against the model and that it is finite, and casts it
+    to the ``weight_format``'s dtype (norm scales stay float32)."""
     if weight_format not in WEIGHT_FORMATS:
         raise GptOssError(f"weight format {weight_format!r} is not supported; choose one of {sorted(WEIGHT_FORMATS)}")
     ckpt = Checkpoint.open(folder)
@@ -96,25 +94,22 @@ def load_params(
     specs = param_specs(cfg, weight_format)
     sources = ckpt.sources(list(specs), np.dtype(WEIGHT_FORMATS[weight_format][0]))
 
-    def loader(name: str) -> Callable[[], np.ndarray]:
-        def load() -> np.ndarray:
-            raw = sources[name]()
-            spec = specs[name]
-            if tuple(raw.shape) != tuple(spec.shape):
-                raise GptOssError(
-                    f"{folder}: tensor for {name!r} has shape {list(raw.shape)}, expected {list(spec.shape)} "
-                    "from config.json"
-                )
-            out = np.ascontiguousarray(raw, dtype=np.dtype(spec.dtype))
-            if name.endswith("_scales") and (nan := int(np.count_nonzero(out == mxfp4.E8M0_NAN))):
-                raise GptOssError(f"{folder}: MXFP4 scales for {name!r} hold {nan} NaN scales (0xFF)")
-            if bad := _count_nonfinite(out):
-                raise GptOssError(f"{folder}: tensor for {name!r} has {bad} NaN/Inf values")
-            return out
+    def load(name: str) -> np.ndarray:
+        raw = sources[name]()
+        spec = specs[name]
+        if tuple(raw.shape) != tuple(spec.shape):
+            raise GptOssError(
+                f"{folder}: tensor for {name!r} has shape {list(raw.shape)}, expected {list(spec.shape)} "
+                "from config.json"
+            )
+        out = np.ascontiguousarray(raw, dtype=np.dtype(spec.dtype))
+        if name.endswith("_scales") and (nan := int(np.count_nonzero(out == mxfp4.E8M0_NAN))):
+            raise GptOssError(f"{folder}: MXFP4 scales for {name!r} hold {nan} NaN scales (0xFF)")
+        if bad := _count_nonfinite(out):
+            raise GptOssError(f"{folder}: tensor for {name!r} has {bad} NaN/Inf values")
+        return out
 
-        return load
-
-    return ckpt.config, cfg, specs, {name: loader(name) for name in specs}
+    return ckpt.config, cfg, specs, {name: functools.partial(load, name) for name in specs}
 
 
 def _count_nonfinite(a: np.ndarray, rows: int = 1 << 16) -> int:

@@ -186,8 +186,7 @@ class Attention(nnx.Module):
 
 class MoE(nnx.Module):
     """Router (linear with bias) → top-k on raw logits → softmax over the k selected → clamped swiglu experts,
-    computed for every expert (:meth:`_dense`) or, when decoding, for the selected ones only (:meth:`_selected`).
-    """
+    computed for every expert (:meth:`_dense`) or, when decoding, for the selected ones only (:meth:`_selected`)."""
 
     def __init__(self, cfg: GptOssConfig, dtype: jnp.dtype, mxfp4: bool = False) -> None:
         h, i, e = cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts
@@ -257,8 +256,7 @@ class MoE(nnx.Module):
         grouping tokens by expert. The expert axis is the *batch* axis of both matmuls (``[E, tokens, H] ×
         [E, H, 2I]``, a batched MatMul in ONNX), so no weight is transposed or copied. bfloat16 experts are
         computed a few at a time (``CAST_SLICE_BYTES``). Returns the output and, if ``taps`` asks for them, the
-        per-expert intermediates ``[E, N, f]``.
-        """
+        per-expert intermediates ``[E, N, f]``."""
         e = self.cfg.num_local_experts
         batch, seq, hidden = x.shape
         flat = x.reshape(1, -1, hidden)

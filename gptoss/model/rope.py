@@ -11,11 +11,9 @@ from gptoss.config import GptOssConfig, yarn_concentration
 
 
 def yarn_inv_freq(cfg: GptOssConfig) -> np.ndarray:
-    """Inverse frequencies ``[head_dim/2]`` (float32) blended between interpolation and extrapolation.
-
-    Trap: GPT-OSS uses ``truncate: false``, so the ramp boundaries ``low``/``high`` stay **fractional**
-    (a port that floors/ceils them shifts the blend by up to one frequency bin).
-    """
+    """Inverse frequencies ``[head_dim/2]`` (float32) blended between interpolation and extrapolation. Trap:
+    GPT-OSS uses ``truncate: false``, so the ramp boundaries ``low``/``high`` stay **fractional** (a port that
+    floors/ceils them shifts the blend by up to one frequency bin)."""
     rs = cfg.rope_scaling
     dim = cfg.head_dim
     base = cfg.rope_theta
@@ -41,10 +39,8 @@ def yarn_inv_freq(cfg: GptOssConfig) -> np.ndarray:
 
 
 def rope_tables(cfg: GptOssConfig, positions: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-    """``cos, sin`` of shape ``[batch, seq, head_dim/2]`` for integer ``positions [batch, seq]``.
-
-    Trap: the YaRN concentration ``0.1·ln(factor) + 1`` multiplies **both** cos and sin.
-    """
+    """``cos, sin`` of shape ``[batch, seq, head_dim/2]`` for integer ``positions [batch, seq]``. Trap: the YaRN
+    concentration ``0.1·ln(factor) + 1`` multiplies **both** cos and sin."""
     inv_freq = jnp.asarray(yarn_inv_freq(cfg))
     angles = positions.astype(jnp.float32)[..., None] * inv_freq
     concentration = np.float32(yarn_concentration(cfg.rope_scaling))
