@@ -31,8 +31,7 @@ def check_shapes(blocks: np.ndarray, scales: np.ndarray) -> None:
 
 
 def decode(blocks: np.ndarray, scales: np.ndarray, rows_per_chunk: int = 1 << 16) -> np.ndarray:
-    """Dequantize MXFP4 ``blocks [..., G, 16]`` with ``scales [..., G]`` to float32 ``[..., G*32]``, in row chunks
-    so that the temporaries stay small next to the result."""
+    """Dequantize MXFP4 ``blocks [..., G, 16]`` with ``scales [..., G]`` to float32 ``[..., G*32]``, in row chunks."""
     check_shapes(blocks, scales)
     *prefix, groups, _ = blocks.shape
     flat_blocks = np.asarray(blocks, dtype=np.uint8).reshape(-1, GROUP // 2)

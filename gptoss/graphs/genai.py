@@ -34,8 +34,7 @@ def present_names(layers: int) -> list[str]:
 
 
 def genai_config(params_cfg: ParamsConfig, context_length: int, filename: str) -> dict[str, Any]:
-    """``genai_config.json`` for the decoder graph: model shape, token ids, context length, greedy-or-sampling
-    defaults from the checkpoint's generation config."""
+    """``genai_config.json`` for the decoder graph: its shape, token ids, context length and sampling defaults."""
     cfg, tokens = params_cfg.model, params_cfg.generation or {}
     decoder = {
         "filename": filename,
@@ -79,8 +78,7 @@ def genai_config(params_cfg: ParamsConfig, context_length: int, filename: str) -
 
 
 def write_companions(folder: Path, params_cfg: ParamsConfig, context_length: int, filename: str) -> list[Path]:
-    """Write ``genai_config.json`` (for the graph ``filename``) and copy the checkpoint's tokenizer files into
-    ``folder``."""
+    """Write ``genai_config.json`` for the graph ``filename`` into ``folder``, with the checkpoint's tokenizer files."""
     written = [folder / GENAI_CONFIG]
     written[0].write_text(json.dumps(genai_config(params_cfg, context_length, filename), indent=2) + "\n")
     if params_cfg.tokenizer:

@@ -16,8 +16,7 @@ WEIGHTS_FILE = "model.onnx.data"
 
 
 def data_path(onnx_path: Path) -> Path:
-    """The weights of a graph: ``model.onnx.data`` in its folder, which every graph of a model there shares
-    (``x/model.onnx`` and ``x/decoder.onnx`` both read ``x/model.onnx.data``)."""
+    """The weights of a graph: ``model.onnx.data`` in its folder, which every graph of a model there shares."""
     return onnx_path.with_name(WEIGHTS_FILE)
 
 

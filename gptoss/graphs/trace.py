@@ -51,10 +51,7 @@ class _Traceable:
 
     def __init__(self, model: GptOss) -> None:
         self.graphdef, state = nnx.split(model)
-        flat = flat_param_specs(state)
-        self.paths = [path for path, _, _ in flat]
-        self.weight_names = [name for _, name, _ in flat]
-        self.weight_specs = [spec for _, _, spec in flat]
+        self.paths, self.weight_names, self.weight_specs = map(list, zip(*flat_param_specs(state), strict=True))
 
     def live(self, weights: tuple[jax.Array, ...]) -> GptOss:
         return nnx.merge(self.graphdef, nnx.from_flat_state(list(zip(self.paths, weights, strict=True))))

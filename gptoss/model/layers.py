@@ -354,8 +354,7 @@ class Block(nnx.Module):
     def __call__(
         self, x: jax.Array, positions: jax.Array, taps: Outputs | None, cache: Cache | None = None
     ) -> tuple[jax.Array, KeyValues]:
-        """The block's output and its keys/values (past and new). With a ``cache`` (decoding), the MoE computes
-        only the selected experts when few tokens come."""
+        """The block's output and its keys/values (past and new); with a ``cache`` (decoding) the MoE may run sparse."""
         normed = self.attn_norm(x)
         attn_out, present = self.attn(normed, positions, taps, cache)
         residual = x + attn_out

@@ -48,8 +48,7 @@ def rope_tables(cfg: GptOssConfig, positions: jnp.ndarray) -> tuple[jnp.ndarray,
 
 
 def apply_rope(x: jnp.ndarray, cos: jnp.ndarray, sin: jnp.ndarray) -> jnp.ndarray:
-    """Rotate ``x [batch, seq, heads, head_dim]``; trap: **half-split (NeoX) pairing**, element i with i + D/2
-    (not adjacent pairs)."""
+    """Rotate ``x [batch, seq, heads, head_dim]``; trap: **half-split (NeoX) pairing**, i with i + D/2, not i + 1."""
     half = x.shape[-1] // 2
     first, second = x[..., :half], x[..., half:]
     cos = cos[:, :, None, :].astype(x.dtype)
