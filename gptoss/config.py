@@ -65,8 +65,7 @@ class GptOssConfig:
             raise GptOssError(
                 f"layer_types has {len(self.layer_types)} entries but num_hidden_layers={self.num_hidden_layers}"
             )
-        bad = sorted(set(self.layer_types) - {SLIDING, FULL})
-        if bad:
+        if bad := sorted(set(self.layer_types) - {SLIDING, FULL}):
             raise GptOssError(f"unknown layer_types {bad}; expected {SLIDING!r} or {FULL!r}")
         if self.num_experts_per_tok > self.num_local_experts:
             raise GptOssError(
@@ -107,7 +106,7 @@ class GptOssConfig:
         return {
             "architectures": ["GptOssForCausalLM"],
             "model_type": "gpt_oss",
-            **{hf: getattr(self, field) for field, (hf, _) in CONFIG_KEYS.items()},
+            **{field: getattr(self, field) for field in CONFIG_KEYS},
             "layer_types": list(self.layer_types),
             "rope_scaling": {"rope_type": "yarn", **dataclasses.asdict(rs)},
             "attention_bias": True,
@@ -119,7 +118,7 @@ class GptOssConfig:
     def to_original_dict(self) -> dict[str, Any]:
         """OpenAI's ``original/config.json`` form."""
         rope = {original: getattr(self.rope_scaling, field) for field, original in ROPE_ORIGINAL_KEYS.items()}
-        return {original: getattr(self, field) for field, (_, original) in CONFIG_KEYS.items() if original} | rope
+        return {original: getattr(self, field) for field, original in CONFIG_KEYS.items() if original} | rope
 
     @classmethod
     def from_hf_dict(cls, raw: dict[str, Any], source: str = "config.json") -> GptOssConfig:
@@ -135,8 +134,7 @@ class GptOssConfig:
         raw = {"rope_theta": rope.get("rope_theta"), **raw}  # v5 keeps theta among the rope parameters
         heads = _require(raw, "num_attention_heads", source)
         # transformers derives the kv head count and head size when a config leaves them out
-        hf_keys = {field: hf for field, (hf, _) in CONFIG_KEYS.items()}
-        fields = _fields(raw, hf_keys, source, derived=frozenset({"num_key_value_heads", "head_dim"}))
+        fields = _fields(raw, {f: f for f in CONFIG_KEYS}, source, derived=("num_key_value_heads", "head_dim"))
         fields.setdefault("num_key_value_heads", heads)
         fields.setdefault("head_dim", _require(raw, "hidden_size", source) // heads)
         layer_types = raw.get("layer_types") or default_layer_types(fields["num_hidden_layers"])
@@ -146,29 +144,29 @@ class GptOssConfig:
     @classmethod
     def from_original_dict(cls, raw: dict[str, Any], source: str = "original/config.json") -> GptOssConfig:
         """Parse OpenAI's ``original/config.json`` (sliding window on even layers, no truncation of YaRN)."""
-        fields = _fields(raw, {field: original for field, (_, original) in CONFIG_KEYS.items() if original}, source)
+        fields = _fields(raw, {field: original for field, original in CONFIG_KEYS.items() if original}, source)
         scaling = _fields(raw, ROPE_ORIGINAL_KEYS, source)
         layer_types = default_layer_types(fields["num_hidden_layers"])
         return cls(**fields, layer_types=layer_types, rope_scaling=RopeScaling(**scaling, truncate=False))
 
 
-# GptOssConfig field -> (HF config.json key, original/config.json key or None). Fields without a default are
-# required in both files; the others fall back to the dataclass defaults.
+# GptOssConfig field (HF's config.json uses the same name) -> its original/config.json key, or None. Fields without
+# a default are required in both files; the others fall back to the dataclass defaults.
 CONFIG_KEYS = {
-    "vocab_size": ("vocab_size", "vocab_size"),
-    "hidden_size": ("hidden_size", "hidden_size"),
-    "intermediate_size": ("intermediate_size", "intermediate_size"),
-    "num_hidden_layers": ("num_hidden_layers", "num_hidden_layers"),
-    "num_attention_heads": ("num_attention_heads", "num_attention_heads"),
-    "num_key_value_heads": ("num_key_value_heads", "num_key_value_heads"),
-    "head_dim": ("head_dim", "head_dim"),
-    "num_local_experts": ("num_local_experts", "num_experts"),
-    "num_experts_per_tok": ("num_experts_per_tok", "experts_per_token"),
-    "sliding_window": ("sliding_window", "sliding_window"),
-    "rms_norm_eps": ("rms_norm_eps", None),
-    "rope_theta": ("rope_theta", "rope_theta"),
-    "swiglu_limit": ("swiglu_limit", "swiglu_limit"),
-    "swiglu_alpha": ("swiglu_alpha", None),
+    "vocab_size": "vocab_size",
+    "hidden_size": "hidden_size",
+    "intermediate_size": "intermediate_size",
+    "num_hidden_layers": "num_hidden_layers",
+    "num_attention_heads": "num_attention_heads",
+    "num_key_value_heads": "num_key_value_heads",
+    "head_dim": "head_dim",
+    "num_local_experts": "num_experts",
+    "num_experts_per_tok": "experts_per_token",
+    "sliding_window": "sliding_window",
+    "rms_norm_eps": None,
+    "rope_theta": "rope_theta",
+    "swiglu_limit": "swiglu_limit",
+    "swiglu_alpha": None,
 }
 # RopeScaling field -> original/config.json key (HF uses the field names). OpenAI's ntk_beta is the fast
 # boundary, ntk_alpha the slow one.
@@ -180,7 +178,7 @@ ROPE_ORIGINAL_KEYS = {
 }
 
 
-def _fields(raw: dict[str, Any], keys: dict[str, str], source: str, derived: frozenset = frozenset()) -> dict[str, Any]:
+def _fields(raw: dict[str, Any], keys: dict[str, str], source: str, derived: tuple[str, ...] = ()) -> dict[str, Any]:
     """Dataclass fields from ``raw`` through ``keys`` (field -> file key), typed like the field's default;
     a field without a default must be present (unless ``derived``), the others are omitted when absent."""
     found: dict[str, Any] = {}
@@ -237,8 +235,7 @@ class ParamsConfig:
     source_layers: int
     # Where the checkpoint comes from: the hub's download.json (repo_id, revision, resolved commit) or synth.json.
     origin: dict[str, Any] | None = None
-    # The checkpoint's special tokens and sampling default: bos_token_id, eos_token_id (a list), pad_token_id,
-    # do_sample (from generation_config.json, else config.json).
+    # bos_token_id, eos_token_id (a list), pad_token_id, do_sample: generation_config.json's, else config.json's.
     generation: dict[str, Any] | None = None
 
     @property

@@ -30,8 +30,7 @@ MXFP4_QUANTIZATION = {
     ],
     "quant_method": "mxfp4",
 }
-# Keys of openai/gpt-oss-*'s config.json that GptOssConfig.to_hf_dict() leaves out (they do not change the forward
-# pass; transformers and the onnxruntime-genai builder read them).
+# Keys of openai/gpt-oss-*'s config.json beyond GptOssConfig.to_hf_dict(): not in the forward pass; HF tools read them.
 HF_ONLY_KEYS: dict[str, Any] = {
     "attention_dropout": 0.0,
     "hidden_act": "silu",

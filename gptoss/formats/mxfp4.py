@@ -1,10 +1,7 @@
-"""MXFP4 (OCP microscaling FP4) decoding and encoding, in NumPy.
-
-Layout: ``blocks`` ``[..., G, 16]`` uint8 hold 32 FP4 E2M1 codes per group; the **low nibble is
-element 2i, the high nibble element 2i+1**. Bit 3 of a code is the sign, bits 0-2 index
-``[0, .5, 1, 1.5, 2, 3, 4, 6]``. ``scales`` ``[..., G]`` uint8 are E8M0: the group's factor is ``2^(s-127)``
-(255 is NaN). Decoding gives ``[..., G·32]``: for GPT-OSS experts that is ``[E, out, in]``.
-"""
+"""MXFP4 (OCP microscaling FP4) decoding and encoding, in NumPy. ``blocks [..., G, 16]`` uint8 hold 32 FP4 E2M1
+codes per group (trap: the **low nibble is element 2i, the high nibble element 2i+1**; bit 3 of a code is the sign,
+bits 0-2 index ``[0, .5, 1, 1.5, 2, 3, 4, 6]``); ``scales [..., G]`` uint8 are E8M0, the group's factor ``2^(s-127)``
+(255 is NaN). Decoding gives ``[..., G·32]``: for GPT-OSS experts ``[E, out, in]``."""
 
 from __future__ import annotations
 

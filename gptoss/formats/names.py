@@ -27,8 +27,8 @@ HF_TO_ORIGINAL_LAYER = {
     "mlp.experts.down_proj_scales": "mlp.mlp2_weight.scales",
     "mlp.experts.down_proj_bias": "mlp.mlp2_bias",
 }
-QKV = ("q_proj", "k_proj", "v_proj")
 _HF_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_HF_QKV = re.compile(r"^model\.layers\.(\d+)\.self_attn\.([qkv])_proj\.([^.\n]*)$")
 
 
 def original_name(hf: str) -> str | None:
@@ -42,14 +42,8 @@ def original_name(hf: str) -> str | None:
 
 def fused_qkv(hf: str) -> tuple[str, int] | None:
     """For an HF q/k/v tensor: the original/ fused tensor holding it and its index (0 q, 1 k, 2 v)."""
-    m = _HF_LAYER.match(hf)
-    if not m:
-        return None
-    module, _, kind = m.group(2).rpartition(".")
-    proj = module.removeprefix("self_attn.")
-    if proj not in QKV or not module.startswith("self_attn."):
-        return None
-    return f"block.{m.group(1)}.attn.qkv.{kind}", QKV.index(proj)
+    m = _HF_QKV.match(hf)
+    return (f"block.{m.group(1)}.attn.qkv.{m.group(3)}", "qkv".index(m.group(2))) if m else None
 
 
 # Our parameter -> its HF tensor (in the model's layers: after `layers.{i}.` and `model.layers.{i}.`). Linear

@@ -109,8 +109,7 @@ class TensorStore:
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise GptOssError(f"{index}: not a valid safetensors index (no 'weight_map')") from None
             names = sorted(set(weight_map.values()))
-            missing = [n for n in names if not (folder / n).is_file()]
-            if missing:
+            if missing := [n for n in names if not (folder / n).is_file()]:
                 raise GptOssError(f"{index}: lists shard {missing[0]} which is not in {folder}")
             paths = [folder / n for n in names]
         else:

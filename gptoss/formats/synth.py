@@ -124,8 +124,7 @@ class _Generator:
             yield hf(p + "mlp.gate_up_blocks"), blocks
             yield hf(p + "mlp.gate_up_scales"), scales
             yield hf(p + "mlp.gate_up_bias"), self.normal((e, 2 * i), 0.5)
-            # Down projection small enough that the MoE output stays of the order of the residual stream
-            # (activations reach 7·8 = 56 where both clamps engage).
+            # Down projection small enough that the MoE output stays of the residual stream's order (activations ≤ 7·8).
             blocks, scales = self.mxfp4(e, h, i, DOWN_PROJ_GAIN / math.sqrt(i))
             yield hf(p + "mlp.down_blocks"), blocks
             yield hf(p + "mlp.down_scales"), scales

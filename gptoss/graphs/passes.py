@@ -66,16 +66,13 @@ def drop_expands(graph: ir.Graph) -> int:
         uses = list(out.uses())
         if not uses or out in node.graph.outputs or source.shape is None or out.shape is None:
             continue
-        if len(source.shape) != len(out.shape) or any(
-            s != o and s != 1 for s, o in zip(source.shape.dims, out.shape.dims, strict=True)
-        ):
+        dims, source_dims = tuple(out.shape.dims), tuple(source.shape.dims)
+        if len(source_dims) != len(dims) or any(s != o and s != 1 for s, o in zip(source_dims, dims, strict=True)):
             continue
         if any(user.op_type not in BROADCASTING_OPS for user, _ in uses):
             continue
         others = [user.inputs[1 - index] for user, index in uses]
-        if any(
-            other is None or other.shape is None or tuple(other.shape.dims) != tuple(out.shape.dims) for other in others
-        ):
+        if any(other is None or other.shape is None or tuple(other.shape.dims) != dims for other in others):
             continue
         for user, index in uses:
             user.replace_input_with(index, source)

@@ -78,10 +78,9 @@ def attach_weights(onnx_model: ir.Model, params: Params, layout: list[Placed], s
                 name=placed.name,
                 base_dir=data_file.parent,
             )
-    # Weights that are not float32 (bfloat16, MXFP4 blocks and scales) stay graph inputs too, with their
-    # initializers as defaults: ONNX Runtime never constant-folds an overridable initializer. Folded, their
-    # float32 casts and MXFP4 decodes would be computed once at load and kept, four to eight times their size
-    # (and onnxruntime-genai cannot switch constant folding off).
+    # Weights that are not float32 (bfloat16, MXFP4 blocks and scales) stay graph inputs too, with their initializers
+    # as defaults: ONNX Runtime never constant-folds an overridable initializer (folded, their float32 casts and MXFP4
+    # decodes would be kept from load on, 4-8x their size; onnxruntime-genai cannot switch folding off).
     graph.inputs[:] = [v for v in graph.inputs if is_data_input(v.name) or v.dtype != ir.DataType.FLOAT]
     for value in inputs.values():
         graph.register_initializer(value)

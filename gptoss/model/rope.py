@@ -15,8 +15,7 @@ def yarn_inv_freq(cfg: GptOssConfig) -> np.ndarray:
     GPT-OSS uses ``truncate: false``, so the ramp boundaries ``low``/``high`` stay **fractional** (a port that
     floors/ceils them shifts the blend by up to one frequency bin)."""
     rs = cfg.rope_scaling
-    dim = cfg.head_dim
-    base = cfg.rope_theta
+    dim, base = cfg.head_dim, cfg.rope_theta
     pos_freqs = base ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
     extrapolation = 1.0 / pos_freqs
     interpolation = 1.0 / (rs.factor * pos_freqs)
