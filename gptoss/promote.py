@@ -103,8 +103,7 @@ def readme(m: dict) -> str:
     lines = [f"# {m['tag']}", "", "ONNX graph promoted by `gptoss promote` after passing the parity gate.", ""]
     if m["checkpoint"]:
         lines.append(f"- checkpoint: {', '.join(f'{k} `{v}`' for k, v in m['checkpoint'].items())}")
-    if m["model"]:
-        model = m["model"]
+    if model := m["model"]:
         lines.append(f"- layers: {model['layers']} of {model['source_layers']}, weight format {model['weight_format']}")
     lines += [
         f"- opset {m['opset']}, verified sequence length {m['sequence_length']}",
@@ -177,7 +176,6 @@ def promote(
         raise GptOssError(f"{verdict_path}: the gate did not pass; nothing promoted")
     digest = functools.cache(sha256)  # the graphs share their weights file: hash it once
     files, stage = verified_files(onnx_path, verdict, digest)
-    names = {onnx_path: "model.onnx"}
     if decoder is not None:
         if data_path(decoder) != data_path(onnx_path):
             raise GptOssError(f"{decoder}: the decoder must share the canonical graph's {data_path(onnx_path)}")
@@ -189,7 +187,7 @@ def promote(
         staging.mkdir()
         listed = []
         for path, expected in files.items():
-            copy = staging / names.get(path, path.name)
+            copy = staging / ("model.onnx" if path == onnx_path else path.name)
             shutil.copyfile(path, copy)
             if sha256(copy) != expected:
                 raise GptOssError(f"{copy}: copy differs from {path} (disk problem?)")

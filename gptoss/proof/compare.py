@@ -1,7 +1,6 @@
 """Parity rows: comparing a reference and a candidate tensor per prompt, writing and reading the CSV, and
-judging rows against the tolerances (shared by ``parity``, the reference stage, ``gate`` and ``plots``).
-
-One row per (prompt, tensor, block), real (non-padding) positions only.
+judging rows against the tolerances (shared by ``parity``, the reference stage, ``gate`` and ``plots``). One row
+per (prompt, tensor, block), real (non-padding) positions only.
 """
 
 from __future__ import annotations
@@ -75,10 +74,9 @@ def routing_agreement(
     k = ref_idx.shape[-1]
     same = np.array([set(a) == set(b) for a, b in zip(ref_idx.reshape(-1, k), got_idx.reshape(-1, k), strict=True)])
     ordered = -np.sort(-router_logits.reshape(-1, router_logits.shape[-1]), axis=-1)
+    near = np.zeros(len(same), dtype=bool)
     if ordered.shape[-1] > k:
         near = (ordered[:, k - 1] - ordered[:, k]) < margin
-    else:
-        near = np.zeros(len(same), dtype=bool)
     return float(same.mean()), int(near.sum()), int((~same & ~near).sum())
 
 
@@ -92,20 +90,15 @@ def compare_prompt(
         ref_t, got_t = ref[tensor][:, :n], got_full[:, :n]
         row = dict(stage=stage, prompt_id=prompt.prompt_id, tensor=tensor, group=group, tap=tap, positions=n)
         row.update(block=block, shape="x".join(map(str, ref_t.shape)), atol=tol.atol(group))
-        if tap == ROUTING_TAP:
-            agreement, near, disagreements = routing_agreement(
-                ref_t, got_t, ref[f"block_{block}_router_logits"][:, :n], tol.near_tie_margin
-            )
-            row.update(diff_metrics(ref_t, got_t))
-            row.update(max_abs_diff=float(disagreements), expert_agreement=agreement, near_ties=near)
-            row["passed"] = breach(row, tol) <= 1
-            yield row
-            continue
         if tap in PER_SLOT_TAPS:
             idx_name = f"block_{block}_{ROUTING_TAP}"
             same_slots = np.all(ref[idx_name][:, :n] == got[idx_name][:, :n], axis=-1)
             ref_t, got_t = ref_t[same_slots], got_t[same_slots]
         row.update(diff_metrics(ref_t, got_t))
+        if tap == ROUTING_TAP:  # judged by its disagreements outside near ties
+            router_logits = ref[f"block_{block}_router_logits"][:, :n]
+            agreement, near, disagreements = routing_agreement(ref_t, got_t, router_logits, tol.near_tie_margin)
+            row.update(max_abs_diff=float(disagreements), expert_agreement=agreement, near_ties=near)
         if group == "logits":
             row["argmax_agreement"], row["topk_overlap"] = logits_agreement(ref_t, got_t)
         row["passed"] = breach(row, tol) <= 1
@@ -123,19 +116,15 @@ class Results:
 
     def write(self, rows: list[dict], diffs: dict[str, np.ndarray]) -> None:
         """The CSV and the differences, each written atomically; a summary logged."""
-        write_csv(self.csv, rows)
+        with atomic_output(self.csv) as tmp, open(tmp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=COLUMNS, restval="")
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()})
         log_summary(rows, self.tolerances)
         if self.logits_diffs is not None:
             with atomic_output(self.logits_diffs) as tmp, open(tmp, "wb") as fh:
                 np.savez(fh, **diffs)
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    with atomic_output(path) as tmp, open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=COLUMNS, restval="")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in row.items()})
 
 
 def log_summary(rows: list[dict], tolerances: Tolerances) -> None:
@@ -149,8 +138,7 @@ def log_summary(rows: list[dict], tolerances: Tolerances) -> None:
         tensor = f"{worst['tensor']} ({worst['prompt_id']})"
         ok = "yes" if all(r["passed"] for r in members) else "NO"
         log.info("%-14s %-34s %12.3g %10.3g %6s", group, tensor, worst["max_abs_diff"], worst["atol"], ok)
-    first = first_failure(rows, tolerances)
-    if first:
+    if first := first_failure(rows, tolerances):
         log.warning(
             "first tap over its tolerance in forward order: block %s %s (max |diff| %.3g, atol %.3g; the tap "
             "before it, %s: %.3g)",
@@ -204,19 +192,14 @@ def first_failure(rows: list[dict], tol: Tolerances) -> dict | None:
         key = forward_order(r)
         if key not in worst_at or breach(r, tol) > breach(worst_at[key], tol):
             worst_at[key] = r
-    previous = None
+    previous: dict = {}
     for key in sorted(worst_at):
         r = worst_at[key]
         if breach(r, tol) > 1:
-            return {
-                "stage": r["stage"],
-                "block": r["block"],
-                "tap": r["tap"],
-                "tensor": r["tensor"],
-                "max_abs_diff": r["max_abs_diff"],
+            return {k: r[k] for k in ("stage", "block", "tap", "tensor", "max_abs_diff")} | {
                 "atol": tol.atol(r["group"]),
-                "previous_tensor": previous["tensor"] if previous else None,
-                "previous_max_abs_diff": previous["max_abs_diff"] if previous else None,
+                "previous_tensor": previous.get("tensor"),
+                "previous_max_abs_diff": previous.get("max_abs_diff"),
             }
         previous = r
     return None

@@ -22,11 +22,9 @@ VALIDATION_ATOL = 1e-4
 def check_export(
     params: Params, onnx_path: Path, sequence_length: int, seed: int = 0, threads: int | None = None
 ) -> float:
-    """Random token ids (not zeros) through JAX, then (JAX freed) ONNX Runtime; fail if logits differ > 1e-4.
-    Returns the logits max |diff|."""
+    """The logits max |diff| on random token ids (not zeros); fail above ``VALIDATION_ATOL``."""
     model = StreamedModel(params)
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(0, model.cfg.vocab_size, size=(2, sequence_length)).astype(np.int32)
+    ids = np.random.default_rng(seed).integers(0, model.cfg.vocab_size, size=(2, sequence_length)).astype(np.int32)
     expected = np.asarray(forward(model, jnp.asarray(ids))["logits"])
     del model
     gc.collect()

@@ -98,8 +98,7 @@ def summary_markdown(verdict: dict) -> str:
         block = "" if w["block"] is None else w["block"]
         ok = "yes" if w["passed"] else "**NO**"
         lines.append(f"| {key} | {w['tensor']} | {block} | {w['max_abs_diff']:.3g} | {w['atol']:.3g} | {ok} |")
-    if verdict["first_failure"]:
-        f = verdict["first_failure"]
+    if f := verdict["first_failure"]:
         lines += [
             "",
             f"First failing tap in forward order: block {f['block']} `{f['tap']}` "
@@ -126,10 +125,9 @@ def gate(
 ) -> int:
     """Write the verdict and summary; raise ``GptOssError`` (exit 1) naming the worst breach if it failed."""
     verdict = evaluate(read_rows(csv_paths), tol, expect_stages)
-    summary_path = summary_path or verdict_path.with_suffix(".md")
     with atomic_output(verdict_path) as tmp:
         tmp.write_text(json.dumps(verdict, indent=2, sort_keys=True) + "\n")
-    with atomic_output(summary_path) as tmp:
+    with atomic_output(summary_path or verdict_path.with_suffix(".md")) as tmp:
         tmp.write_text(summary_markdown(verdict))
     for key, w in verdict["worst"].items():
         ok = "ok" if w["passed"] else "FAIL"

@@ -1,8 +1,7 @@
 """``gptoss parity``: the Flax model in JAX against the exported graphs, every real position, into a CSV.
 
 Stages debug and canonical run the whole-sequence graph in ONNX Runtime (every hidden state and tap in debug);
-stage decoder runs greedy generation on the KV-cache graph, by ONNX Runtime and by onnxruntime-genai. The JAX
-side runs first (:func:`gptoss.proof.driver.compare`).
+stage decoder runs greedy generation on the KV-cache graph, by ONNX Runtime and by onnxruntime-genai.
 """
 
 from __future__ import annotations
@@ -97,8 +96,7 @@ def parity_decoder(
 
     Rows: ``decode_logits`` per step (JAX vs ONNX Runtime, while their tokens agree), the same for every prompt
     at once in a left-padded batch (``logits_batched``: each row must equal its prompt run alone), and one
-    ``greedy_tokens`` row per prompt and runtime.
-    """
+    ``greedy_tokens`` row per prompt and runtime."""
     tolerances = results.tolerances
     if generate_tokens < 1:
         raise GptOssError(f"--generate-tokens must be at least 1, got {generate_tokens}")
@@ -158,8 +156,7 @@ def batched_rows(session, prompts: list[Prompt], references: dict[str, Generatio
     for row, (prompt, m) in enumerate(batch):
         reference, n = references[prompt.prompt_id], len(prompt.ids)
         want = [reference.logits[0][p] if p < n else reference.logits[p - n + 1][0] for p in range(m + 1)]
-        rows.append(
-            logits_row("decoder", prompt, "logits_batched", 0, np.stack(want[:m]), got_prefill[row, width - m :], tol)
-        )
+        prefill = np.stack(want[:m])
+        rows.append(logits_row("decoder", prompt, "logits_batched", 0, prefill, got_prefill[row, width - m :], tol))
         rows.append(logits_row("decoder", prompt, "logits_batched", 1, want[m][None], got_step[row], tol))
     return rows

@@ -1,8 +1,6 @@
 """``gptoss parity --stage reference``: Hugging Face ``transformers`` ``GptOssForCausalLM`` against the Flax model,
-``stage=reference`` rows (logits, hidden states; greedy generation on request) in the parity CSV format.
-
-The reference side is independent of our conversion: it reads the checkpoint's raw tensors
-(:mod:`gptoss.runtimes.hf_transformers`). The JAX side runs first (:func:`gptoss.proof.driver.compare`).
+``stage=reference`` rows in the parity CSV format. The reference is independent of our conversion: it reads the
+checkpoint's raw tensors (:mod:`gptoss.runtimes.hf_transformers`).
 """
 
 from __future__ import annotations
@@ -30,11 +28,9 @@ def reference(
     sequence_length: int,
     generate_tokens: int = 0,
 ) -> list[dict]:
-    """Run JAX, then transformers, on every prompt; write the CSV (and the logits |diff| per prompt) atomically.
-
-    With ``generate_tokens``, both also generate greedily from every prompt (JAX with its KV cache, transformers
-    with ``generate``): ``decode_logits`` rows per step and a ``greedy_tokens`` row (``tokens_transformers``).
-    """
+    """Logits and hidden states of every prompt by JAX and by transformers. With ``generate_tokens``, both also
+    generate greedily from every prompt (JAX with its KV cache, transformers with ``generate``): ``decode_logits``
+    rows per step and a ``greedy_tokens`` row (``tokens_transformers``)."""
     tolerances = results.tolerances
     suppress = tuple(params.config.eos_token_ids)
 

@@ -14,7 +14,6 @@ ROUTING_TAP = "expert_indices"
 _BLOCK = re.compile(r"^block_(\d+)_(.+)$")
 _HIDDEN = re.compile(r"^hidden_state_(\d+)$")
 
-
 _HELP = {
     "logits": "max |diff| for logits",
     "hidden_states": "hidden states",
@@ -27,11 +26,8 @@ _HELP = {
 
 @dataclasses.dataclass(frozen=True)
 class Tolerances:
-    """Max |diff| allowed per group; routing and greedy tokens allow no disagreement outside near ties.
-
-    Defaults sit a few times above the differences measured on gpt-oss-20b's first two layers
-    (docs/performance.md).
-    """
+    """Max |diff| allowed per group; routing and greedy tokens allow no disagreement outside near ties. Defaults
+    sit a few times above the differences measured on gpt-oss-20b's first two layers (docs/performance.md)."""
 
     logits: float = 1e-4
     hidden_states: float = 5e-4

@@ -8,8 +8,7 @@ import onnxruntime_genai as og
 
 
 def genai_generate_all(folder: Path, prompts: list[list[int]], steps: int) -> list[list[int]]:
-    """onnxruntime-genai's ``Generator`` on the decoder folder (the model loaded once), greedy from every prompt,
-    end-of-sequence held off by min_length."""
+    """``steps`` greedy tokens from every prompt (the model loaded once), end-of-sequence held off by min_length."""
     model = og.Model(str(folder))
     generated = []
     for prompt in prompts:

@@ -28,8 +28,7 @@ from gptoss.runtimes.generation import Generation
 
 def hf_model(checkpoint: Path, params_cfg: ParamsConfig):
     """A float32 ``GptOssForCausalLM`` with the checkpoint's first N layers."""
-    cfg = params_cfg.model
-    hf_cfg = GptOssConfig(**{k: v for k, v in cfg.to_hf_dict().items() if k != "architectures"})
+    hf_cfg = GptOssConfig(**{k: v for k, v in params_cfg.model.to_hf_dict().items() if k != "architectures"})
     hf_cfg._attn_implementation = "eager"
     with torch.device("meta"):  # no random init of weights that are replaced anyway (11 GB at 20b)
         model = GptOssForCausalLM(hf_cfg)
@@ -53,8 +52,7 @@ def hf_model(checkpoint: Path, params_cfg: ParamsConfig):
 
 
 def hf_forward(model, input_ids: np.ndarray) -> dict[str, np.ndarray]:
-    """Logits and every block's output (``hidden_state_{i}``) of ``input_ids [1, s]``, via forward hooks on the
-    decoder layers."""
+    """Logits and every block's output (``hidden_state_{i}``, by forward hooks) of ``input_ids [1, s]``."""
     captured: list = []
     hooks = [layer.register_forward_hook(lambda _m, _i, out: captured.append(out)) for layer in model.model.layers]
     try:
@@ -63,10 +61,8 @@ def hf_forward(model, input_ids: np.ndarray) -> dict[str, np.ndarray]:
     finally:
         for hook in hooks:
             hook.remove()
-    out = {"logits": logits.numpy()}
-    for i, value in enumerate(captured):
-        out[f"hidden_state_{i}"] = (value[0] if isinstance(value, tuple) else value).numpy()
-    return out
+    hidden = {f"hidden_state_{i}": (v[0] if isinstance(v, tuple) else v).numpy() for i, v in enumerate(captured)}
+    return {"logits": logits.numpy(), **hidden}
 
 
 def transformers_generate(model, prompt: Sequence[int], steps: int, suppress: Sequence[int]) -> Generation:

@@ -1,5 +1,5 @@
-"""The Flax model in JAX as the proof runs it: weights read from the params file one block at a time, outputs per
-prompt spilled to disk, greedy generation with the KV cache."""
+"""The Flax model in JAX as the proof runs it: weights read from the params file one block at a time, and greedy
+generation with the KV cache."""
 
 from __future__ import annotations
 
@@ -30,21 +30,15 @@ class StreamedModel:
         values = [(path, jax.device_put(self.params.read(prefix + name))) for path, name, _ in flat_param_specs(state)]
         return nnx.merge(graphdef, nnx.from_flat_state(values))
 
-    @property
-    def embed(self) -> nnx.Module:
-        return self._load(self.skeleton.embed, "embed.")
+    def __getattr__(self, name: str) -> nnx.Module:
+        """``embed``, ``norm`` and ``unembed``, read each time they are used."""
+        if name not in ("embed", "norm", "unembed"):
+            raise AttributeError(name)
+        return self._load(getattr(self.skeleton, name), f"{name}.")
 
     @property
     def layers(self) -> Sequence[nnx.Module]:
         return _Blocks(self)
-
-    @property
-    def norm(self) -> nnx.Module:
-        return self._load(self.skeleton.norm, "norm.")
-
-    @property
-    def unembed(self) -> nnx.Module:
-        return self._load(self.skeleton.unembed, "unembed.")
 
 
 class _Blocks(Sequence):

@@ -11,8 +11,7 @@ T = TypeVar("T")
 
 
 def in_fresh_process(fn: Callable[..., T], *args: object) -> T:
-    """``fn(*args)`` in a new process (spawned, so it shares nothing), its result or its exception returned here:
-    the memory that a runtime keeps after a run goes back to the system when that process ends."""
+    """``fn(*args)`` in a new process (spawned, so it shares nothing); its result, or its exception, returned here."""
     context = multiprocessing.get_context("spawn")
     with context.Pool(1, initializer=_child_logging, initargs=(logging.getLogger("gptoss").level,)) as pool:
         return pool.apply(fn, args)
