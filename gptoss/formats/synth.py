@@ -1,10 +1,7 @@
 """Synthetic GPT-OSS checkpoints from a preset and a seed: the files openai/gpt-oss-* has (MXFP4 experts, bf16
-elsewhere, configs and a small tokenizer), in the HF or ``original/`` layout.
-
-Weight scales keep the computation from being degenerate: attention scores of order 1, routing that varies per token,
-and expert pre-activations large enough that the swiglu clamps (gate ≤ 7, |linear| ≤ 7) engage for a few percent of
-the values.
-"""
+elsewhere, configs, a small tokenizer), in the HF or ``original/`` layout. Weight scales keep the computation from
+being degenerate: attention scores of order 1, routing that varies per token, and expert pre-activations large enough
+that the swiglu clamps (gate ≤ 7, |linear| ≤ 7) engage for a few percent of the values."""
 
 from __future__ import annotations
 

@@ -1,6 +1,5 @@
-"""The decoder graph's contract with onnxruntime-genai (its inputs and outputs: docs/gpt_oss/README.md):
-``genai_config.json``, the tokenizer files beside the graph, and the checks that a folder's config agrees with its
-graph.
+"""The decoder graph's contract with onnxruntime-genai (inputs and outputs: docs/gpt_oss/README.md): its
+``genai_config.json`` and tokenizer files, and the checks that a folder's config agrees with its graph.
 
 Every layer's ``present`` keeps every position (the sliding window is a mask in the graph), so ``genai_config.json``
 has no ``sliding_window`` section: with one, onnxruntime-genai 0.18 hands those layers a ``present`` buffer capped

@@ -81,9 +81,8 @@ KeyValues = tuple[jax.Array, jax.Array]
 
 @dataclasses.dataclass(frozen=True)
 class Cache:
-    """What one layer attends to besides its new tokens: the cached keys (after RoPE) and values
-    ``[b, kv_heads, past, head_dim]``, and the position and validity (``attention_mask``) of every key,
-    past and new ``[b, past + new]``."""
+    """What one layer attends to besides its new tokens: the cached keys (after RoPE) and values ``[b, kv_heads,
+    past, head_dim]``, and the position and validity (``attention_mask``) of every key, past and new ``[b, all]``."""
 
     keys: jax.Array
     values: jax.Array
@@ -249,14 +248,11 @@ class MoE(nnx.Module):
     def _dense(
         self, x: jax.Array, top_idx: jax.Array, top_weights: jax.Array, taps: Outputs | None
     ) -> tuple[jax.Array, tuple[jax.Array, ...] | None]:
-        """Every token through every expert, then the weighted sum with zero weight for unselected experts.
-
-        Trade-off: this reads each expert weight once and never copies weights per token (gathering the selected
-        experts per token is ``[tokens, k, 2I, H]``; docs/performance.md), at ``experts/k`` (8×) the FLOPs of
-        grouping tokens by expert. The expert axis is the *batch* axis of both matmuls (``[E, tokens, H] ×
-        [E, H, 2I]``, a batched MatMul in ONNX), so no weight is transposed or copied. bfloat16 experts are
-        computed a few at a time (``CAST_SLICE_BYTES``). Returns the output and, if ``taps`` asks for them, the
-        per-expert intermediates ``[E, N, f]``."""
+        """Every token through every expert, then the weighted sum with zero weight for unselected experts; returns
+        the output and, if ``taps`` asks for them, the per-expert intermediates ``[E, N, f]``. Trade-off: each expert
+        weight is read once and never copied per token (a per-token gather is ``[tokens, k, 2I, H]``), at ``E/k``
+        (8×) the FLOPs of grouping tokens by expert. The expert axis is the *batch* axis of both matmuls
+        (``[E, tokens, H] × [E, H, 2I]``), so no weight is transposed; bfloat16 experts go by ``CAST_SLICE_BYTES``."""
         e = self.cfg.num_local_experts
         batch, seq, hidden = x.shape
         flat = x.reshape(1, -1, hidden)
