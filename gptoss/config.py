@@ -291,9 +291,8 @@ def generation_tokens(checkpoint_dir: Path) -> dict[str, Any] | None:
         if path.is_file():
             raw = read_json(path)
             found |= {k: raw[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id", "do_sample") if k in raw}
-    if found.get("eos_token_id") is None:
+    if (eos := found.get("eos_token_id")) is None:
         return None
-    eos = found["eos_token_id"]
     return found | {"eos_token_id": eos if isinstance(eos, list) else [eos]}
 
 

@@ -1,10 +1,7 @@
-"""Flax-compatible msgpack params files, written and read one tensor at a time.
-
-The file is exactly what ``flax.serialization.msgpack_serialize`` makes of the nested params dict (arrays as msgpack
-ext type 1 holding ``(shape, dtype name, raw bytes)``, those over 1 GiB in flax's chunked form), but never built as
-one ``bytes`` object: the writer streams each array to disk, the reader indexes where each array's bytes are (one
-pass over the headers) and reads an array straight into its final buffer when asked for.
-"""
+"""Flax-compatible msgpack params files: exactly what ``flax.serialization.msgpack_serialize`` makes of the nested
+params dict (arrays as msgpack ext type 1 holding ``(shape, dtype name, raw bytes)``, those over 1 GiB in flax's
+chunked form), but never built as one ``bytes`` object: the writer streams each array to disk, the reader indexes
+where each array's bytes are (one pass over the headers) and reads an array straight into its buffer when asked for."""
 
 from __future__ import annotations
 

@@ -27,18 +27,14 @@ log = logging.getLogger("gptoss.convert")
 
 
 def find_tokenizer(checkpoint: Path) -> Path | None:
-    for candidate in (checkpoint / "tokenizer.json", checkpoint.parent / "tokenizer.json"):
-        if candidate.is_file():
-            return candidate.resolve()
-    return None
+    candidates = (checkpoint / "tokenizer.json", checkpoint.parent / "tokenizer.json")
+    return next((candidate.resolve() for candidate in candidates if candidate.is_file()), None)
 
 
 def checkpoint_origin(checkpoint: Path) -> dict | None:
     """What the checkpoint folder says about where it came from (hub download or synthetic preset)."""
-    for name in (REVISION_FILE, SYNTH_FILE):
-        if (checkpoint / name).is_file():
-            return read_json(checkpoint / name)
-    return None
+    found = [checkpoint / name for name in (REVISION_FILE, SYNTH_FILE) if (checkpoint / name).is_file()]
+    return read_json(found[0]) if found else None
 
 
 def convert(

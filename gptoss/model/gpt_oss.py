@@ -82,11 +82,9 @@ def forward(
 ) -> Outputs:
     """Logits of a whole sequence and, on request, the hidden states and block taps. ``model``: a :class:`GptOss`,
     or anything with its ``cfg``, ``embed``, ``layers``, ``norm`` and ``unembed`` (such as
-    :class:`gptoss.runtimes.jax_model.StreamedModel`, which reads each piece from disk as it comes).
-
-    ``jit``: one program per piece (embedding, each block, head), so XLA's temporaries stay one block's worth, with
-    the weights as its arguments (captured as constants they would be copied into the program, and ``nnx.jit``
-    returns the module state as outputs, a second copy)."""
+    :class:`gptoss.runtimes.jax_model.StreamedModel`). ``jit``: one program per piece (embedding, each block, head),
+    so XLA's temporaries stay one block's worth, with the weights as its arguments (captured as constants they would
+    be copied into the program, and ``nnx.jit`` returns the module state as outputs, a second copy)."""
     positions = token_positions(input_ids)
     x = _run(jit, Embed.__call__, model.embed, input_ids)
     outputs: Outputs = {}
