@@ -53,8 +53,7 @@ def require_free_space(folder: Path, needed_bytes: int, what: str) -> None:
     """Fail before writing ``what`` if ``folder``'s filesystem has less than ``needed_bytes`` free."""
     folder = Path(folder)
     probe = folder if folder.exists() else next((p for p in folder.parents if p.exists()), Path("."))
-    free = shutil.disk_usage(probe).free
-    if free < needed_bytes:
+    if (free := shutil.disk_usage(probe).free) < needed_bytes:
         raise GptOssError(
             f"{folder}: not enough free disk space for {what}: needs {needed_bytes / 1e9:.1f} GB, "
             f"{free / 1e9:.1f} GB free"

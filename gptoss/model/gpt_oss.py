@@ -99,8 +99,7 @@ def decode_step(
 ) -> tuple[jax.Array, list[KeyValues]]:
     """One step with a KV cache: ``input_ids [b, s]`` after ``past`` (per layer, keys and values
     ``[b, kv_heads, p, head_dim]``), ``attention_mask [b, p + s]`` (0 marks padding). Returns the logits
-    ``[b, s, vocab]`` and every layer's keys/values ``[b, kv_heads, p + s, head_dim]``. ``jit`` as in
-    :func:`forward` (one program per block and shape)."""
+    ``[b, s, vocab]`` and every layer's keys/values ``[b, kv_heads, p + s, head_dim]``. ``jit``: see :func:`forward`."""
     x = _run(jit, Embed.__call__, model.embed, input_ids)
     presents = []
     for block, layer_past in zip(model.layers, past, strict=True):
