@@ -67,9 +67,8 @@ def convert(
         origin=checkpoint_origin(checkpoint),
         generation=generation_tokens(checkpoint),
     )
-    config_path = params_config_path(output)
     try:
-        with atomic_output(config_path) as tmp:
+        with atomic_output(params_config_path(output)) as tmp:
             tmp.write_text(json.dumps(params_cfg.to_dict(), indent=2) + "\n")
     except BaseException:
         output.unlink(missing_ok=True)

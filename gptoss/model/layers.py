@@ -258,8 +258,7 @@ class MoE(nnx.Module):
         flat = x.reshape(1, -1, hidden)
         dense_weights = jnp.sum(jax.nn.one_hot(top_idx, e, dtype=x.dtype) * top_weights[..., None], axis=-2)
         dense_weights = dense_weights.reshape(-1, e)
-        cfg = self.cfg
-        decoded = (e, cfg.hidden_size, 2 * cfg.intermediate_size)  # the float32 gate_up weights of every expert
+        decoded = (e, hidden, 2 * self.cfg.intermediate_size)  # the float32 gate_up weights of every expert
         slices = cast_slices(decoded, jnp.uint8 if self.mxfp4 else self.gate_up_bias.dtype, axis=0)
         per_slice: list[tuple[jax.Array, ...]] = []
         for experts in slices:
