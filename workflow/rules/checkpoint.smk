@@ -59,5 +59,5 @@ rule download_checkpoint:
     shell:
         "gptoss download --repo-id {params.repo_id:q} --revision {params.revision:q} --output {params.folder:q} "
         "--layout {params.layout} --retries {params.retries} > {log} 2>&1 || {{ tail -n 1 {log} >&2; "
-        "echo 'download failed; offline? the synthetic toy runs without a network: "
+        "grep -q 'offline?' {log} && echo 'download failed; offline? the synthetic toy runs without a network: "
         "snakemake --cores 4 promote_baseline2 --configfile config/toy.yaml' >&2; exit 1; }}"
