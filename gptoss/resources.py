@@ -17,22 +17,6 @@ from gptoss.errors import GptOssError
 from gptoss.formats.synth import preset_config
 from gptoss.stages import STAGES
 
-# The workflow's steps. parity: the debug and canonical graphs; parity_decoder: generation on the decoder graph;
-# parity_reference: transformers on the checkpoint.
-STEPS = (
-    "synth",
-    "download",
-    "convert",
-    "weights",
-    "export",
-    "parity",
-    "parity_decoder",
-    "parity_reference",
-    "gate",
-    "promote",
-    "report",
-)
-
 # --- memory ---------------------------------------------------------------------------------------------------
 # Resident memory per step, in MB (calibrated on the tables of docs/performance.md, "The memory model": the
 # 2-layer gpt-oss-20b in float32 and mxfp4, the 24-layer one in mxfp4, the 2-layer gpt-oss-120b in mxfp4):
@@ -83,6 +67,9 @@ RUNTIME_MODEL = {
     "promote": (5, 0.2, 0.0),  # copying and hashing the weights
     "report": (10, 0.0, 0.0),
 }
+# The workflow's steps. parity: the debug and canonical graphs; parity_decoder: generation on the decoder graph;
+# parity_reference: transformers on the checkpoint.
+STEPS = tuple(RUNTIME_MODEL)
 # The weights a step's time scales with, where they are not the params: synth and download write the
 # checkpoint (MXFP4 experts, bfloat16 elsewhere); transformers runs the model in float32.
 RUNTIME_WEIGHTS = {"synth": "mxfp4", "download": "mxfp4", "parity_reference": "float32"}
@@ -126,12 +113,8 @@ def estimate_mem_mb(cfg: GptOssConfig, weight_format: str, step: str, attempt: i
         key = f"{step}_float32"
     fixed, per_params, per_embedding, per_layer = MEMORY_MODEL[key]
     embedding_mb = cfg.vocab_size * cfg.hidden_size * (4 if decodes or weight_format == "float32" else 2) / 1e6
-    estimate = (
-        fixed
-        + per_params * params_mb(cfg, weight_format)
-        + per_embedding * embedding_mb
-        + per_layer * cfg.num_hidden_layers
-    )
+    layers = cfg.num_hidden_layers
+    estimate = fixed + per_params * params_mb(cfg, weight_format) + per_embedding * embedding_mb + per_layer * layers
     if step == "parity_reference":
         estimate += REFERENCE_FLOAT32_FACTOR * params_mb(cfg, "float32")
     return int(estimate * (1 + MEMORY_PER_RETRY * (attempt - 1)))
