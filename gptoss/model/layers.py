@@ -1,20 +1,6 @@
 """The layers of GPT-OSS in Flax NNX, faithful to Hugging Face ``GptOssForCausalLM``
 (the traps each computation handles are listed in docs/gpt_oss/model.md).
-
-Parameter layout (our names; every linear kernel is ``[in, out]``)::
-
-    embed.embedding                       [vocab, hidden]
-    layers.{i}.attn_norm.scale            [hidden]
-    layers.{i}.attn.{q,k,v,o}_proj.kernel / .bias
-    layers.{i}.attn.sinks                 [heads]
-    layers.{i}.mlp_norm.scale             [hidden]
-    layers.{i}.mlp.router.kernel / .bias  [hidden, experts] / [experts]
-    layers.{i}.mlp.gate_up_kernel         [experts, hidden, 2*intermediate]   (columns interleaved gate/linear)
-    layers.{i}.mlp.gate_up_bias           [experts, 2*intermediate]
-    layers.{i}.mlp.down_kernel            [experts, intermediate, hidden]
-    layers.{i}.mlp.down_bias              [experts, hidden]
-    norm.scale                            [hidden]
-    unembed.kernel                        [hidden, vocab]                     (not tied to the embedding)
+Our parameter names and shapes: docs/gpt_oss/model.md, "Parameters"; every linear kernel is ``[in, out]``.
 """
 
 from __future__ import annotations
