@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from gptoss.errors import GptOssError
 from gptoss.files import atomic_output, require_free_space, sha256
@@ -28,6 +29,7 @@ ALLOW_PATTERNS: dict[str, list[str]] = {
     "original": ["original/*", "generation_config.json", *TOKENIZER_PATTERNS],
 }
 REVISION_FILE = "download.json"
+PARTIAL = ".gptoss-partial"  # output/.gptoss-partial/SHA256: an LFS file fetched so far (one version: its sha256)
 
 
 def layout_files(info: object, layout: str) -> list:
@@ -38,34 +40,57 @@ def layout_files(info: object, layout: str) -> list:
     return list(filter_repo_objects(siblings, allow_patterns=ALLOW_PATTERNS[layout], key=lambda f: f.rfilename))
 
 
-def missing_bytes(info: object, output: Path, layout: str) -> int:
-    """Bytes still to fetch: the layout's files in the repository listing, less those already complete in
-    ``output`` (a resumed download)."""
-    total = 0
-    for f in layout_files(info, layout):
-        size, local = f.size or 0, output / f.rfilename
-        total += 0 if local.is_file() and local.stat().st_size == size else size
-    return total
+def in_place(output: Path, f: object) -> bool:
+    """Whether listed file ``f`` is in ``output`` with its listed size."""
+    return (output / f.rfilename).is_file() and (output / f.rfilename).stat().st_size == f.size
 
 
-def verify(info: object, output: Path, layout: str, repo_id: str) -> None:
-    """Each LFS file of the layout against the sha256 the Hub lists (huggingface_hub 2.4 checks only the size);
-    one that differs is deleted, so the next run fetches it again."""
-    start, files = time.perf_counter(), [f for f in layout_files(info, layout) if getattr(f, "lfs", None)]
-    with ThreadPoolExecutor(max(1, min(8, len(files)))) as pool:  # hashlib and reads release the GIL
-        digests = list(pool.map(lambda f: sha256(output / f.rfilename), files))
-    for f, digest in zip(files, digests, strict=True):
-        if digest != f.lfs.sha256:
-            (output / f.rfilename).unlink()
-            raise GptOssError(f"{repo_id}: {f.rfilename} does not match its sha256 {f.lfs.sha256}: deleted, run again")
-    log.info(f"sha256 of {len(files)} LFS files as listed, checked in {time.perf_counter() - start:.2f} s")
+def fetched_bytes(output: Path, f: object) -> int:
+    """How much of listed file ``f`` is in ``output``: all of it in place, else its partial's bytes (LFS files)."""
+    partial = output / PARTIAL / getattr(getattr(f, "lfs", None), "sha256", "-")
+    done = f.size if in_place(output, f) else partial.stat().st_size if partial.is_file() else 0
+    return done if done <= (f.size or 0) else 0
+
+
+def same_sha256(path: Path, f: object) -> bool:
+    """Whether ``path`` has the sha256 listed for LFS file ``f`` (huggingface_hub 2.4 checks sizes); if not, deleted."""
+    start, matches = time.perf_counter(), sha256(path) == f.lfs.sha256
+    log.info(f"{f.rfilename}: sha256 {'as listed' if matches else 'differs'} ({time.perf_counter() - start:.2f} s)")
+    if not matches:
+        path.unlink()
+    return matches
+
+
+def fetch(repo_id: str, commit: str, f: object, output: Path) -> bool:
+    """LFS file ``f`` into its partial, with ``Range`` from the partial's size (what a former run left), then,
+    if ``same_sha256``, atomically into place."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.file_download import http_get
+    from huggingface_hub.utils import build_hf_headers
+
+    partial, done = output / PARTIAL / f.lfs.sha256, fetched_bytes(output, f)
+    for folder in (partial.parent, (output / f.rfilename).parent):
+        folder.mkdir(parents=True, exist_ok=True)
+    log.info(f"fetching {f.rfilename}: {f.size / 1e6:.1f} MB, resumed from {done / 1e6:.1f} MB")
+    url, headers = hf_hub_url(repo_id, f.rfilename, revision=commit), build_hf_headers()
+    location = get_hf_file_metadata(url, headers=headers).location  # past the Hub's redirect (to the CDN)
+    if urlsplit(location).netloc != urlsplit(url).netloc:  # no token to the CDN, as in huggingface_hub
+        headers.pop("authorization", None)
+    with open(partial, "ab" if done else "wb") as fh:
+        http_get(location, fh, resume_size=done, headers=headers, expected_size=f.size, displayed_filename=f.rfilename)
+    if matches := same_sha256(partial, f):
+        partial.replace(output / f.rfilename)
+    return matches
 
 
 def download(repo_id: str, revision: str, output: Path, retries: int = 3, layout: str = "hf") -> str:
-    """Snapshot one layout of ``repo_id@revision`` into ``output`` (resumable: files already there are kept).
+    """Snapshot one layout of ``repo_id@revision`` into ``output`` (resumable: complete files are kept, LFS ones
+    if their sha256 is as listed, and an interrupted LFS file continues from its partial).
 
     ``layout="hf"`` fetches the top-level ``config.json`` and ``model*.safetensors``; ``"original"`` fetches
     ``original/`` (OpenAI's names and config). Both fetch the top-level tokenizer and generation config files.
+    ``snapshot_download`` fetches the small files; the LFS files come one at a time over plain HTTP (``fetch``),
+    bypassing Xet when ``hf_xet`` is installed: a resume across runs and a sha256 check matter more than its speed.
 
     The token comes from the environment (``HF_TOKEN``) through ``huggingface_hub`` and is never logged.
     Returns the resolved commit hash, also written to ``output/download.json``.
@@ -74,21 +99,27 @@ def download(repo_id: str, revision: str, output: Path, retries: int = 3, layout
         raise GptOssError(f"unknown layout {layout!r}; choose one of {list(ALLOW_PATTERNS)}")
     from huggingface_hub import HfApi, snapshot_download
 
-    # A killed run's partial files: huggingface_hub 2.4 never resumes them (each download has its own temp file).
+    # A killed run's partial small files: huggingface_hub 2.4 never resumes them (each download has its own file).
     for stale in (output / ".cache/huggingface/download").rglob("*.incomplete"):
         stale.unlink()
     last_error: Exception | None = None
+    checked: dict[str, bool] = {}  # the LFS files in place (kept or fetched) with the listed sha256
     for attempt in range(1, retries + 1):
         try:
             info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
-            commit = info.sha or revision
-            require_free_space(output, missing_bytes(info, output, layout), f"{repo_id} ({layout} layout)")
+            commit, files = info.sha or revision, layout_files(info, layout)
+            missing = sum((f.size or 0) - fetched_bytes(output, f) for f in files)  # partials count as fetched
+            require_free_space(output, missing, f"{repo_id} ({layout} layout)")
             log.info(
                 f"downloading {repo_id}@{revision} (commit {commit}, {layout} layout) into {output}, attempt {attempt}"
             )
-            snapshot_download(
-                repo_id=repo_id, revision=commit, local_dir=str(output), allow_patterns=ALLOW_PATTERNS[layout]
-            )
+            lfs = [f for f in files if getattr(f, "lfs", None)]
+            small = {"allow_patterns": ALLOW_PATTERNS[layout], "ignore_patterns": [f.rfilename for f in lfs]}
+            snapshot_download(repo_id=repo_id, revision=commit, local_dir=str(output), **small)
+            for f in lfs:  # in the main thread: Ctrl-C stops at once, and the partial stays for the next run
+                if f.rfilename not in checked:
+                    kept = in_place(output, f) and same_sha256(output / f.rfilename, f)
+                    checked[f.rfilename] = kept or fetch(repo_id, commit, f, output)
             break
         except GptOssError:
             raise
@@ -107,7 +138,11 @@ def download(repo_id: str, revision: str, output: Path, retries: int = 3, layout
             f"({str(last_error).splitlines()[0] if last_error else 'unknown error'}); offline? "
             "try the synthetic toy workflow: --configfile config/toy.yaml"
         )
-    verify(info, output, layout, repo_id)
+    if bad := [f for f in lfs if not checked[f.rfilename]]:
+        raise GptOssError(
+            f"{repo_id}: {bad[0].rfilename} does not match its sha256 {bad[0].lfs.sha256}: deleted, run again"
+        )
+    shutil.rmtree(output / PARTIAL, ignore_errors=True)
     origin = {"repo_id": repo_id, "revision": revision, "commit": commit, "layout": layout}
     with atomic_output(output / REVISION_FILE) as tmp:
         tmp.write_text(json.dumps(origin, indent=2) + "\n")
