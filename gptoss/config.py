@@ -150,23 +150,13 @@ class GptOssConfig:
         return cls(**fields, layer_types=layer_types, rope_scaling=RopeScaling(**scaling, truncate=False))
 
 
-# GptOssConfig field (HF's config.json uses the same name) -> its original/config.json key, or None. Fields without
-# a default are required in both files; the others fall back to the dataclass defaults.
+# GptOssConfig field (HF's config.json key too) -> its original/config.json key, or None where original/ has none.
+# Fields without a default are required in both files; the others fall back to the dataclass defaults.
+ORIGINAL_RENAMES = {"num_local_experts": "num_experts", "num_experts_per_tok": "experts_per_token"}
 CONFIG_KEYS = {
-    "vocab_size": "vocab_size",
-    "hidden_size": "hidden_size",
-    "intermediate_size": "intermediate_size",
-    "num_hidden_layers": "num_hidden_layers",
-    "num_attention_heads": "num_attention_heads",
-    "num_key_value_heads": "num_key_value_heads",
-    "head_dim": "head_dim",
-    "num_local_experts": "num_experts",
-    "num_experts_per_tok": "experts_per_token",
-    "sliding_window": "sliding_window",
-    "rms_norm_eps": None,
-    "rope_theta": "rope_theta",
-    "swiglu_limit": "swiglu_limit",
-    "swiglu_alpha": None,
+    f.name: None if f.name in ("rms_norm_eps", "swiglu_alpha") else ORIGINAL_RENAMES.get(f.name, f.name)
+    for f in dataclasses.fields(GptOssConfig)
+    if f.name not in ("layer_types", "rope_scaling")
 }
 # RopeScaling field -> original/config.json key (HF uses the field names). OpenAI's ntk_beta is the fast
 # boundary, ntk_alpha the slow one.

@@ -32,13 +32,9 @@ PACKAGES = ("jax", "jaxlib", "flax", "jax2onnx", "onnx", "onnxruntime", "numpy")
 
 
 def versions() -> dict[str, str]:
-    found = {"python": platform.python_version(), "gptoss": __version__}
-    for name in PACKAGES:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            found[name] = "not installed"
-    return found
+    installed = {d.metadata["Name"].lower(): d.version for d in metadata.distributions()}
+    found = {name: installed.get(name, "not installed") for name in PACKAGES}
+    return {"python": platform.python_version(), "gptoss": __version__} | found
 
 
 def git_commit() -> str:

@@ -17,14 +17,9 @@ from gptoss.errors import GptOssError
 from gptoss.formats.synth import preset_config
 from gptoss.stages import STAGES
 
-# --- memory ---------------------------------------------------------------------------------------------------
-# Resident memory per step, in MB (calibrated on the tables of docs/performance.md, "The memory model": the
-# 2-layer gpt-oss-20b in float32 and mxfp4, the 24-layer one in mxfp4, the 2-layer gpt-oss-120b in mxfp4):
-#   fixed + per_params × the params' MB (in their weight format)
-#         + per_embedding × the embedding's MB (the largest single tensor; float32 where the step decodes the
-#           checkpoint through float32, else in the params' format) + per_layer × layers.
-# Streaming keeps most steps independent of depth: synth and convert hold a tensor or a shard at a time, the
-# weights export one tensor, the JAX side of parity one block; ONNX Runtime maps the whole weights file.
+# Resident memory per step, in MB, calibrated on docs/performance.md ("The memory model"): fixed + per_params × the
+# params' MB + per_embedding × the embedding's MB (the largest tensor; float32 where the step decodes the checkpoint
+# through float32) + per_layer × layers. Streaming keeps most steps independent of depth.
 MEMORY_MODEL = {
     #                      fixed, per_params, per_embedding, per_layer
     "synth": (800, 0.0, 2.0, 0),  # generating a shard
@@ -47,12 +42,9 @@ REFERENCE_FLOAT32_FACTOR = 1.1
 # Each further attempt of a job (Snakemake's ``attempt``, 1 for the first) asks for this much more memory.
 MEMORY_PER_RETRY = 0.25
 
-# --- wall time ------------------------------------------------------------------------------------------------
 # Minutes per step: fixed + per_gb × the GB of weights the step reads or writes + per_layer × layers. Generous on
-# purpose (a job that outlives its limit is killed; one that ends early costs nothing): at least 3 times every
-# per-rule wall time of docs/performance.md (the 2- and 24-layer gpt-oss-20b, the 2-layer gpt-oss-120b) and of
-# the toy's table in workflow/README.md, and of the times predicted there for the whole gpt-oss-120b. The fixed
-# part covers a cluster job's start (Snakemake and Python on the node, imports from a shared filesystem).
+# purpose (a job that outlives its limit is killed): at least 3 times every per-rule time measured in
+# docs/performance.md and workflow/README.md; the fixed part covers a cluster job's start.
 RUNTIME_MODEL = {
     #                  fixed, per_gb, per_layer
     "synth": (5, 0.2, 0.0),

@@ -11,12 +11,12 @@ from urllib.parse import urlsplit
 
 from gptoss.errors import GptOssError
 from gptoss.files import atomic_output, require_free_space, sha256
+from gptoss.formats.tokenizer import TOKENIZER_FILES
 
 log = logging.getLogger("gptoss.download")
 
 # The Hub client's fnmatch lets ``*`` match ``/`` ("*.safetensors" would fetch original/'s copy of the weights
 # too), so every pattern names one folder: the top level (HF layout) or original/ (OpenAI's layout).
-TOKENIZER_PATTERNS = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"]
 ALLOW_PATTERNS: dict[str, list[str]] = {
     "hf": [
         "config.json",
@@ -24,9 +24,9 @@ ALLOW_PATTERNS: dict[str, list[str]] = {
         "model.safetensors",
         "model-?????-of-?????.safetensors",
         "model.safetensors.index.json",
-        *TOKENIZER_PATTERNS,
+        *TOKENIZER_FILES,
     ],
-    "original": ["original/*", "generation_config.json", *TOKENIZER_PATTERNS],
+    "original": ["original/*", "generation_config.json", *TOKENIZER_FILES],
 }
 REVISION_FILE = "download.json"
 PARTIAL = ".gptoss-partial"  # output/.gptoss-partial/SHA256: an LFS file fetched so far (one version: its sha256)
@@ -69,8 +69,8 @@ def fetch(repo_id: str, commit: str, f: object, output: Path) -> bool:
     from huggingface_hub.utils import build_hf_headers
 
     partial, done = output / PARTIAL / f.lfs.sha256, fetched_bytes(output, f)
-    for folder in (partial.parent, (output / f.rfilename).parent):
-        folder.mkdir(parents=True, exist_ok=True)
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    (output / f.rfilename).parent.mkdir(parents=True, exist_ok=True)
     log.info(f"fetching {f.rfilename}: {f.size / 1e6:.1f} MB, resumed from {done / 1e6:.1f} MB")
     url, headers = hf_hub_url(repo_id, f.rfilename, revision=commit), build_hf_headers()
     location = get_hf_file_metadata(url, headers=headers).location  # past the Hub's redirect (to the CDN)
@@ -110,9 +110,7 @@ def download(repo_id: str, revision: str, output: Path, retries: int = 3, layout
             commit, files = info.sha or revision, layout_files(info, layout)
             missing = sum((f.size or 0) - fetched_bytes(output, f) for f in files)  # partials count as fetched
             require_free_space(output, missing, f"{repo_id} ({layout} layout)")
-            log.info(
-                f"downloading {repo_id}@{revision} (commit {commit}, {layout} layout) into {output}, attempt {attempt}"
-            )
+            log.info(f"downloading {repo_id}@{revision} (commit {commit}, {layout}) into {output}, attempt {attempt}")
             lfs = [f for f in files if getattr(f, "lfs", None)]
             small = {"allow_patterns": ALLOW_PATTERNS[layout], "ignore_patterns": [f.rfilename for f in lfs]}
             snapshot_download(repo_id=repo_id, revision=commit, local_dir=str(output), **small)

@@ -12,6 +12,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from gptoss.errors import GptOssError
 
+# The tokenizer files of a checkpoint (the ones it has), downloaded with it and placed beside a decoder graph.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 SPECIAL_TOKENS = ["<|endoftext|>", "<|start|>", "<|end|>"]
 # The roles openai/gpt-oss-* give their special tokens (bos <|startoftext|>, eos <|return|>, pad <|endoftext|>),
 # taken by the synthetic tokenizer's own: the parity code pads with id 0 = <|endoftext|>.

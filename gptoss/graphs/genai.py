@@ -16,20 +16,16 @@ from typing import Any
 
 from gptoss.config import ParamsConfig
 from gptoss.errors import GptOssError
+from gptoss.formats.tokenizer import TOKENIZER_FILES
 from gptoss.graphs.names import MASK_NAME, PAST_KEY, PAST_PREFIX, PAST_VALUE, PRESENT_KEY, PRESENT_VALUE
 
 GENAI_CONFIG = "genai_config.json"
-# Beside the graph, what onnxruntime-genai's tokenizer reads (the ones the checkpoint has).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 TOTAL_LENGTH = "total_sequence_length"
 
 
-def past_names(layers: int) -> list[str]:
-    return [name % i for i in range(layers) for name in (PAST_KEY, PAST_VALUE)]
-
-
-def present_names(layers: int) -> list[str]:
-    return [name % i for i in range(layers) for name in (PRESENT_KEY, PRESENT_VALUE)]
+def cache_names(layers: int, names: tuple[str, str] = (PAST_KEY, PAST_VALUE)) -> list[str]:
+    """Every layer's cache input names (key, value), or output names with ``(PRESENT_KEY, PRESENT_VALUE)``."""
+    return [name % i for i in range(layers) for name in names]
 
 
 def genai_config(params_cfg: ParamsConfig, context_length: int, filename: str) -> dict[str, Any]:

@@ -16,8 +16,8 @@ from flax import nnx
 
 from gptoss import __version__
 from gptoss.config import GptOssConfig
-from gptoss.graphs.genai import past_names, present_names
-from gptoss.graphs.names import INPUT_NAME, MASK_NAME
+from gptoss.graphs.genai import cache_names
+from gptoss.graphs.names import INPUT_NAME, MASK_NAME, PRESENT_KEY, PRESENT_VALUE
 from gptoss.graphs.passes import defer_weight_reads, drop_expands, einsums_to_matmul, genai_interface
 from gptoss.model.gpt_oss import GptOss
 from gptoss.model.outputs import output_names
@@ -108,7 +108,7 @@ def build_onnx(model: GptOss, spec: ExportSpec) -> ir.Model:
     weight_specs = traceable.weight_specs
     if spec.decoder:
         input_names, input_specs, outputs = decoder_inputs(model.cfg, traceable)
-        names, duplicates = ["logits", *present_names(model.cfg.num_hidden_layers)], {}
+        names, duplicates = ["logits", *cache_names(model.cfg.num_hidden_layers, (PRESENT_KEY, PRESENT_VALUE))], {}
     else:
         input_names = [INPUT_NAME]
         # The debug graph fixes the sequence length; the canonical graph keeps both axes symbolic.
@@ -158,7 +158,7 @@ def decoder_inputs(
     kv = jax.ShapeDtypeStruct((batch, cfg.num_key_value_heads, past, cfg.head_dim), jnp.float32)
     layers = cfg.num_hidden_layers
     specs = [jax.ShapeDtypeStruct((batch, seq), jnp.int32), jax.ShapeDtypeStruct((batch, past + seq), jnp.int32)]
-    presents = present_names(layers)
+    presents = cache_names(layers, (PRESENT_KEY, PRESENT_VALUE))
 
     def outputs(input_ids: jax.Array, mask: jax.Array, *rest: jax.Array) -> dict[str, jax.Array]:
         caches, weights = rest[: 2 * layers], rest[2 * layers :]
@@ -166,4 +166,4 @@ def decoder_inputs(
         logits, present = traceable.live(weights).decode(input_ids, mask, past_kv)
         return {"logits": logits, **dict(zip(presents, [t for kv in present for t in kv], strict=True))}
 
-    return [INPUT_NAME, MASK_NAME, *past_names(layers)], specs + [kv] * (2 * layers), outputs
+    return [INPUT_NAME, MASK_NAME, *cache_names(layers)], specs + [kv] * (2 * layers), outputs
