@@ -8,6 +8,7 @@ import hashlib
 import os
 import shutil
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from gptoss.errors import GptOssError
@@ -60,10 +61,54 @@ def require_free_space(folder: Path, needed_bytes: int, what: str) -> None:
         )
 
 
-def sha256(path: Path, chunk: int = 16 * 1024 * 1024) -> str:
+def sha256(path: Path) -> str:
     """Hex sha256 of a file, streamed."""
-    digest = hashlib.sha256()
+    return _hash_into(hashlib.sha256(), path).hexdigest()
+
+
+def _hash_into(digest: hashlib._Hash, path: Path, size: int | None = None, chunk: int = 16 * 2**20) -> hashlib._Hash:
+    """``digest`` updated with the first ``size`` bytes of ``path`` (all of them if None)."""
     with open(path, "rb") as fh:
-        while block := fh.read(chunk):
+        left = os.fstat(fh.fileno()).st_size if size is None else size
+        while left > 0 and (block := fh.read(min(chunk, left))):
             digest.update(block)
-    return digest.hexdigest()
+            left -= len(block)
+    return digest
+
+
+class HashingFile:
+    """A file being written whose sha256 follows its bytes, hashed on a thread of its own so that hashing overlaps
+    the writing (one chunk in flight); the ``keep`` bytes it already holds are hashed first. It has the file methods
+    a download uses: write, tell, seek and truncate (a restarted download keeps a prefix, hashed again)."""
+
+    def __init__(self, path: Path, keep: int) -> None:
+        self.fh, self.pool, self.pending = open(path, "r+b" if keep else "w+b"), ThreadPoolExecutor(1), None
+        self.truncate(keep)
+
+    def truncate(self, size: int | None = None) -> int:
+        if self.pending:
+            self.pending.result()
+        size = self.fh.tell() if size is None else size
+        self.fh.truncate(size)
+        self.fh.seek(size)
+        self.digest = hashlib.sha256()
+        self.pending = self.pool.submit(_hash_into, self.digest, Path(self.fh.name), size)
+        return size
+
+    def write(self, data: bytes) -> int:
+        self.pending.result()
+        self.pending = self.pool.submit(self.digest.update, data)
+        return self.fh.write(data)
+
+    def tell(self) -> int:
+        return self.fh.tell()
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.fh.seek(offset, whence)
+
+    def close(self) -> str:
+        """Close the file once its last bytes are hashed; the hex sha256."""
+        self.pending.result()
+        self.pool.shutdown()
+        self.fh.close()
+        return self.digest.hexdigest()

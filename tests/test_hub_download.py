@@ -510,10 +510,10 @@ def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, str]:
 @pytest.mark.slow
 def test_throughput_against_snapshot_download(tmp_path):
     """GPTOSS_THROUGHPUT_GB (0.25 in CI; workflow/README.md has a 1 GB run) in four shards: ``gptoss download``
-    against huggingface_hub's own ``snapshot_download`` of the same files and commit, best of two runs each.
-    Everything but the sha256 checks (the listing, the free-space check, the one-at-a-time fetch, the command)
-    stays within 1.2x; the checks, which the client does not make, are the times gptoss logs for the four shards,
-    printed with both ratios."""
+    against huggingface_hub's own ``snapshot_download`` of the same files and commit, best of three runs each.
+    The whole command, its sha256 checks included (hashed while each shard comes; the client makes none), stays
+    within 1.2x, give or take 0.25 s for the jitter of starting two processes (a second in all at CI's 0.25 GB);
+    the time the checks add after each shard's last byte is printed too."""
     total = float(os.environ.get("GPTOSS_THROUGHPUT_GB", "0.25")) * 1e9
     src = tmp_path / "src"
     src.mkdir()
@@ -532,7 +532,7 @@ def test_throughput_against_snapshot_download(tmp_path):
             "snapshot_download(sys.argv[1], revision=sys.argv[2], local_dir=sys.argv[3], allow_patterns=sys.argv[4:])"
         )
         theirs, ours, hashing = [], [], []
-        for attempt in range(2):
+        for attempt in range(3):
             out = tmp_path / f"hf{attempt}"
             cmd = [sys.executable, "-c", reference, "test/big", commit, str(out), *hub_module.ALLOW_PATTERNS["hf"]]
             theirs.append(timed(cmd, env)[0])
@@ -546,10 +546,9 @@ def test_throughput_against_snapshot_download(tmp_path):
             subprocess.run(["rm", "-rf", str(out)], check=True, timeout=DEADLINE_S)
     finally:
         hub.close()
-    best = min(range(2), key=lambda i: ours[i])
+    best = min(range(3), key=lambda i: ours[i])
     print(
         f"\n{total / 1e9:.2f} GB: snapshot_download {min(theirs):.2f} s, gptoss download {ours[best]:.2f} s "
-        f"(ratio {ours[best] / min(theirs):.2f}; without its sha256 checks of {hashing[best]:.2f} s, "
-        f"{(ours[best] - hashing[best]) / min(theirs):.2f})"
+        f"(ratio {ours[best] / min(theirs):.2f}; its sha256 checks add {hashing[best]:.2f} s after the last bytes)"
     )
-    assert ours[best] - hashing[best] <= 1.2 * min(theirs), (theirs, ours, hashing)
+    assert ours[best] <= 1.2 * min(theirs) + 0.25, (theirs, ours, hashing)

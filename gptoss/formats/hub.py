@@ -10,7 +10,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from gptoss.errors import GptOssError
-from gptoss.files import atomic_output, require_free_space, sha256
+from gptoss.files import HashingFile, atomic_output, require_free_space, sha256
 from gptoss.formats.tokenizer import TOKENIZER_FILES
 
 log = logging.getLogger("gptoss.download")
@@ -52,18 +52,28 @@ def fetched_bytes(output: Path, f: object) -> int:
     return done if done <= (f.size or 0) else 0
 
 
-def same_sha256(path: Path, f: object) -> bool:
-    """Whether ``path`` has the sha256 listed for LFS file ``f`` (huggingface_hub 2.4 checks sizes); if not, deleted."""
-    start, matches = time.perf_counter(), sha256(path) == f.lfs.sha256
+def check_sha256(f: object, digest: str, start: float) -> bool:
+    """Whether ``digest`` is the sha256 listed for LFS file ``f`` (huggingface_hub 2.4 checks only sizes), logged
+    with the seconds since ``start`` the check took."""
+    matches = digest == f.lfs.sha256
     log.info(f"{f.rfilename}: sha256 {'as listed' if matches else 'differs'} ({time.perf_counter() - start:.2f} s)")
-    if not matches:
-        path.unlink()
     return matches
 
 
+def kept(output: Path, f: object) -> bool:
+    """Whether LFS file ``f`` is in ``output`` with its listed size and sha256; one that differs is deleted."""
+    if not in_place(output, f):
+        return False
+    path, start = output / f.rfilename, time.perf_counter()
+    if check_sha256(f, sha256(path), start):
+        return True
+    path.unlink()
+    return False
+
+
 def fetch(repo_id: str, commit: str, f: object, output: Path) -> bool:
-    """LFS file ``f`` into its partial, with ``Range`` from the partial's size (what a former run left), then,
-    if ``same_sha256``, atomically into place."""
+    """LFS file ``f`` into its partial, with ``Range`` from the partial's size (what a former run left), hashed as
+    it comes; then atomically into place if its sha256 is as listed, else the partial is deleted."""
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
     from huggingface_hub.file_download import http_get
     from huggingface_hub.utils import build_hf_headers
@@ -76,10 +86,15 @@ def fetch(repo_id: str, commit: str, f: object, output: Path) -> bool:
     location = get_hf_file_metadata(url, headers=headers).location  # past the Hub's redirect (to the CDN)
     if urlsplit(location).netloc != urlsplit(url).netloc:  # no token to the CDN, as in huggingface_hub
         headers.pop("authorization", None)
-    with open(partial, "ab" if done else "wb") as fh:
-        http_get(location, fh, resume_size=done, headers=headers, expected_size=f.size, displayed_filename=f.rfilename)
-    if matches := same_sha256(partial, f):
+    out = HashingFile(partial, done)  # hashed while it comes
+    try:
+        http_get(location, out, resume_size=done, headers=headers, expected_size=f.size, displayed_filename=f.rfilename)
+    finally:
+        start, digest = time.perf_counter(), out.close()
+    if matches := check_sha256(f, digest, start):
         partial.replace(output / f.rfilename)
+    else:
+        partial.unlink()
     return matches
 
 
@@ -116,8 +131,7 @@ def download(repo_id: str, revision: str, output: Path, retries: int = 3, layout
             snapshot_download(repo_id=repo_id, revision=commit, local_dir=str(output), **small)
             for f in lfs:  # in the main thread: Ctrl-C stops at once, and the partial stays for the next run
                 if f.rfilename not in checked:
-                    kept = in_place(output, f) and same_sha256(output / f.rfilename, f)
-                    checked[f.rfilename] = kept or fetch(repo_id, commit, f, output)
+                    checked[f.rfilename] = kept(output, f) or fetch(repo_id, commit, f, output)
             break
         except GptOssError:
             raise
