@@ -79,7 +79,7 @@ def _hash_into(digest: hashlib._Hash, path: Path, size: int | None = None, chunk
 class HashingFile:
     """A file being written whose sha256 follows its bytes, hashed on a thread of its own so that hashing overlaps
     the writing (one chunk in flight); the ``keep`` bytes it already holds are hashed first. It has the file methods
-    a download uses: write, tell, seek and truncate (a restarted download keeps a prefix, hashed again)."""
+    a download uses: write and truncate (a restarted download keeps a prefix, hashed again), tell and seek."""
 
     def __init__(self, path: Path, keep: int) -> None:
         self.fh, self.pool, self.pending = open(path, "r+b" if keep else "w+b"), ThreadPoolExecutor(1), None
@@ -100,11 +100,8 @@ class HashingFile:
         self.pending = self.pool.submit(self.digest.update, data)
         return self.fh.write(data)
 
-    def tell(self) -> int:
-        return self.fh.tell()
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        return self.fh.seek(offset, whence)
+    def __getattr__(self, name: str) -> object:  # tell, seek: the file's own
+        return getattr(self.fh, name)
 
     def close(self) -> str:
         """Close the file once its last bytes are hashed; the hex sha256."""
