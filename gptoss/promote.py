@@ -59,15 +59,8 @@ def verified_stage(verdict: dict, onnx_sha: str, data_sha: str) -> str:
     )
 
 
-def manifest(
-    tag: str,
-    onnx_path: Path,
-    files: list[dict],
-    verdict: dict,
-    params_cfg: ParamsConfig | None,
-    sequence_length: int | None,
-    stage: str,
-) -> dict:
+def provenance(onnx_path: Path, verdict: dict, params_cfg: ParamsConfig | None) -> dict:
+    """The manifest's entries on where the graph comes from and how it was verified (the promotion adds its own)."""
     imports = onnx.load(str(onnx_path), load_external_data=False).opset_import
     opset = next((o.version for o in imports if o.domain in ("", "ai.onnx")), None)
     model = None
@@ -79,12 +72,8 @@ def manifest(
             "config": params_cfg.model.to_hf_dict(),
         }
     return {
-        "tag": tag,
-        "files": files,
-        "verified_by_stage": stage,
         "checkpoint": params_cfg.checkpoint_info() if params_cfg else None,
         "model": model,
-        "sequence_length": sequence_length,
         "opset": opset,
         "tolerances": verdict["tolerances"],
         "worst_differences": verdict["worst"],
@@ -188,8 +177,8 @@ def promote(
             if sha256(copy) != expected:
                 raise GptOssError(f"{copy}: copy differs from {path} (disk problem?)")
             listed.append({"name": copy.name, "bytes": copy.stat().st_size, "sha256": expected})
-        m = manifest(tag, onnx_path, listed, verdict, params_cfg, sequence_length, stage)
-        m["verdict_sha256"] = sha256(verdict_path)
+        m = {"tag": tag, "files": listed, "verified_by_stage": stage, "sequence_length": sequence_length}
+        m |= provenance(onnx_path, verdict, params_cfg) | {"verdict_sha256": sha256(verdict_path)}
         (staging / "manifest.json").write_text(json.dumps(m, indent=2, sort_keys=True) + "\n")
         (staging / "README.md").write_text(readme(m))
     log.info("promoted %s%s as %s into %s", onnx_path.name, f" and {decoder.name}" if decoder else "", tag, dest)
