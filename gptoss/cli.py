@@ -90,13 +90,14 @@ def _parity(args: argparse.Namespace) -> None:
 
         rows = parity_decoder(params, args.onnx, results, prompts, args.generate_tokens or 16, args.threads)
     else:
+        from gptoss.proof.driver import JaxRequest
         from gptoss.proof.parity import parity
 
         hidden = args.compare_hidden_states or STAGES[stage].hidden_states
         debug = args.compare_block_debug or STAGES[stage].block_taps
-        rows = parity(params, args.onnx, results, prompts, args.sequence_length, hidden, debug, args.threads)
-    failed = sum(not r["passed"] for r in rows)
-    if failed:
+        request = JaxRequest(prompts, args.sequence_length, hidden, debug)
+        rows = parity(params, args.onnx, results, request, args.threads)
+    if failed := sum(not r["passed"] for r in rows):
         log.warning("%d of %d rows exceed their tolerance (the gate decides)", failed, len(rows))
 
 

@@ -173,10 +173,11 @@ def test_generation_parity_rows_gate_and_promote(toy, tmp_path):
     assert generation["genai"] == {"identical": 2, "near_tie": 0, "differ": 0, "steps": 12}
 
     # Promoting the decoder needs the canonical graph's verification too: gate a canonical CSV with it.
+    from gptoss.proof.driver import JaxRequest
     from gptoss.proof.parity import parity
 
     params, prompts = opened(toy["params"], [PROMPT], length=32)
-    parity(params, toy["canonical"], Results(tmp_path / "canonical.csv"), prompts, 32)
+    parity(params, toy["canonical"], Results(tmp_path / "canonical.csv"), JaxRequest(prompts, 32))
     gate([csv_path, tmp_path / "canonical.csv"], Tolerances(), verdict)
     dest = promote(toy["canonical"], verdict, tmp_path / "promoted", "baseline2", decoder=toy["decoder"])
     manifest = json.loads((dest / "manifest.json").read_text())

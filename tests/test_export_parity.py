@@ -30,6 +30,7 @@ from gptoss.model.outputs import BLOCK_TAPS
 from gptoss.model.params import Params, abstract_model
 from gptoss.promote import promote
 from gptoss.proof.compare import COLUMNS, Results
+from gptoss.proof.driver import JaxRequest
 from gptoss.proof.export_check import check_export
 from gptoss.proof.gate import gate
 from gptoss.proof.parity import parity
@@ -68,7 +69,7 @@ def parity_csvs(toy) -> dict[str, Path]:
 def parity_of(params_path: Path, graph: Path, csv_path: Path, debug: bool = False) -> list[dict]:
     """``gptoss parity`` on PROMPTS: stage debug (every hidden state and tap) or canonical."""
     params, prompts = opened(params_path, PROMPTS, length=SEQ)
-    return parity(params, graph, Results(csv_path), prompts, SEQ, hidden_states=debug, block_debug=debug)
+    return parity(params, graph, Results(csv_path), JaxRequest(prompts, SEQ, hidden_states=debug, block_debug=debug))
 
 
 def read_csv(path: Path) -> list[dict]:

@@ -23,6 +23,7 @@ from gptoss.model.gpt_oss import forward
 from gptoss.model.layers import decode_mxfp4
 from gptoss.model.params import Params
 from gptoss.proof.compare import Results
+from gptoss.proof.driver import JaxRequest
 from gptoss.proof.gate import gate
 from gptoss.proof.parity import parity, parity_decoder
 from gptoss.proof.tolerances import Tolerances
@@ -125,8 +126,8 @@ def test_mxfp4_parity_passes_at_the_default_tolerances(toy, tmp_path):
     export(params, graphs["debug"], ExportSpec(32, True, True), reuse_weights=True)
     export(params, graphs["decoder"], ExportSpec(32, decoder=True), reuse_weights=True)
     csvs = [tmp_path / f"{s}.csv" for s in graphs]
-    parity(params, graphs["canonical"], Results(csvs[0]), prompts, 32)
-    parity(params, graphs["debug"], Results(csvs[1]), prompts, 32, hidden_states=True, block_debug=True)
+    parity(params, graphs["canonical"], Results(csvs[0]), JaxRequest(prompts, 32))
+    parity(params, graphs["debug"], Results(csvs[1]), JaxRequest(prompts, 32, hidden_states=True, block_debug=True))
     parity_decoder(params, graphs["decoder"], Results(csvs[2]), prompts, 8)
     verdict = tmp_path / "verdict.json"
     gate(csvs, Tolerances(), verdict, expect_stages=["canonical", "debug", "decoder"])

@@ -36,8 +36,7 @@ def check_graph(onnx_path: Path, wanted: Sequence[str], sequence_length: int) ->
         raise GptOssError(f"{onnx_path}: ONNX file not found")
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
     available = {o.name for o in graph.output}
-    missing = [name for name in wanted if name not in available]
-    if missing:
+    if missing := [name for name in wanted if name not in available]:
         flags = {"hidden_state_": "--emit-hidden-states", "block_": "--emit-block-debug"}
         needs = [flag for prefix, flag in flags.items() if any(n.startswith(prefix) for n in missing)]
         raise GptOssError(
@@ -52,61 +51,49 @@ def check_graph(onnx_path: Path, wanted: Sequence[str], sequence_length: int) ->
 
 
 def parity(
-    params: Params,
-    onnx_path: Path,
-    results: Results,
-    prompts: list[Prompt],
-    sequence_length: int,
-    hidden_states: bool = False,
-    block_debug: bool = False,
-    threads: int | None = None,
+    params: Params, onnx_path: Path, results: Results, request: JaxRequest, threads: int | None = None
 ) -> list[dict]:
-    """Every prompt through JAX and through the graph in ONNX Runtime: one row per output (stage ``debug`` with
-    hidden states or taps, else ``canonical``)."""
-    stage = "debug" if hidden_states or block_debug else "canonical"
-    wanted = output_names(params.model_config, hidden_states, block_debug)
-    check_graph(onnx_path, wanted, sequence_length)
+    """Every prompt of ``request`` through JAX and through the graph in ONNX Runtime, padded to its sequence length:
+    one row per output (stage ``debug`` with hidden states or taps, else ``canonical``)."""
+    stage = "debug" if request.hidden_states or request.block_debug else "canonical"
+    wanted = output_names(params.model_config, request.hidden_states, request.block_debug)
+    check_graph(onnx_path, wanted, request.sequence_length)
 
     def onnx_runtime_side(jax: JaxOutputs) -> tuple[list[dict], dict[str, np.ndarray]]:
         log.info("ONNX Runtime side: %s", onnx_path)
         session = ort_session(onnx_path, threads)
         rows, diffs = [], {}
-        for prompt in prompts:
-            got = dict(zip(wanted, session.run(wanted, {INPUT_NAME: padded(prompt, sequence_length)}), strict=True))
+        for prompt in request.prompts:
+            ids = padded(prompt, request.sequence_length)
+            got = dict(zip(wanted, session.run(wanted, {INPUT_NAME: ids}), strict=True))
             with jax.forward(prompt) as ref:
                 rows += compare_prompt(stage, prompt, ref, got, results.tolerances)
                 diffs[prompt.prompt_id] = logits_diff(prompt, ref, got)
             del got
         return rows, diffs
 
-    request = JaxRequest(prompts, sequence_length, hidden_states, block_debug)
     return compare(stage, params, request, onnx_runtime_side, results, onnx_path)
 
 
 def parity_decoder(
-    params: Params,
-    onnx_path: Path,
-    results: Results,
-    prompts: list[Prompt],
-    generate_tokens: int,
-    threads: int | None = None,
+    params: Params, onnx_path: Path, results: Results, prompts: list[Prompt], steps: int, threads: int | None = None
 ) -> list[dict]:
-    """Generation parity on the decoder graph: every prompt, then ``generate_tokens`` greedy steps, by the JAX
-    model with its cache, by ONNX Runtime on the graph and by onnxruntime-genai on the graph's folder.
+    """Generation parity on the decoder graph: every prompt, then ``steps`` greedy tokens, by the JAX model with
+    its cache, by ONNX Runtime on the graph and by onnxruntime-genai on the graph's folder.
 
     Rows: ``decode_logits`` per step (JAX vs ONNX Runtime, while their tokens agree), the same for every prompt
     at once in a left-padded batch (``logits_batched``: each row must equal its prompt run alone), and one
     ``greedy_tokens`` row per prompt and runtime."""
     tolerances = results.tolerances
-    if generate_tokens < 1:
-        raise GptOssError(f"--generate-tokens must be at least 1, got {generate_tokens}")
+    if steps < 1:
+        raise GptOssError(f"--generate-tokens must be at least 1, got {steps}")
     folder = onnx_path.parent
     context = check_folder(folder)["model"]["context_length"]
     for prompt in prompts:
-        if len(prompt.ids) + generate_tokens > context:
+        if len(prompt.ids) + steps > context:
             raise GptOssError(
-                f"prompt {prompt.prompt_id} has {len(prompt.ids)} tokens; with --generate-tokens {generate_tokens} "
-                f"that is {len(prompt.ids) + generate_tokens} positions, more than the context length {context} "
+                f"prompt {prompt.prompt_id} has {len(prompt.ids)} tokens; with --generate-tokens {steps} "
+                f"that is {len(prompt.ids) + steps} positions, more than the context length {context} "
                 f"{onnx_path} was exported for ({GENAI_CONFIG})"
             )
     suppress = tuple(params.config.eos_token_ids)
@@ -118,7 +105,7 @@ def parity_decoder(
         rows, diffs = [], {}
         for prompt in prompts:
             reference = references[prompt.prompt_id]
-            got = ort_generate(session, prompt.ids, generate_tokens, suppress)
+            got = ort_generate(session, prompt.ids, steps, suppress)
             rows += step_rows("decoder", prompt, reference, got, tolerances)
             rows.append(token_row("decoder", prompt, "onnxruntime", reference, got.tokens, suppress, tolerances))
             diffs[prompt.prompt_id] = np.abs(got.logits[0] - reference.logits[0]).astype(np.float32).ravel()
@@ -126,13 +113,13 @@ def parity_decoder(
         del session
 
         log.info("onnxruntime-genai side: %s", folder)
-        generated = in_fresh_process(genai_generate_all, folder, [p.ids for p in prompts], generate_tokens)
+        generated = in_fresh_process(genai_generate_all, folder, [p.ids for p in prompts], steps)
         for prompt, tokens in zip(prompts, generated, strict=True):
             reference = references[prompt.prompt_id]
             rows.append(token_row("decoder", prompt, "genai", reference, tokens, suppress, tolerances))
         return rows, diffs
 
-    request = JaxRequest(prompts, generate_tokens=generate_tokens, suppress=suppress)
+    request = JaxRequest(prompts, generate_tokens=steps, suppress=suppress)
     return compare("decoder", params, request, generation_side, results, onnx_path)
 
 

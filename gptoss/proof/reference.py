@@ -21,15 +21,10 @@ log = logging.getLogger("gptoss.reference")
 
 
 def reference(
-    checkpoint: Path,
-    params: Params,
-    results: Results,
-    prompts: list[Prompt],
-    sequence_length: int,
-    generate_tokens: int = 0,
+    checkpoint: Path, params: Params, results: Results, prompts: list[Prompt], sequence_length: int, steps: int = 0
 ) -> list[dict]:
-    """Logits and hidden states of every prompt by JAX and by transformers. With ``generate_tokens``, both also
-    generate greedily from every prompt (JAX with its KV cache, transformers with ``generate``): ``decode_logits``
+    """Logits and hidden states of every prompt by JAX and by transformers. With ``steps``, both also generate that
+    many tokens greedily from every prompt (JAX with its KV cache, transformers with ``generate``): ``decode_logits``
     rows per step and a ``greedy_tokens`` row (``tokens_transformers``)."""
     tolerances = results.tolerances
     suppress = tuple(params.config.eos_token_ids)
@@ -39,8 +34,8 @@ def reference(
         model = hf_model(checkpoint, params.config)
         got = {p.prompt_id: hf_forward(model, padded(p, sequence_length)) for p in prompts}
         generated = {}
-        if generate_tokens:
-            generated = {p.prompt_id: transformers_generate(model, p.ids, generate_tokens, suppress) for p in prompts}
+        if steps:
+            generated = {p.prompt_id: transformers_generate(model, p.ids, steps, suppress) for p in prompts}
         del model
         gc.collect()
         rows, diffs = [], {}
@@ -48,7 +43,7 @@ def reference(
             with jax.forward(prompt) as ref:
                 rows += list(compare_prompt("reference", prompt, ref, got[prompt.prompt_id], tolerances))
                 diffs[prompt.prompt_id] = logits_diff(prompt, ref, got[prompt.prompt_id])
-            if generate_tokens:
+            if steps:
                 ours = jax.generation(prompt)
                 ours.logits = [step[-1:] for step in ours.logits]  # transformers returns the last position's
                 theirs = generated[prompt.prompt_id]
@@ -56,7 +51,5 @@ def reference(
                 rows.append(token_row("reference", prompt, "transformers", ours, theirs.tokens, suppress, tolerances))
         return rows, diffs
 
-    request = JaxRequest(
-        prompts, sequence_length, hidden_states=True, generate_tokens=generate_tokens, suppress=suppress
-    )
+    request = JaxRequest(prompts, sequence_length, hidden_states=True, generate_tokens=steps, suppress=suppress)
     return compare("reference", params, request, transformers_side, results)
