@@ -13,6 +13,7 @@ import pytest
 from conftest import assert_one_clean_error, opened, run_cli, streamed
 from safetensors.numpy import load_file, save_file
 
+from gptoss.config import WEIGHT_FORMAT_NAMES
 from gptoss.formats import mxfp4
 from gptoss.formats.params_file import read_params
 from gptoss.formats.synth import synthesize
@@ -20,7 +21,7 @@ from gptoss.graphs.export import export
 from gptoss.graphs.trace import ExportSpec
 from gptoss.model.convert import convert
 from gptoss.model.gpt_oss import forward
-from gptoss.model.layers import decode_mxfp4
+from gptoss.model.layers import WEIGHT_FORMATS, decode_mxfp4
 from gptoss.model.params import Params
 from gptoss.proof.compare import Results
 from gptoss.proof.driver import JaxRequest
@@ -57,6 +58,11 @@ def reference_decode(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
                 factor = np.float32(np.nan) if scale == 255 else np.float32(2.0 ** (int(scale) - 127))
                 out[(*rows, 2 * width * g + 2 * b + half)] = value * factor
     return out
+
+
+def test_every_weight_format_has_its_dtypes():
+    assert tuple(WEIGHT_FORMATS) == WEIGHT_FORMAT_NAMES
+    assert WEIGHT_FORMATS["mxfp4"] == (jnp.bfloat16, True)
 
 
 def test_in_graph_decode_is_bit_identical_to_numpy_and_jax():

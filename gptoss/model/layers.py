@@ -13,17 +13,19 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gptoss.config import SLIDING, WEIGHT_FORMAT_NAMES, GptOssConfig
+from gptoss.config import SLIDING, GptOssConfig
 from gptoss.formats import mxfp4 as mxfp4_format
 from gptoss.model.rope import apply_rope, rope_tables
 
 Outputs = dict[str, jax.Array]
-
+KeyValues = tuple[jax.Array, jax.Array]
 
 # Weights may be stored as bfloat16 (half the memory), but every computation runs in float32: ONNX Runtime's CPU
 # kernels (TopK, Softmax, ...) have no bfloat16 versions, and parity then compares like with like.
 COMPUTE_DTYPE = jnp.float32
-
+# How weights are stored: the dtype of the weights, and whether the experts stay MXFP4 blocks and scales (uint8,
+# decoded to float32 where they are multiplied; the other weights then stay bfloat16, as checkpoints store them).
+WEIGHT_FORMATS = {"float32": (jnp.float32, False), "bfloat16": (jnp.bfloat16, False), "mxfp4": (jnp.bfloat16, True)}
 
 # Large bfloat16 weights are cast and used one slice at a time (experts along the expert axis, the unembedding
 # along the vocabulary), so that the float32 casts alive at once stay under about this many bytes (XLA and ONNX
@@ -36,13 +38,6 @@ SPARSE_BYTES = 2**30
 def _compute(param: nnx.Param | jax.Array) -> jax.Array:
     """A weight in the compute dtype (a no-op for float32 weights; a Cast at use for bfloat16 ones)."""
     return param[...].astype(COMPUTE_DTYPE)
-
-
-# How weights are stored: the dtype of the weights, and whether the experts stay MXFP4 blocks and scales (uint8,
-# decoded to float32 where they are multiplied; the other weights then stay bfloat16, as checkpoints store them).
-WEIGHT_FORMATS = dict(
-    zip(WEIGHT_FORMAT_NAMES, [(jnp.float32, False), (jnp.bfloat16, False), (jnp.bfloat16, True)], strict=True)
-)
 
 
 def cast_slices(shape: tuple[int, ...], dtype: jnp.dtype, axis: int) -> list[slice]:
@@ -60,9 +55,6 @@ def cast_slices(shape: tuple[int, ...], dtype: jnp.dtype, axis: int) -> list[sli
 def _param(shape: tuple[int, ...], dtype: jnp.dtype) -> nnx.Param:
     # Parameters are always replaced by checkpoint values; zeros keep construction cheap and deterministic.
     return nnx.Param(jnp.zeros(shape, dtype))
-
-
-KeyValues = tuple[jax.Array, jax.Array]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,8 +167,7 @@ class MoE(nnx.Module):
 
     def __init__(self, cfg: GptOssConfig, dtype: jnp.dtype, mxfp4: bool = False) -> None:
         h, i, e = cfg.hidden_size, cfg.intermediate_size, cfg.num_local_experts
-        self.cfg = cfg
-        self.mxfp4 = mxfp4
+        self.cfg, self.mxfp4 = cfg, mxfp4
         self.router = Linear(h, e, dtype)
         if mxfp4:  # as the checkpoint stores them: [E, out, in/32, 16] codes and [E, out, in/32] scales
             self.gate_up_blocks = _param((e, 2 * i, h // mxfp4_format.GROUP, mxfp4_format.GROUP // 2), jnp.uint8)
@@ -253,9 +244,7 @@ class MoE(nnx.Module):
             weights = dense_weights if len(slices) == 1 else dense_weights[:, experts]
             per_slice.append((gate_up, act, expert_out, jnp.einsum("ne,enh->nh", weights, expert_out)))
         out = functools.reduce(jnp.add, [moe for *_, moe in per_slice]).reshape(batch, seq, hidden)
-        if taps is None:
-            return out, None
-        return out, tuple(_concat([p[j] for p in per_slice]) for j in range(3))
+        return out, (None if taps is None else tuple(_concat([p[j] for p in per_slice]) for j in range(3)))
 
     def _selected(self, x: jax.Array, top_idx: jax.Array, top_weights: jax.Array) -> jax.Array:
         """Only the selected experts: each (token, slot) pair gathers its expert's weights and computes one row.
