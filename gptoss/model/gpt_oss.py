@@ -41,13 +41,15 @@ class GptOss(nnx.Module):
         return decode_step(self, input_ids, attention_mask, past, jit=False)
 
 
-def cache_inputs(input_ids: jax.Array, attention_mask: jax.Array, past: KeyValues) -> tuple[jax.Array, None, Cache]:
-    """A block's ``(positions, taps, cache)`` for decoding: positions count the real tokens (``attention_mask``
-    is 1) before each one, so left padding does not shift them; the new tokens' positions are the last ``s``."""
+def cached_block(
+    block: Block, x: jax.Array, input_ids: jax.Array, attention_mask: jax.Array, past: KeyValues
+) -> tuple[jax.Array, KeyValues]:
+    """``block`` decoding after its cache ``past``: positions count the real tokens (``attention_mask`` is 1)
+    before each one, so left padding does not shift them; the new tokens' positions are the last ``s``."""
     key_positions = jnp.cumsum(attention_mask, axis=1, dtype=jnp.int32) - 1
     past_length = past[0].shape[2]
     positions = jax.lax.slice_in_dim(key_positions, past_length, past_length + input_ids.shape[1], axis=1)
-    return positions, None, Cache(past[0], past[1], key_positions, attention_mask > 0)
+    return block(x, positions, None, Cache(past[0], past[1], key_positions, attention_mask > 0))
 
 
 def token_positions(input_ids: jax.Array) -> jax.Array:
@@ -103,15 +105,9 @@ def decode_step(
     x = _run(jit, Embed.__call__, model.embed, input_ids)
     presents = []
     for block, layer_past in zip(model.layers, past, strict=True):
-        x, present = _run(jit, _cached_block, block, x, input_ids, attention_mask, layer_past)
+        x, present = _run(jit, cached_block, block, x, input_ids, attention_mask, layer_past)
         presents.append(present)
     return _run(jit, _head, (model.norm, model.unembed), x), presents
-
-
-def _cached_block(
-    block: Block, x: jax.Array, ids: jax.Array, mask: jax.Array, past: KeyValues
-) -> tuple[jax.Array, KeyValues]:
-    return block(x, *cache_inputs(ids, mask, past))
 
 
 def _head(head: tuple[RMSNorm, Linear], x: jax.Array) -> jax.Array:
