@@ -60,21 +60,15 @@ def hf_config_dict(
     return raw
 
 
-def generation_config_dict(special: SpecialTokenIds) -> dict[str, Any]:
-    """``generation_config.json`` in openai/gpt-oss-*'s form (sampling on, several end-of-generation ids)."""
-    return {
+def write_generation_config(folder: Path, special: SpecialTokenIds) -> None:
+    """``folder/generation_config.json`` in openai/gpt-oss-*'s form (sampling on, several end-of-generation ids)."""
+    raw = {
         "bos_token_id": special.bos,
         "do_sample": True,
         "eos_token_id": list(special.stop),
         "pad_token_id": special.pad,
     }
-
-
-def write_generation_config(folder: Path, special: SpecialTokenIds) -> Path:
-    """Write :func:`generation_config_dict` to ``folder/generation_config.json``."""
-    path = folder / "generation_config.json"
-    path.write_text(json.dumps(generation_config_dict(special), indent=2) + "\n")
-    return path
+    (folder / "generation_config.json").write_text(json.dumps(raw, indent=2) + "\n")
 
 
 def _original_dtype(name: str, dtype: np.dtype) -> str:
@@ -161,11 +155,7 @@ def write_checkpoint(
         (target / "dtypes.json").write_text(json.dumps(original_dtypes, indent=2) + "\n")
     else:
         dense = {dtype for name, dtype in dtypes.items() if not name.endswith(("_blocks", "_scales"))}
-        raw = hf_config_dict(
-            cfg,
-            quantized=any(name.endswith("_blocks") for name in dtypes),
-            dtype=dense.pop() if len(dense) == 1 else None,
-            special=special,
-        )
+        quantized = any(name.endswith("_blocks") for name in dtypes)
+        raw = hf_config_dict(cfg, quantized, dtype=dense.pop() if len(dense) == 1 else None, special=special)
         (folder / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
     return final
