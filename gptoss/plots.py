@@ -100,10 +100,7 @@ def logits_histogram(diffs_files: Sequence[Path], tol: Tolerances, path: Path) -
             label = f"{diffs_file.stem.split('_')[0]} ({values.size:,} values, {np.mean(values == 0):.0%} exact)"
             ax.hist(positive, bins=bins, histtype="step", linewidth=1.5, label=label)
     ax.axvline(tol.logits, color="red", linestyle="--", label=f"logits atol {tol.logits:g}")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("|logit JAX − logit ONNX Runtime|")
-    ax.set_ylabel("count")
+    ax.set(xscale="log", yscale="log", xlabel="|logit JAX − logit ONNX Runtime|", ylabel="count")
     ax.legend(fontsize=7)
     ax.set_title("Logits differences, every real position and vocabulary entry")
     _save(fig, path)
@@ -121,9 +118,7 @@ def routing_plot(rows: list[dict], path: Path) -> None:
     bars = ax.bar([f"block {b}" for b in blocks], agreement, color="tab:green")
     for bar, tie in zip(bars, ties, strict=True):
         ax.text(bar.get_x() + bar.get_width() / 2, bar.get_height(), f"{tie} near ties", ha="center", va="bottom")
-    ax.set_ylim(0, 1.15)
-    ax.set_ylabel("tokens routed to the same experts")
-    ax.set_title("Routing agreement (JAX vs ONNX Runtime)")
+    ax.set(ylim=(0, 1.15), ylabel="tokens routed to the same experts", title="Routing agreement (JAX vs ONNX Runtime)")
     _save(fig, path)
 
 

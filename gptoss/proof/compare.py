@@ -29,7 +29,6 @@ COLUMNS = (
     "ref_tokens onnx_sha256 data_sha256"
 ).split()
 NUMERIC = ("max_abs_diff", "mean_abs_diff", "max_rel_diff", "cosine", "ref_abs_max", "atol")
-TOPK = 5
 # Taps laid out per routing slot: compared only on tokens whose selected experts agree slot by slot.
 PER_SLOT_TAPS = {"expert_weights", "expert_preact", "expert_act", "expert_out"}
 
@@ -56,13 +55,12 @@ def diff_metrics(ref: np.ndarray, got: np.ndarray) -> dict[str, float | int]:
     )
 
 
-def logits_agreement(ref: np.ndarray, got: np.ndarray, k: int = TOPK) -> tuple[float, float]:
+def logits_agreement(ref: np.ndarray, got: np.ndarray, k: int = 5) -> tuple[float, float]:
     """Fraction of positions with the same argmax; mean top-k overlap."""
     ref2, got2 = ref.reshape(-1, ref.shape[-1]), got.reshape(-1, got.shape[-1])
     argmax = float(np.mean(ref2.argmax(-1) == got2.argmax(-1)))
     k = min(k, ref2.shape[-1])
-    top_ref = np.argpartition(-ref2, k - 1, axis=-1)[:, :k]
-    top_got = np.argpartition(-got2, k - 1, axis=-1)[:, :k]
+    top_ref, top_got = (np.argpartition(-logits, k - 1, axis=-1)[:, :k] for logits in (ref2, got2))
     overlap = np.mean([len(set(a) & set(b)) / k for a, b in zip(top_ref, top_got, strict=True)])
     return argmax, float(overlap)
 
@@ -74,9 +72,7 @@ def routing_agreement(
     k = ref_idx.shape[-1]
     same = np.array([set(a) == set(b) for a, b in zip(ref_idx.reshape(-1, k), got_idx.reshape(-1, k), strict=True)])
     ordered = -np.sort(-router_logits.reshape(-1, router_logits.shape[-1]), axis=-1)
-    near = np.zeros(len(same), dtype=bool)
-    if ordered.shape[-1] > k:
-        near = (ordered[:, k - 1] - ordered[:, k]) < margin
+    near = (ordered[:, k - 1] - ordered[:, k]) < margin if ordered.shape[-1] > k else np.zeros(len(same), dtype=bool)
     return float(same.mean()), int(near.sum()), int((~same & ~near).sum())
 
 
@@ -154,8 +150,7 @@ def read_rows(paths: Sequence[Path]) -> list[dict]:
             raise GptOssError(f"{path}: parity CSV not found")
         with open(path, newline="") as fh:
             reader = csv.DictReader(fh)
-            missing = {"stage", "tensor", "group", "max_abs_diff", "nonfinite"} - set(reader.fieldnames or [])
-            if missing:
+            if missing := {"stage", "tensor", "group", "max_abs_diff", "nonfinite"} - set(reader.fieldnames or []):
                 raise GptOssError(f"{path}: not a parity CSV (missing columns {sorted(missing)})")
             for row in reader:
                 for key in NUMERIC:
