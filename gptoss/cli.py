@@ -24,13 +24,8 @@ def _synth(args: argparse.Namespace) -> None:
     from gptoss.formats.synth import synthesize
 
     cfg = synthesize(args.output, args.preset, args.layers, args.seed, args.layout)
-    log.info(
-        "wrote %s checkpoint (%d layers, %.3f B params) to %s",
-        args.preset,
-        cfg.num_hidden_layers,
-        cfg.param_count() / 1e9,
-        args.output,
-    )
+    size = f"{cfg.num_hidden_layers} layers, {cfg.param_count() / 1e9:.3f} B params"
+    log.info("wrote %s checkpoint (%s) to %s", args.preset, size, args.output)
 
 
 def _download(args: argparse.Namespace) -> None:
@@ -240,10 +235,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one subcommand; a ``GptOssError`` becomes one line on stderr and exit status 1."""
     args = build_parser().parse_args(argv)
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    logging.basicConfig(
-        level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S"
-    )
-    # Our progress at INFO; third-party libraries only when they warn.
+    logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    # Our progress at INFO; third-party libraries only when they warn (the root logger's default).
     logging.getLogger("gptoss").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     start = time.perf_counter()
     try:

@@ -236,9 +236,7 @@ class ParamsConfig:
     def checkpoint_info(self) -> dict[str, Any]:
         """The source without this machine's folders: the origin file convert found (hub repo and commit, or
         synthetic preset and seed), else the folder relative to the working directory."""
-        if self.origin:
-            return dict(self.origin)
-        return {"local": os.path.relpath(self.source_checkpoint)}
+        return dict(self.origin) if self.origin else {"local": os.path.relpath(self.source_checkpoint)}
 
     def to_dict(self) -> dict[str, Any]:
         return {

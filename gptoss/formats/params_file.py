@@ -59,12 +59,9 @@ def _write_chunked(fh: IO[bytes], packer: msgpack.Packer, arr: np.ndarray) -> No
 
 
 def write_params(
-    path: Path,
-    names: Iterable[str],
-    get_array: Callable[[str], np.ndarray],
-    progress: Callable[[str], None] | None = None,
+    path: Path, names: Iterable[str], read: Callable[[str], np.ndarray], progress: Callable[[str], None] | None = None
 ) -> None:
-    """Write params to ``path`` atomically; ``get_array(name)`` is called once per name, in tree order."""
+    """Write params to ``path`` atomically; ``read(name)`` is called once per name, in tree order."""
     tree = _build_tree(names)
     packer = msgpack.Packer(use_bin_type=True)
 
@@ -75,7 +72,7 @@ def write_params(
             if isinstance(value, dict):
                 write_node(fh, value)
             else:
-                _write_array(fh, packer, get_array(value))
+                _write_array(fh, packer, read(value))
                 if progress:
                     progress(value)
 
