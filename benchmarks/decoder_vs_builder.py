@@ -80,8 +80,8 @@ def our_peer(args: argparse.Namespace, checkpoint: Path, workdir: Path, layers: 
     steps = []
     if args.params is None:
         cmd = (sys.executable, "-m", "gptoss", "convert", "--checkpoint", checkpoint, "--output", params,
-               "--layers", layers, "--weight-format", args.dtype)  # fmt: skip
-        outputs, label = (params, params_config_path(params)), f"`gptoss convert --weight-format {args.dtype}`"
+               "--layers", layers, "--weight-format", args.weight_format)  # fmt: skip
+        outputs, label = (params, params_config_path(params)), f"`gptoss convert --weight-format {args.weight_format}`"
         steps.append(Build("convert", cmd, (checkpoint,), outputs, label))
     if args.decoder is None:
         cmd = (sys.executable, "-m", "gptoss", "export", "--stage", "decoder", "--params", params, "--output",
@@ -120,7 +120,7 @@ def markdown(r: dict) -> str:
     bandwidth, overhead = r["bandwidth_gbs"], r["genai_overhead"]
     return peers.section(
         f"Decoder vs the onnxruntime-genai model builder: {r['checkpoint_name']}, {cfg['num_hidden_layers']} "
-        f"layers, ours {r['dtype']}, builder fp32",
+        f"layers, ours {r['weight_format']}, builder fp32",
         r["settings"]["threads"],
         f"as the intra-op threads of every runtime; onnxruntime {r['versions']['onnxruntime']}, onnxruntime-genai "
         f"{r['versions']['onnxruntime_genai']}. Prompt: {n} tokens ({r['prompt_source']}), batch 1. Prefill: the "
@@ -180,7 +180,7 @@ def main() -> int:
     parser.add_argument("--checkpoint", type=Path, required=True, help="HF-layout checkpoint folder (the builder's -i)")
     parser.add_argument("--params", type=Path, default=None, help="our params msgpack (default: convert)")
     parser.add_argument("--decoder", type=Path, default=None, help="our decoder folder (default: export)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="our params' dtype")
+    parser.add_argument("--weight-format", default="float32", choices=["float32", "bfloat16"], help="our params")
     parser.add_argument("--workdir", type=Path, default=None, help="default: results/decoder_vs_builder/<ckpt name>")
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads of every runtime")
     parser.add_argument("--steps", type=int, default=16, help="decode steps measured (median)")
@@ -236,7 +236,7 @@ def run(args: argparse.Namespace, versions: dict) -> int:
             f"{args.params} has not the {layers} layers of {args.checkpoint}: the builder converts every layer of "
             "the checkpoint, so both decoders must have the same layers"
         )
-    size, item = cfg.param_count(), 4 if args.dtype == "float32" else 2
+    size, item = cfg.param_count(), 4 if args.weight_format == "float32" else 2
     needed = 0 if args.reuse else size * 4 + (0 if args.params else size * item) + (0 if args.decoder else size * item)
     replaced = sum(f.stat().st_size for d in ("builder_fp32", "ours") for f in (workdir / d).rglob("*") if f.is_file())
     workdir.mkdir(parents=True, exist_ok=True)
@@ -249,9 +249,9 @@ def run(args: argparse.Namespace, versions: dict) -> int:
     print("[1/4] builds: the onnxruntime-genai model builder's fp32 CPU decoder, our params and decoder", flush=True)
     for step in builder.builds + ours.builds:
         builds[step.name] = peers.build(step, workdir / "builds", args.reuse, env)
-    dtype = Params.open(params).config.weight_format
-    if args.params is not None and dtype != args.dtype:
-        print(f"    note: {params} holds {dtype} weights (not --dtype {args.dtype})", flush=True)
+    weight_format = Params.open(params).config.weight_format
+    if args.params is not None and weight_format != args.weight_format:
+        print(f"    note: {params} holds {weight_format} weights (not --weight-format {args.weight_format})", flush=True)
     builder_file, onnx_file = decoder_file(builder.artifact), decoder_file(ours.artifact)
     ort = Peer("ours_ort", "ours, ONNX Runtime direct", onnx_file, measure_ort)
 
@@ -275,7 +275,7 @@ def run(args: argparse.Namespace, versions: dict) -> int:
     print("[3/4] bytes a decode step reads, memory bandwidth", flush=True)
     kv_last = 2 * layers * cfg.num_key_value_heads * cfg.head_dim * 4 * (len(prompt) + args.steps)
     nbytes = {
-        "floor_ours": floor_bytes(cfg, 4 if dtype == "float32" else 2),
+        "floor_ours": floor_bytes(cfg, 4 if weight_format == "float32" else 2),
         "floor_builder": floor_bytes(cfg, 4),
         "graph_ours": graph_step_bytes(onnx_file, cfg),
         "graph_builder": graph_step_bytes(builder_file, cfg),
@@ -302,7 +302,7 @@ def run(args: argparse.Namespace, versions: dict) -> int:
         "checkpoint": str(checkpoint),
         "checkpoint_name": checkpoint_label(checkpoint),
         "config": {k: getattr(cfg, k) for k in config_keys},
-        "dtype": dtype,
+        "weight_format": weight_format,
         **peers.machine(),
         "versions": versions,
         "settings": {"threads": args.threads, "steps": args.steps, "runs": args.runs},
