@@ -251,7 +251,7 @@ def run(args: argparse.Namespace, versions: dict) -> int:
         builds[step.name] = peers.build(step, workdir / "builds", args.reuse, env)
     weight_format = Params.open(params).config.weight_format
     if args.params is not None and weight_format != args.weight_format:
-        print(f"    note: {params} holds {weight_format} weights (not --weight-format {args.weight_format})", flush=True)
+        print(f"    note: {params} holds {weight_format} weights, not {args.weight_format}", flush=True)
     builder_file, onnx_file = decoder_file(builder.artifact), decoder_file(ours.artifact)
     ort = Peer("ours_ort", "ours, ONNX Runtime direct", onnx_file, measure_ort)
 
