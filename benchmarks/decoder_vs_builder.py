@@ -45,54 +45,38 @@ from pathlib import Path
 
 import peers  # benchmarks/ is on sys.path: this script's own folder
 from decoders import (
+    builder_peer,
     checkpoint_label,
+    convert_step,
     decoder_file,
+    export_step,
     first_difference,
     floor_bytes,
     graph_step_bytes,
     measure_genai,
     measure_ort,
     prompt_ids,
+    run_checked,
     special_ids,
     token_line,
 )
-from peers import GB, Build, Peer, PeerError, Request
+from peers import GB, Peer, PeerError, Request
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS = {"prefill_s": 1.2, "decode_s_per_token": 1.5, "peak_rss_bytes": 1.2}
 
 
-def builder_peer(checkpoint: Path, workdir: Path) -> Peer:
-    folder = workdir / "builder_fp32"
-    cmd = (sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", checkpoint, "-o", folder, "-p", "fp32",
-           "-e", "cpu", "-c", workdir / "builder_cache")  # fmt: skip
-    label = "`python -m onnxruntime_genai.models.builder -i CKPT -p fp32 -e cpu`"
-    step = Build("builder", cmd, (checkpoint,), (folder,), label)
-    return Peer("builder_genai", "builder fp32, genai", folder, measure_genai, builds=(step,))
-
-
 def our_peer(args: argparse.Namespace, checkpoint: Path, workdir: Path, layers: int) -> tuple[Peer, Path]:
     """Ours in genai, with the builds it needs (convert unless ``--params``, export unless ``--decoder``)."""
-    from gptoss.config import params_config_path
-
     params = args.params or workdir / "ours" / f"flax_params_{layers}layers.msgpack"
     folder = args.decoder or workdir / "ours" / "decoder"
-    steps = []
-    if args.params is None:
-        cmd = (sys.executable, "-m", "gptoss", "convert", "--checkpoint", checkpoint, "--output", params,
-               "--layers", layers, "--weight-format", args.weight_format)  # fmt: skip
-        outputs, label = (params, params_config_path(params)), f"`gptoss convert --weight-format {args.weight_format}`"
-        steps.append(Build("convert", cmd, (checkpoint,), outputs, label))
-    if args.decoder is None:
-        cmd = (sys.executable, "-m", "gptoss", "export", "--stage", "decoder", "--params", params, "--output",
-               folder / "model.onnx")  # fmt: skip
-        inputs = (params, params_config_path(params))
-        steps.append(Build("export", cmd, inputs, (folder,), "`gptoss export --stage decoder`"))
+    steps = [convert_step(checkpoint, params, layers, args.weight_format)] if args.params is None else []
+    steps += [export_step(params, folder)] if args.decoder is None else []
     return Peer("ours_genai", "ours, genai", folder, measure_genai, builds=tuple(steps)), params
 
 
 def markdown(r: dict) -> str:
-    b, g, o = r["runtime"]["builder_genai"], r["runtime"]["ours_genai"], r["runtime"]["ours_ort"]
+    b, g, o = r["runtime"]["builder_fp32"], r["runtime"]["ours_genai"], r["runtime"]["ours_ort"]
     cfg, ratios, ms, n = r["config"], r["ratios"], 1e3, str(len(r["prompt"]))
     steps, runs = r["settings"]["steps"], r["settings"]["runs"]
     fb, fo = r["bytes"]["floor_builder"], r["bytes"]["floor_ours"]
@@ -130,7 +114,7 @@ def markdown(r: dict) -> str:
         f"{peers.DECODE_WARMUP} warm-up steps. Each build and each runtime in its own process: peak RSS is the "
         f"kernel's high-water mark of that process (interpreter and imports included).",
         peers.table(["build", "wall s", "peak RSS GB", "command"], [
-            build_row("builder `-p fp32 -e cpu`", r["builds"]["builder"]),
+            build_row("builder `-p fp32 -e cpu`", r["builds"]["builder_fp32"]),
             build_row("gptoss convert", r["builds"]["convert"]),
             build_row("gptoss export --stage decoder", r["builds"]["export"]),
         ]),
@@ -196,23 +180,7 @@ def main() -> int:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
 
-    try:
-        from gptoss.errors import GptOssError
-    except ImportError as exc:
-        print(f"error: cannot import gptoss ({exc}); run with the project's .venv/bin/python", file=sys.stderr)
-        return 1
-    try:
-        import onnxruntime
-        import onnxruntime_genai
-    except ImportError as exc:
-        print(f"error: {exc}; onnxruntime-genai is a dependency of the project", file=sys.stderr)
-        return 1
-    versions = {"onnxruntime": onnxruntime.__version__, "onnxruntime_genai": onnxruntime_genai.__version__}
-    try:
-        return run(args, versions)
-    except (PeerError, GptOssError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    return run_checked(run, args)
 
 
 def run(args: argparse.Namespace, versions: dict) -> int:
@@ -245,7 +213,7 @@ def run(args: argparse.Namespace, versions: dict) -> int:
     env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     builder = builder_peer(checkpoint, workdir)
     ours, params = our_peer(args, checkpoint, workdir, layers)
-    builds: dict = {"builder": None, "convert": None, "export": None}
+    builds: dict = {"builder_fp32": None, "convert": None, "export": None}
     print("[1/4] builds: the onnxruntime-genai model builder's fp32 CPU decoder, our params and decoder", flush=True)
     for step in builder.builds + ours.builds:
         builds[step.name] = peers.build(step, workdir / "builds", args.reuse, env)
@@ -284,7 +252,7 @@ def run(args: argparse.Namespace, versions: dict) -> int:
     bandwidth = peers.read_bandwidth_gbs()
 
     print("[4/4] the report", flush=True)
-    b, g, o = (runtime[name] for name in ("builder_genai", "ours_genai", "ours_ort"))
+    b, g, o = (runtime[name] for name in ("builder_fp32", "ours_genai", "ours_ort"))
     prefill = {name: x["prefill"][str(len(prompt))]["median_s"] for name, x in runtime.items()}
     decode = {name: x["decode"]["median_s"] for name, x in runtime.items()}
     config_keys = (
@@ -311,8 +279,8 @@ def run(args: argparse.Namespace, versions: dict) -> int:
         "builds": builds,
         "runtime": runtime,
         "ratios": {
-            "prefill_s": prefill["ours_genai"] / prefill["builder_genai"],
-            "decode_s_per_token": decode["ours_genai"] / decode["builder_genai"],
+            "prefill_s": prefill["ours_genai"] / prefill["builder_fp32"],
+            "decode_s_per_token": decode["ours_genai"] / decode["builder_fp32"],
             "peak_rss_bytes": g["peak_rss_bytes"] / b["peak_rss_bytes"],
         },
         "targets": TARGETS,

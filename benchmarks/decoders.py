@@ -1,17 +1,21 @@
 """What the decoder comparisons share: the peers' adapters for a decoder folder in onnxruntime-genai and for our
 decoder graph straight in ONNX Runtime (``peers.Decoder``; ``measure_genai``, ``measure_ort`` run in each peer's
-process), the prompt, the checkpoint's label, the weight bytes a decode step reads, and greedy tokens compared."""
+process), the builds of the decoders (ours: convert, export; the onnxruntime-genai model builder's), the prompt,
+the checkpoint's label, the weight bytes a decode step reads, and greedy tokens compared."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import peers  # benchmarks/ is on sys.path: the folder of the script that runs
-from peers import PeerError
+from peers import Build, Peer, PeerError
 
 # A fixed text, tokenized with the checkpoint's tokenizer and repeated up to the prompt length.
 PROMPT_TEXT = (
@@ -61,6 +65,10 @@ class GenaiDecoder(peers.Decoder):
     def tokens(self) -> list[int]:
         return [int(t) for t in self.generator.get_sequence(0)[self.prompt_length :]]
 
+    def logits(self) -> np.ndarray:
+        logits = np.asarray(self.generator.get_output("logits"), dtype=np.float32)  # [1, positions kept, vocab]
+        return logits.reshape(-1, logits.shape[-1])[-1]
+
 
 class OrtDecoder(peers.Decoder):
     """Our decoder graph straight in ONNX Runtime: ``present.*`` fed back as ``past_key_values.*``."""
@@ -79,7 +87,8 @@ class OrtDecoder(peers.Decoder):
         start = time.perf_counter()
         logits, self.past = ort_step(self.session, ids_array, mask, past)
         seconds = time.perf_counter() - start
-        self.chosen.append(choose(logits[0, -1], self.suppress))
+        self.last_logits = logits[0, -1]
+        self.chosen.append(choose(self.last_logits, self.suppress))
         return seconds
 
     def prefill(self, ids: list[int]) -> float:
@@ -94,6 +103,9 @@ class OrtDecoder(peers.Decoder):
     def tokens(self) -> list[int]:
         return list(self.chosen)
 
+    def logits(self) -> np.ndarray:
+        return self.last_logits
+
 
 def measure_genai(spec: dict) -> dict:
     return peers.measure_decoder(GenaiDecoder(), spec)
@@ -101,6 +113,65 @@ def measure_genai(spec: dict) -> dict:
 
 def measure_ort(spec: dict) -> dict:
     return peers.measure_decoder(OrtDecoder(), spec)
+
+
+# --- the scripts' main ---------------------------------------------------------------------------------------
+
+
+def run_checked(run: Callable[[argparse.Namespace, dict], int], args: argparse.Namespace) -> int:
+    """``run(args, versions)`` (versions: onnxruntime's and onnxruntime-genai's), or exit status 1 with a one-line
+    error if gptoss or onnxruntime-genai cannot be imported or ``run`` raises ``PeerError`` or ``GptOssError``."""
+    try:
+        from gptoss.errors import GptOssError
+    except ImportError as exc:
+        print(f"error: cannot import gptoss ({exc}); run with the project's .venv/bin/python", file=sys.stderr)
+        return 1
+    try:
+        import onnxruntime
+        import onnxruntime_genai
+    except ImportError as exc:
+        print(f"error: {exc}; onnxruntime-genai is a dependency of the project", file=sys.stderr)
+        return 1
+    versions = {"onnxruntime": onnxruntime.__version__, "onnxruntime_genai": onnxruntime_genai.__version__}
+    try:
+        return run(args, versions)
+    except (PeerError, GptOssError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+# --- the builds -------------------------------------------------------------------------------------------------
+
+
+def builder_peer(checkpoint: Path, workdir: Path, precision: str = "fp32") -> Peer:
+    """The onnxruntime-genai model builder's CPU decoder of ``checkpoint`` at ``precision`` (fp32, int4) in genai,
+    named ``builder_<precision>``, with its build (into ``workdir/builder_<precision>``, cache
+    ``workdir/builder_cache``; ``HF_HUB_OFFLINE=1`` wanted in the build's environment)."""
+    name, folder = f"builder_{precision}", workdir / f"builder_{precision}"
+    cmd = (sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", checkpoint, "-o", folder, "-p", precision,
+           "-e", "cpu", "-c", workdir / "builder_cache")  # fmt: skip
+    label = f"`python -m onnxruntime_genai.models.builder -i CKPT -p {precision} -e cpu`"
+    step = Build(name, cmd, (checkpoint,), (folder,), label)
+    return Peer(name, f"builder {precision}, genai", folder, measure_genai, builds=(step,))
+
+
+def convert_step(checkpoint: Path, params: Path, layers: int, weight_format: str, name: str = "convert") -> Build:
+    """``gptoss convert`` of ``checkpoint``'s first ``layers`` layers to ``params`` (and its config beside it)."""
+    from gptoss.config import params_config_path
+
+    cmd = (sys.executable, "-m", "gptoss", "convert", "--checkpoint", checkpoint, "--output", params,
+           "--layers", layers, "--weight-format", weight_format)  # fmt: skip
+    label = f"`gptoss convert --weight-format {weight_format}`"
+    return Build(name, cmd, (checkpoint,), (params, params_config_path(params)), label)
+
+
+def export_step(params: Path, folder: Path, name: str = "export") -> Build:
+    """``gptoss export --stage decoder`` of ``params`` into the decoder folder ``folder``."""
+    from gptoss.config import params_config_path
+
+    cmd = (sys.executable, "-m", "gptoss", "export", "--stage", "decoder", "--params", params, "--output",
+           folder / "model.onnx")  # fmt: skip
+    return Build(name, cmd, (params, params_config_path(params)), (folder,), "`gptoss export --stage decoder`")
 
 
 # --- bytes a decode step reads -----------------------------------------------------------------------------------
@@ -204,10 +275,22 @@ def checkpoint_label(checkpoint: Path) -> str:
 
 def special_ids(folder: Path) -> tuple[list[int], set[int]]:
     """A decoder folder's end-of-sequence ids (never chosen) and its special ids (kept out of the prompt)."""
-    model = json.loads((folder / "genai_config.json").read_text())["model"]
-    eos = model.get("eos_token_id") or []
+    return _special(json.loads((folder / "genai_config.json").read_text())["model"])
+
+
+def checkpoint_special_ids(checkpoint: Path) -> tuple[list[int], set[int]]:
+    """:func:`special_ids` of an HF-layout checkpoint: its ``generation_config.json`` over its ``config.json``."""
+    config = {}
+    for name in ("config.json", "generation_config.json"):
+        if (checkpoint / name).is_file():
+            config |= {k: v for k, v in json.loads((checkpoint / name).read_text()).items() if v is not None}
+    return _special(config)
+
+
+def _special(config: dict) -> tuple[list[int], set[int]]:
+    eos = config.get("eos_token_id") or []
     eos = eos if isinstance(eos, list) else [eos]
-    return eos, set(eos) | {model.get("bos_token_id"), model.get("pad_token_id")}
+    return eos, set(eos) | {config.get("bos_token_id"), config.get("pad_token_id")}
 
 
 def decoder_file(folder: Path) -> Path:

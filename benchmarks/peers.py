@@ -8,10 +8,11 @@ module-level function that measures it, the build steps that make what it loads 
   touch another's, and each build command as a process of its own (:func:`run_command`); both return the wall time
   and the peak RSS of that process;
 * repeated calls (:func:`repeat`): warm-up calls, then N timed ones, reported as samples, median and min; and a
-  KV-cache decoder's standard measurements (:func:`measure_decoder`) over a :class:`Decoder` adapter;
+  KV-cache decoder's standard measurements (:func:`measure_decoder`) over a :class:`Decoder` adapter; one peer's
+  results of several rounds pooled (:func:`pool`);
 * builds (:func:`build`): time, peak RSS, exit status, log, and the sha256 of inputs (the command included) and
   outputs, recorded beside the log; with ``reuse`` a build already done counts only if its recorded input hash is
-  the current inputs' and its recorded output hash is that of the outputs as they are now;
+  the current inputs' and its recorded output hash is that of the outputs as they are now (:func:`verified`);
 * markdown: every section opens with its date line, ``Measured YYYY-MM-DD on <cpu>, N threads`` (:func:`section`),
   tables by :func:`table`; JSON by :func:`write_outputs`.
 
@@ -47,6 +48,7 @@ from pathlib import Path
 GB = 1e9
 MEASURES = ("load", "prefill", "decode", "tokens", "logits")  # the result keys: load_s, prefill, ... logits
 DECODE_WARMUP = 2  # decode steps run before the timed ones, in the measured sequence (their tokens count too)
+PROGRESS_S = 60  # a command running longer prints a progress line this often
 
 # Run as ``python -S -c LAUNCHER RESULT CMD...``: spawn CMD, wait, write its exit status, wall time, peak RSS.
 LAUNCHER = """
@@ -80,11 +82,17 @@ class PeerError(Exception):
 
 
 def run_command(
-    cmd: Sequence[object], log: Path | None, env: dict | None = None, cwd: Path | None = None, check: bool = True
+    cmd: Sequence[object],
+    log: Path | None,
+    env: dict | None = None,
+    cwd: Path | None = None,
+    check: bool = True,
+    output: Path | None = None,
 ) -> dict:
-    """Run ``cmd`` as a process of its own, its output to ``log`` (None: this terminal): its exit status, wall
-    time and peak RSS (see the module's docstring). With ``check``, a non-zero exit raises ``PeerError`` with the
-    log's last lines."""
+    """Run ``cmd`` as a process of its own, its output to ``log`` (None: this terminal; with ``output``, its
+    standard output to that file and only its standard error to ``log``): its exit status, wall time and peak RSS
+    (see the module's docstring). With ``check``, a non-zero exit raises ``PeerError`` with the log's last
+    lines."""
     cmd = [str(c) for c in cmd]
     if log is not None:
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -94,13 +102,15 @@ def run_command(
     os.close(handle)
     result_path = Path(name)
     out = open(log, "w") if log else None  # noqa: SIM115 (closed below, once the process has ended)
+    stdout = open(output, "w") if output else out  # noqa: SIM115 (closed below too)
     try:
         proc = subprocess.Popen(
             [sys.executable, "-S", "-c", LAUNCHER, name, *cmd],
-            stdout=out, stderr=subprocess.STDOUT if out else None, env=env, cwd=cwd, start_new_session=True,
+            stdout=stdout, stderr=(out if output else subprocess.STDOUT) if out else None, env=env, cwd=cwd,
+            start_new_session=True,
         )  # fmt: skip
         try:
-            launcher_status = proc.wait()
+            launcher_status = _wait(proc, log)
         except BaseException:
             os.killpg(proc.pid, signal.SIGKILL)  # the launcher and the command it started
             proc.wait()
@@ -108,29 +118,42 @@ def run_command(
         text = result_path.read_text()
     finally:
         result_path.unlink(missing_ok=True)
-        if out:
-            out.close()
+        for handle in {out, stdout} - {None}:
+            handle.close()
     if launcher_status or not text:
-        raise PeerError(f"could not start {cmd[0]} (launcher exit {launcher_status})" + _tail(log))
+        raise PeerError(f"could not start {cmd[0]} (launcher exit {launcher_status})" + tail(log))
     measured = json.loads(text) | {"command": cmd, "log": str(log) if log else None}
     if check and measured["exit_status"]:
         what = log.stem if log else cmd[0]
-        raise PeerError(f"{what} failed (exit {measured['exit_status']}) after {measured['wall_s']:.1f} s" + _tail(log))
+        raise PeerError(f"{what} failed (exit {measured['exit_status']}) after {measured['wall_s']:.1f} s" + tail(log))
     print(f"    {measured['wall_s']:.1f} s, peak RSS {measured['peak_rss_bytes'] / GB:.3f} GB", flush=True)
     return measured
 
 
-def _tail(log: Path | None, lines: int = 30) -> str:
+def _wait(proc: subprocess.Popen, log: Path | None) -> int:
+    """``proc``'s exit status, a progress line every ``PROGRESS_S`` while it runs (with the log's last line)."""
+    start = time.perf_counter()
+    while True:
+        try:
+            return proc.wait(timeout=PROGRESS_S)
+        except subprocess.TimeoutExpired:
+            last = tail(log, 1).rpartition("\n")[2].strip() if log else ""
+            print(f"    … {time.perf_counter() - start:.0f} s" + (f": {last[:100]}" if last else ""), flush=True)
+
+
+def tail(log: Path | None, lines: int = 30) -> str:
     if log is None or not log.is_file():
         return ""
     return f"; last lines of {log}:\n" + "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
 
 
-def run_python(fn: Callable[[dict], dict], spec: dict, folder: Path, name: str, env: dict | None = None) -> dict:
-    """``fn(spec)`` in a fresh Python interpreter (``fn`` a module-level function of a file, which the child loads
-    by path with that file's folder on ``sys.path``; ``spec`` and the result JSON): the result, with the child's
-    ``wall_s``, ``peak_rss_bytes``, ``exit_status``, ``command`` and ``log`` added. Files in ``folder``, named
-    ``name``."""
+def run_python(
+    fn: Callable[[dict], dict], spec: dict, folder: Path, name: str, env: dict | None = None, python: str = ""
+) -> dict:
+    """``fn(spec)`` in a fresh Python interpreter (``python``, default this one; ``fn`` a module-level function of a
+    file, which the child loads by path with that file's folder on ``sys.path``; ``spec`` and the result JSON):
+    the result, with the child's ``wall_s``, ``peak_rss_bytes``, ``exit_status``, ``command`` and ``log`` added.
+    Files in ``folder``, named ``name``."""
     source = inspect.getsourcefile(fn)
     if source is None or fn.__qualname__ != fn.__name__:
         raise PeerError(f"{fn!r}: not a module-level function of a source file")
@@ -138,7 +161,7 @@ def run_python(fn: Callable[[dict], dict], spec: dict, folder: Path, name: str, 
     spec_path, out_path = folder / f"{name}.spec.json", folder / f"{name}.json"
     out_path.unlink(missing_ok=True)
     spec_path.write_text(json.dumps(spec, indent=1) + "\n")
-    cmd = [sys.executable, "-c", CHILD, Path(source).resolve(), fn.__name__, spec_path, out_path]
+    cmd = [python or sys.executable, "-c", CHILD, Path(source).resolve(), fn.__name__, spec_path, out_path]
     measured = run_command(cmd, folder / f"{name}.log", env)
     return json.loads(out_path.read_text()) | measured
 
@@ -164,6 +187,22 @@ def repeat(fn: Callable[[], float], runs: int, warmup: int = 1) -> dict:
     for _ in range(warmup):
         fn()
     return summary([fn() for _ in range(runs)])
+
+
+def pool(rounds: Sequence[dict]) -> dict:
+    """One peer's results of several rounds (each a fresh process) as one: the last round's result with the
+    samples of every round together (``prefill`` per length and ``decode``: ``summary`` of them), the largest peak
+    RSS, the median load time, whether every round chose the same greedy tokens, and the rounds as they were."""
+    out = dict(rounds[-1])
+    if all("prefill" in r for r in rounds):
+        out["prefill"] = {n: summary([s for r in rounds for s in r["prefill"][n]["samples"]]) for n in out["prefill"]}
+    if all("decode" in r for r in rounds):
+        out["decode"] = summary([s for r in rounds for s in r["decode"]["samples"]])
+    if all("load_s" in r for r in rounds):
+        out["load_s"] = statistics.median(r["load_s"] for r in rounds)
+    out["peak_rss_bytes"] = max(r["peak_rss_bytes"] for r in rounds)
+    out["tokens_stable"] = len({tuple(r.get("tokens", ())) for r in rounds}) == 1
+    return out | {"rounds": list(rounds)}
 
 
 def read_bandwidth_gbs(size_bytes: int = 1 << 30) -> float:
@@ -215,7 +254,8 @@ class Peer:
     """A runtime measured beside ours. ``measure(spec)`` runs in a fresh interpreter (:func:`measure`) on the
     request's fields plus ``path`` (the artifact) and ``options``, and returns a dict with a key per measure it
     declares: ``load_s``; ``prefill`` ({prompt length: ``summary``}); ``decode`` (``summary`` of s/token);
-    ``tokens`` (the greedy tokens); ``logits`` (a file of them)."""
+    ``tokens`` (the greedy tokens); ``logits`` (the file ``spec["logits_file"]``, where it saved with numpy the
+    logits of the whole prompt's last position). ``python``: the interpreter to run it in (default this one)."""
 
     name: str
     label: str
@@ -224,6 +264,7 @@ class Peer:
     builds: tuple[Build, ...] = ()
     measures: tuple[str, ...] = ("load", "prefill", "decode", "tokens")
     options: dict = dataclasses.field(default_factory=dict)
+    python: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,7 +288,9 @@ def measure(peer: Peer, request: Request, folder: Path, env: dict | None = None)
     if unknown := sorted(set(peer.measures) - set(MEASURES)):
         raise PeerError(f"{peer.name} declares {unknown}, which are not among {MEASURES}")
     spec = request.spec() | {"path": str(peer.artifact), "options": peer.options}
-    result = run_python(peer.measure, spec, folder, peer.name, env)
+    if "logits" in peer.measures:
+        spec["logits_file"] = str(folder / f"{peer.name}.logits.npy")
+    result = run_python(peer.measure, spec, folder, peer.name, env, peer.python)
     missing = [m for m in peer.measures if ("load_s" if m == "load" else m) not in result]
     if missing:
         raise PeerError(f"{peer.name} declares {missing} but its result has none (see {result['log']})")
@@ -275,11 +318,16 @@ class Decoder(abc.ABC):
     def tokens(self) -> list[int]:
         """The greedy tokens of the sequence so far, after its prompt."""
 
+    def logits(self) -> Sequence[float]:
+        """The logits the last prefill gave at its prompt's last position (for a peer that declares ``logits``)."""
+        raise NotImplementedError(f"{type(self).__name__} gives no logits")
+
 
 def measure_decoder(decoder: Decoder, spec: dict) -> dict:
     """A decoder's measurements: load time; per prompt length, the prefill's ``summary`` over ``runs`` fresh
-    sequences after one warm-up; then on one more sequence of the whole prompt ``DECODE_WARMUP`` steps and
-    ``steps`` timed ones (s/token), and that sequence's greedy tokens; RSS and threads before and after load."""
+    sequences after one warm-up; then on one more sequence of the whole prompt (its last position's logits saved
+    to ``spec["logits_file"]`` if the spec names one) ``DECODE_WARMUP`` steps and ``steps`` timed ones (s/token),
+    and that sequence's greedy tokens; RSS and threads before and after load."""
     out: dict = {"rss_before_load_bytes": _proc_status("VmRSS"), "threads_before_load": thread_count()}
     out["load_s"] = seconds(decoder.load, spec)
     out["threads_after_load"] = thread_count()
@@ -288,6 +336,11 @@ def measure_decoder(decoder: Decoder, spec: dict) -> dict:
         str(n): repeat(lambda n=n: decoder.prefill(prompt[:n]), spec["runs"]) for n in spec["prefill_lengths"]
     }
     decoder.prefill(prompt)
+    if spec.get("logits_file"):
+        import numpy as np
+
+        np.save(spec["logits_file"], np.asarray(decoder.logits(), dtype=np.float32))
+        out["logits"] = spec["logits_file"]
     out["decode"] = repeat(lambda: seconds(decoder.step), spec["steps"], warmup=DECODE_WARMUP)
     out["tokens"] = decoder.tokens()
     return out
@@ -319,29 +372,42 @@ def remove(path: Path) -> None:
         path.unlink()
 
 
+def verified(step: Build, folder: Path, inputs: str = "") -> dict | None:
+    """The record ``folder/<name>.json`` of ``step`` if it was built with the inputs it has now (``inputs``: their
+    ``tree_sha256`` if known) and its outputs are as they were built (sha256 of both), with ``reused``; else None,
+    and why printed."""
+    record_path = folder / f"{step.name}.json"
+    if not (record_path.is_file() and all(p.exists() for p in step.outputs)):
+        why = "not built yet" if not record_path.is_file() else "its outputs are missing"
+        print(f"  build {step.name}: {why}", flush=True)
+        return None
+    print(f"  build {step.name}: hashing its inputs", flush=True)
+    record = json.loads(record_path.read_text())
+    if record.get("input_sha256") != (inputs or tree_sha256(step.inputs, *step.command)):
+        print(f"    not reused: the inputs' sha256 is not the recorded one ({record_path})", flush=True)
+    elif record.get("output_sha256") != tree_sha256(step.outputs):
+        print("    not reused: the outputs changed since they were built", flush=True)
+    else:
+        print(f"    reused, verified by hash: {', '.join(map(str, step.outputs))}", flush=True)
+        return record | {"reused": True}
+    return None
+
+
 def build(step: Build, folder: Path, reuse: bool, env: dict | None = None) -> dict:
     """Run ``step`` (log and record ``folder/<name>.log``, ``.json``), or with ``reuse`` take its outputs as they
-    are if the record's input hash is the current inputs' and its output hash theirs: the record, with
-    ``reused``."""
+    are if the record's input hash is the current inputs' and its output hash theirs (:func:`verified`): the
+    record, with ``reused``."""
     record_path = folder / f"{step.name}.json"
-    print(f"  build {step.name}: hashing its inputs", flush=True)
     inputs = tree_sha256(step.inputs, *step.command)
-    if reuse and record_path.is_file() and all(p.exists() for p in step.outputs):
-        record = json.loads(record_path.read_text())
-        if record.get("input_sha256") != inputs:
-            print(f"    not reused: the inputs' sha256 is not the recorded one ({record_path})", flush=True)
-        elif record.get("output_sha256") != tree_sha256(step.outputs):
-            print("    not reused: the outputs changed since they were built", flush=True)
-        else:
-            print(f"    reused, verified by hash: {', '.join(map(str, step.outputs))}", flush=True)
-            return record | {"reused": True}
+    if reuse and (record := verified(step, folder, inputs)) is not None:
+        return record
     for path in step.outputs:
         remove(path)
     record_path.unlink(missing_ok=True)
     record = run_command(step.command, folder / f"{step.name}.log", env)
     missing = [str(p) for p in step.outputs if not p.exists()]
     if missing:
-        raise PeerError(f"{step.name} wrote no {', '.join(missing)}" + _tail(folder / f"{step.name}.log"))
+        raise PeerError(f"{step.name} wrote no {', '.join(missing)}" + tail(folder / f"{step.name}.log"))
     record |= {"label": step.label, "input_sha256": inputs, "output_sha256": tree_sha256(step.outputs)}
     record_path.write_text(json.dumps(record, indent=1) + "\n")
     return record | {"reused": False}
