@@ -20,12 +20,12 @@ from gptoss.errors import GptOssError
 from gptoss.formats.params_file import read_params, write_params
 from gptoss.formats.synth import preset_config, synthesize
 from gptoss.graphs.export import export
-from gptoss.graphs.names import data_path
+from gptoss.graphs.names import data_path, is_data_input
 from gptoss.graphs.trace import ExportSpec
-from gptoss.model import gpt_oss, layers
+from gptoss.model import experts, gpt_oss
 from gptoss.model.convert import convert
+from gptoss.model.experts import cast_slices
 from gptoss.model.gpt_oss import forward
-from gptoss.model.layers import cast_slices
 from gptoss.model.outputs import BLOCK_TAPS
 from gptoss.model.params import Params, abstract_model
 from gptoss.promote import promote
@@ -79,7 +79,7 @@ def read_csv(path: Path) -> list[dict]:
 
 def test_canonical_graph_has_symbolic_axes_and_external_weights(toy):
     model = onnx.load(str(toy["canonical"]), load_external_data=False)
-    (inp,) = model.graph.input
+    (inp,) = [v for v in model.graph.input if is_data_input(v.name)]  # the others: overridable expert weights
     (out,) = model.graph.output
     assert inp.name == "input_ids" and out.name == "logits"
     assert [d.dim_param for d in inp.type.tensor_type.shape.dim] == ["batch", "sequence"]
@@ -329,7 +329,7 @@ def test_bfloat16_weights_cast_in_slices_give_the_same_outputs(toy, tmp_path, mo
     whole = forward(model, ids, True, True)
 
     gate_up = model.layers[0].mlp.gate_up_kernel
-    monkeypatch.setattr(layers, "CAST_SLICE_BYTES", gate_up.size * 4 // 3 + 1)
+    monkeypatch.setattr(experts, "CAST_SLICE_BYTES", gate_up.size * 4 // 3 + 1)
     jax.clear_caches()  # the jitted blocks were traced with whole casts
     assert [(s.start, s.stop) for s in cast_slices(gate_up.shape, gate_up.dtype, 0)] == [(0, 3), (3, 6), (6, 8)]
     assert len(cast_slices(model.unembed.kernel.shape, model.unembed.kernel.dtype, 1)) > 1
@@ -362,7 +362,7 @@ def test_xla_keeps_one_cast_slice_alive_at_a_time(monkeypatch):
     cfg = dataclasses.replace(preset_config("toy", 1), intermediate_size=512)
     block = abstract_model(cfg, "bfloat16").layers[0]
     whole_casts = 4 * (block.mlp.gate_up_kernel.size + block.mlp.down_kernel.size)  # 3 MiB of float32
-    monkeypatch.setattr(layers, "CAST_SLICE_BYTES", whole_casts // 12)  # one expert's casts per slice
+    monkeypatch.setattr(experts, "CAST_SLICE_BYTES", whole_casts // 12)  # one expert's casts per slice
     graphdef, state = nnx.split(block)
     x = jax.ShapeDtypeStruct((1, 2, cfg.hidden_size), jnp.float32)
     positions = jax.ShapeDtypeStruct((1, 2), jnp.int32)

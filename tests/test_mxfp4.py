@@ -20,8 +20,9 @@ from gptoss.formats.synth import synthesize
 from gptoss.graphs.export import export
 from gptoss.graphs.trace import ExportSpec
 from gptoss.model.convert import convert
+from gptoss.model.experts import decode_mxfp4
 from gptoss.model.gpt_oss import forward
-from gptoss.model.layers import WEIGHT_FORMATS, decode_mxfp4
+from gptoss.model.layers import WEIGHT_FORMATS
 from gptoss.model.params import Params
 from gptoss.proof.compare import Results
 from gptoss.proof.driver import JaxRequest

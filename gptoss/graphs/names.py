@@ -13,6 +13,8 @@ PAST_KEY, PAST_VALUE = PAST_PREFIX + "%d.key", PAST_PREFIX + "%d.value"
 PRESENT_KEY, PRESENT_VALUE = PRESENT_PREFIX + "%d.key", PRESENT_PREFIX + "%d.value"
 
 WEIGHTS_FILE = "model.onnx.data"
+# One expert of an expert weight ``[E, ...]`` as a weight of its own: the same bytes of the weights file.
+EXPERT_VIEW = "{weight}@expert{expert}"
 
 
 def data_path(onnx_path: Path) -> Path:
@@ -23,3 +25,14 @@ def data_path(onnx_path: Path) -> Path:
 def is_data_input(name: str) -> bool:
     """The graph inputs a caller feeds (token ids, the decoder's mask and cache); every other one is a weight."""
     return name in (INPUT_NAME, MASK_NAME) or name.startswith(PAST_PREFIX)
+
+
+def expert_view(weight: str, expert: int) -> str:
+    """The name of expert ``expert``'s part of ``weight`` (``[E, ...]``) as a weight of its own."""
+    return EXPERT_VIEW.format(weight=weight, expert=expert)
+
+
+def viewed_weight(name: str) -> tuple[str, int] | None:
+    """``(weight, expert)`` of an :func:`expert_view` name, else ``None``."""
+    weight, found, expert = name.rpartition("@expert")
+    return (weight, int(expert)) if found and expert.isdigit() else None

@@ -19,6 +19,7 @@ from gptoss.config import GptOssConfig
 from gptoss.graphs.genai import cache_names
 from gptoss.graphs.names import INPUT_NAME, MASK_NAME, PRESENT_KEY, PRESENT_VALUE
 from gptoss.graphs.passes import defer_weight_reads, drop_expands, einsums_to_matmul, genai_interface
+from gptoss.graphs.routed_experts import expand_routed_experts
 from gptoss.model.gpt_oss import GptOss
 from gptoss.model.outputs import output_names
 from gptoss.model.params import flat_param_specs
@@ -142,6 +143,7 @@ def build_onnx(model: GptOss, spec: ExportSpec) -> ir.Model:
     graph.outputs.extend(by_name[name] for name in names)
     if spec.decoder:
         genai_interface(graph)
+    log.info("%d MoE layers routed: each expert once, on its tokens", expand_routed_experts(graph))
     log.info("%d matmul-shaped Einsum nodes rewritten as MatMul", einsums_to_matmul(graph))
     log.info("%d Expand nodes left to the broadcasting of their consumers", drop_expands(graph))
     log.info("%d weight reads made to wait for their activations", defer_weight_reads(graph))

@@ -14,7 +14,7 @@ import onnx_ir as ir
 from gptoss.errors import GptOssError
 from gptoss.files import atomic_output, require_free_space
 from gptoss.formats.params_file import StoredArray
-from gptoss.graphs.names import is_data_input
+from gptoss.graphs.names import is_data_input, viewed_weight
 
 if TYPE_CHECKING:
     from gptoss.model.params import Params
@@ -64,23 +64,33 @@ def attach_weights(onnx_model: ir.Model, params: Params, layout: list[Placed], s
     if not data_file.is_file() or data_file.stat().st_size != size:
         found = f"{data_file.stat().st_size} bytes" if data_file.is_file() else "no file"
         raise GptOssError(f"{data_file}: {found}, but the weights of {params.path} take {size}: export them first")
-    for placed in layout:
-        value = inputs[placed.name]
-        if placed.offset is None:
+    placed_by_name = {placed.name: placed for placed in layout}
+
+    def external(placed: Placed, value: ir.Value, offset: int, nbytes: int) -> ir.ExternalTensor:
+        return ir.ExternalTensor(
+            data_file.name, offset, nbytes, value.dtype, shape=value.shape, name=value.name, base_dir=data_file.parent
+        )
+
+    for name, value in inputs.items():
+        view = viewed_weight(name)
+        placed = placed_by_name[view[0] if view else name]
+        if view is not None:  # one expert's bytes: a slice of the weight's, in the file or read
+            experts = placed.stored.shape[0]
+            nbytes = placed.nbytes // experts
+            if placed.offset is None:
+                value.const_value = ir.Tensor(params.read(placed.name)[view[1]], name=name)
+            else:
+                value.const_value = external(placed, value, placed.offset + view[1] * nbytes, nbytes)
+        elif placed.offset is None:
             value.const_value = ir.Tensor(params.read(placed.name), name=placed.name)
         else:
-            value.const_value = ir.ExternalTensor(
-                data_file.name,
-                placed.offset,
-                placed.nbytes,
-                value.dtype,
-                shape=value.shape,
-                name=placed.name,
-                base_dir=data_file.parent,
-            )
+            value.const_value = external(placed, value, placed.offset, placed.nbytes)
     # Weights that are not float32 (bfloat16, MXFP4 blocks and scales) stay graph inputs too, with their initializers
     # as defaults: ONNX Runtime never constant-folds an overridable initializer (folded, their float32 casts and MXFP4
-    # decodes would be kept from load on, 4-8x their size; onnxruntime-genai cannot switch folding off).
-    graph.inputs[:] = [v for v in graph.inputs if is_data_input(v.name) or v.dtype != ir.DataType.FLOAT]
+    # decodes would be kept from load on, 4-8x their size; onnxruntime-genai cannot switch folding off). So do
+    # expert views: ONNX Runtime would pre-pack a copy of a constant one for its Gemm.
+    graph.inputs[:] = [
+        v for v in graph.inputs if is_data_input(v.name) or v.dtype != ir.DataType.FLOAT or viewed_weight(v.name)
+    ]
     for value in inputs.values():
         graph.register_initializer(value)
