@@ -31,25 +31,35 @@ rotated each round) and the samples pooled. Every ratio in the section comes fro
 
 Builds: wall time, peak RSS and sha256 of inputs and outputs recorded (``peers.build``). The workdir's builds are
 reused with ``--reuse`` only if both hashes match the record; the llama.cpp cache's (``--llama-cache``: the sdist,
-its unpacked source, the llama-bench build, the converter's venv, the binding's venv) whenever they match. On 2
-cores: llama-bench builds in about 9 minutes (``cmake -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DBUILD_SHARED_LIBS=OFF
--DCMAKE_BUILD_TYPE=Release``), the converter's venv (``torch==2.13.0``, ``transformers<4.58``, sentencepiece,
-``protobuf<5``, the vendored gguf-py) in 1-3 minutes, the binding (``pip install`` of the sdist with
-``CMAKE_ARGS=-DGGML_NATIVE=ON``, its own shared llama.cpp) in 9-12 minutes. The cache takes about 3.5 GB of disk (the
-sdist 77 MB, its source 0.2 GB, the build 0.1 GB, the converter's venv 2.5 GB with torch, the binding's 0.2 GB).
+fetched by ``pip download llama-cpp-python==0.3.36 --no-deps --no-binary :all:`` and checked against its sha256,
+its unpacked source, the llama-bench build, the converter's venv, the binding's venv) whenever they match, which is
+why no bytecode is written while they run. ``--builds-only`` builds (or verifies) and stops. Measured on 2 busy
+cores: llama-bench builds in 10 minutes (592 s; ``cmake -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DBUILD_SHARED_LIBS=OFF
+-DCMAKE_BUILD_TYPE=Release``, target llama-bench), the converter's venv (``torch==2.13.0`` CPU, ``transformers<4.58``,
+sentencepiece, ``protobuf<5``, the vendored gguf-py) in under a minute (47 s), the binding (``pip install`` of the
+sdist with ``CMAKE_ARGS=-DGGML_NATIVE=ON``, its own shared llama.cpp) in 10 minutes (623 s). The cache takes 1.8 GB
+of disk: the sdist 77 MB, its source 0.22 GB, the build 0.08 GB, the converter's venv 1.2 GB, the binding's 0.16 GB.
 
 The workdir at the 2-layer gpt-oss-20b shapes (2.80 B parameters, 3.3 GB checkpoint): ours float32 22 GB (params
-and decoder, 11.2 GB each), ours mxfp4 6.4 GB, builder fp32 11.2 GB, builder int4 about 4 GB, the GGUF 3.3 GB,
-the reference's params if no ours peer makes them; memory about 12 GB at the most (a float32 runtime). At 24 layers
-(20.9 B parameters) float32 needs > 80 GB of disk and memory: measure ``ours_mxfp4 builder_int4 llama_cpp`` there:
+and decoder, 11.2 GB each), ours mxfp4 6.2 GB (3.1 GB each), builder fp32 11.2 GB, builder int4 3.5 GB, the GGUF
+3.1 GB; the JAX reference's params if no ours peer of its format is measured. Memory: builder int4's build peaks at
+14.8 GB (170 s), builder fp32's at 11.3 GB, the GGUF conversion at 5.0 GB (25 s), a float32 runtime at about 12 GB.
+At 24 layers (20.9 B parameters) the float32 peers need > 80 GB of disk and memory, and the builder holds the
+whole model (transformers dequantizes the MXFP4 experts, the graph is written float32 before int4 quantization):
+its int4 build, 14.8 GB at 2 layers (5.3 bytes a parameter), would need about 110 GB at 24 layers (an estimate,
+not measured). On this 24 GB machine: ``--peers ours_mxfp4 llama_cpp`` at 24 layers; ``builder_int4`` too on a
+machine with the memory.
 
     .venv/bin/gptoss synth --preset gpt-oss-20b --layers 2 --seed 0 --output /tmp/bench/20b2/ckpt
     .venv/bin/python benchmarks/side_by_side.py --checkpoint /tmp/bench/20b2/ckpt --workdir /tmp/bench/20b2/sbs \\
         --llama-cache /tmp/peers --llama-binding --output docs/side_by_side.md --append
     .venv/bin/gptoss synth --preset gpt-oss-20b --seed 0 --output /tmp/bench/20b/ckpt
     .venv/bin/python benchmarks/side_by_side.py --checkpoint /tmp/bench/20b/ckpt --workdir /tmp/bench/20b/sbs \\
-        --llama-cache /tmp/peers --llama-binding --peers ours_mxfp4 builder_int4 llama_cpp \\
-        --output docs/side_by_side.md --append
+        --llama-cache /tmp/peers --llama-binding --peers ours_mxfp4 llama_cpp --output docs/side_by_side.md --append
+
+The toy checkpoint (``gptoss synth --preset toy``) runs every peer in a few minutes once the cache is built; its
+sub-millisecond steps measure per-call overhead, not the bandwidth-bound 20b case, and llama-bench's peak RSS has
+no Python interpreter in it.
 
 Run it on a quiet machine: the timings are only as good as the machine is idle.
 """
@@ -323,8 +333,9 @@ class LlamaCpp:
 # --- the run -----------------------------------------------------------------------------------------------------
 
 
-def estimated_bytes(cfg, names: list[str], reference_format: str) -> dict[str, int]:
-    """Disk each peer's builds write (the reference's params under ``reference``, if no ours peer makes them)."""
+def estimated_bytes(cfg, names: list[str], reference_format: str, workdir: Path) -> dict[str, int]:
+    """Disk each peer's builds will add (the reference's params under ``reference``, if no ours peer makes them):
+    what they write less what their folder in ``workdir`` holds already (replaced or reused)."""
     sizes = {
         "ours_float32": 2 * cfg.weight_bytes("float32"),
         "ours_mxfp4": 2 * cfg.weight_bytes("mxfp4"),
@@ -332,10 +343,12 @@ def estimated_bytes(cfg, names: list[str], reference_format: str) -> dict[str, i
         "builder_int4": int(1.5 * cfg.param_count()),
         "llama_cpp": cfg.weight_bytes("mxfp4"),
     }
-    out = {name: sizes[name] for name in names}
+    folders = {name: name for name in names}
     if f"ours_{reference_format}" not in names:
-        out["reference"] = cfg.weight_bytes(reference_format)
-    return out
+        sizes["reference"], folders["reference"] = cfg.weight_bytes(reference_format), f"ours_{reference_format}"
+    present = {name: sum(f.stat().st_size for f in (workdir / folder).rglob("*") if f.is_file())
+               for name, folder in folders.items()}  # fmt: skip
+    return {name: max(0, sizes[name] - present[name]) for name in folders}
 
 
 def run(args: argparse.Namespace, versions: dict) -> int:
@@ -358,7 +371,7 @@ def run(args: argparse.Namespace, versions: dict) -> int:
     # No bytecode written into the verified trees (the llama.cpp source, the venvs): their hashes stay as built.
     env |= {"PYTHONDONTWRITEBYTECODE": "1", "CMAKE_BUILD_PARALLEL_LEVEL": str(os.cpu_count() or 1)}
     workdir.mkdir(parents=True, exist_ok=True)
-    estimate = estimated_bytes(cfg, names, reference_format)
+    estimate = estimated_bytes(cfg, names, reference_format, workdir)
     require_free_space(workdir, int(sum(estimate.values()) * 1.05), "the builds (" + ", ".join(estimate) + ")")
 
     print("[1/4] builds", flush=True)
@@ -383,7 +396,7 @@ def run(args: argparse.Namespace, versions: dict) -> int:
     if "llama_cpp" in names:
         cache = args.llama_cache.resolve()
         cache.mkdir(parents=True, exist_ok=True)
-        require_free_space(cache, int(4e9), "the llama.cpp cache (source, build, venvs) if built")
+        require_free_space(cache, int(2.5e9), "the llama.cpp cache (source, build, venvs) if built")
         llama = LlamaCpp(cache, env)
         llama.prepare(args.llama_binding)
         builds |= {name: record for name, record in llama.builds.items() if record}
@@ -515,7 +528,7 @@ def markdown(r: dict) -> str:
             f"llama.cpp {bench['build_commit']} (build {bench['build_number']}, from llama-cpp-python "
             f"{r['versions']['llama_cpp_python_sdist']}): prefill and decode from `llama-bench -p "
             f"{','.join(lengths)} -n {r['settings']['steps']} -r {r['settings']['runs']}` (its `tg` decodes from "
-            f"an empty cache; s/token = 1 / tokens per second), peak RSS that process's; "
+            f"an empty cache; s/token = 1 / tokens per second), peak RSS that process's (C++, no interpreter); "
             + (
                 "load time, logits and greedy tokens from the `llama_cpp` binding (`Llama(logits_all=True)`), a "
                 "process of its own."

@@ -91,6 +91,19 @@ def test_rounds_pool_their_samples():
     assert not peers.pool([one([1.0], 1, [1, 2]), one([1.0], 1, [1, 3])])["tokens_stable"]
 
 
+def test_the_disk_estimate_counts_what_the_workdir_holds_already(tmp_path):
+    from gptoss.formats.synth import preset_config
+
+    cfg = preset_config("gpt-oss-20b", 2)
+    fresh = side_by_side.estimated_bytes(cfg, ["ours_float32", "llama_cpp"], "float32", tmp_path)
+    assert fresh == {"ours_float32": 2 * cfg.weight_bytes("float32"), "llama_cpp": cfg.weight_bytes("mxfp4")}
+    assert 22e9 < fresh["ours_float32"] < 23e9  # params and decoder, 11.2 GB each
+    (tmp_path / "llama_cpp").mkdir()
+    (tmp_path / "llama_cpp" / "model.gguf").write_bytes(b"\0" * 1000)
+    again = side_by_side.estimated_bytes(cfg, ["llama_cpp"], "mxfp4", tmp_path)
+    assert again == {"llama_cpp": cfg.weight_bytes("mxfp4") - 1000, "reference": cfg.weight_bytes("mxfp4")}
+
+
 def test_special_ids_of_a_checkpoint(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 2, "pad_token_id": 0}))
     assert decoders.checkpoint_special_ids(tmp_path) == ([2], {2, 0, None})
