@@ -155,6 +155,12 @@ def builder_peer(checkpoint: Path, workdir: Path, precision: str = "fp32") -> Pe
     return Peer(name, f"builder {precision}, genai", folder, measure_genai, builds=(step,))
 
 
+def gptoss_sources() -> tuple[Path, ...]:
+    """The ``gptoss`` package's source files: inputs of every build by ``gptoss``, so that a build by other code
+    is never reused."""
+    return tuple(sorted((Path(__file__).resolve().parent.parent / "gptoss").rglob("*.py")))
+
+
 def convert_step(checkpoint: Path, params: Path, layers: int, weight_format: str, name: str = "convert") -> Build:
     """``gptoss convert`` of ``checkpoint``'s first ``layers`` layers to ``params`` (and its config beside it)."""
     from gptoss.config import params_config_path
@@ -162,7 +168,7 @@ def convert_step(checkpoint: Path, params: Path, layers: int, weight_format: str
     cmd = (sys.executable, "-m", "gptoss", "convert", "--checkpoint", checkpoint, "--output", params,
            "--layers", layers, "--weight-format", weight_format)  # fmt: skip
     label = f"`gptoss convert --weight-format {weight_format}`"
-    return Build(name, cmd, (checkpoint,), (params, params_config_path(params)), label)
+    return Build(name, cmd, (checkpoint, *gptoss_sources()), (params, params_config_path(params)), label)
 
 
 def export_step(params: Path, folder: Path, name: str = "export") -> Build:
@@ -171,7 +177,8 @@ def export_step(params: Path, folder: Path, name: str = "export") -> Build:
 
     cmd = (sys.executable, "-m", "gptoss", "export", "--stage", "decoder", "--params", params, "--output",
            folder / "model.onnx")  # fmt: skip
-    return Build(name, cmd, (params, params_config_path(params)), (folder,), "`gptoss export --stage decoder`")
+    inputs = (params, params_config_path(params), *gptoss_sources())
+    return Build(name, cmd, inputs, (folder,), "`gptoss export --stage decoder`")
 
 
 # --- bytes a decode step reads -----------------------------------------------------------------------------------

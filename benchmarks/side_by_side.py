@@ -468,6 +468,7 @@ def run(args: argparse.Namespace, versions: dict) -> int:
         "runtime": runtime,
         "anchor": anchor,
         "ratios": ratios(runtime, anchor, lengths),
+        "bandwidth_gbs": peers.read_bandwidth_gbs(),
         "agreement": agreement,
         "llama_binding": llama is not None and llama.binding_python is not None,
     }
@@ -547,7 +548,8 @@ def markdown(r: dict) -> str:
         f"prompt alone on an empty cache, median of {r['settings']['runs']} runs (genai `append_tokens` after a "
         f"warm-up). Decode: s/token, median (genai: {r['settings']['steps']} steps after the prefill of the whole "
         f"prompt and {peers.DECODE_WARMUP} warm-up steps). {r['settings']['rounds']} round(s), the peers "
-        f"alternating, each measurement a fresh process: peak RSS is the kernel's high-water mark of that process.",
+        f"alternating, each measurement a fresh process: peak RSS is the kernel's high-water mark of that process. "
+        f"Memory read bandwidth measured after the run: {r['bandwidth_gbs']:.1f} GB/s (best of 5 sums over 1 GiB).",
         peers.table(["build", "wall s", "peak RSS GB", "command"], [build_row(k, v) for k, v in r["builds"].items()]),
         peers.table(
             ["peer", *(f"prefill {n} ms" for n in lengths), "decode ms/token", "tokens/s", "peak RSS GB", "load s"],
