@@ -539,6 +539,10 @@ def markdown(r: dict) -> str:
             )
         )
     ref = r["reference"]
+    bandwidth = ""
+    if "bandwidth_gbs" in r:
+        gbs = r["bandwidth_gbs"]
+        bandwidth = f"Memory read bandwidth measured after the run: {gbs:.1f} GB/s (best of 5 sums over 1 GiB)."
     return peers.section(
         f"Side by side: {r['checkpoint_name']}, {r['layers']} layers",
         r["settings"]["threads"],
@@ -549,7 +553,7 @@ def markdown(r: dict) -> str:
         f"warm-up). Decode: s/token, median (genai: {r['settings']['steps']} steps after the prefill of the whole "
         f"prompt and {peers.DECODE_WARMUP} warm-up steps). {r['settings']['rounds']} round(s), the peers "
         f"alternating, each measurement a fresh process: peak RSS is the kernel's high-water mark of that process. "
-        f"Memory read bandwidth measured after the run: {r['bandwidth_gbs']:.1f} GB/s (best of 5 sums over 1 GiB).",
+        + bandwidth,
         peers.table(["build", "wall s", "peak RSS GB", "command"], [build_row(k, v) for k, v in r["builds"].items()]),
         peers.table(
             ["peer", *(f"prefill {n} ms" for n in lengths), "decode ms/token", "tokens/s", "peak RSS GB", "load s"],
