@@ -65,7 +65,8 @@ class _Nodes:
 def scaled_pairs() -> np.ndarray:
     """Every (scale, byte) pair's two float32 values, ``[256·256, 2]`` at ``scale·256 + byte``: the products that
     :func:`gptoss.formats.mxfp4.decode` computes, so one lookup decodes a byte and applies its scale."""
-    return (mxfp4_format.E8M0_VALUES[:, None, None] * mxfp4_format.FP4_PAIRS[None]).reshape(-1, 2)
+    with np.errstate(over="ignore"):  # 6 · 2^127 is inf, as in the reference decode
+        return (mxfp4_format.E8M0_VALUES[:, None, None] * mxfp4_format.FP4_PAIRS[None]).reshape(-1, 2)
 
 
 def _decoded(b: _Nodes, table: ir.Value, blocks: ir.Value, scales: ir.Value, expert: ir.Value, rows: int,
@@ -133,7 +134,7 @@ def _views(graph: ir.Graph, weight: ir.Value, experts: int) -> list[ir.Value]:
     return views
 
 
-def _routed_nodes(root: ir.Graph, node: ir.Node, prefix: str, table: ir.Value) -> tuple[list[ir.Node], ir.Value]:
+def _routed_nodes(root: ir.Graph, node: ir.Node, prefix: str, table: ir.Value | None) -> tuple[list[ir.Node], ir.Value]:
     """The nodes replacing one placeholder, and the value replacing its output (expert views added to ``root``'s
     inputs; ``table``: :func:`scaled_pairs`, shared)."""
     attrs = {name: attr.value for name, attr in node.attributes.items()}
@@ -166,8 +167,9 @@ def expand_routed_experts(graph: ir.Graph) -> int:
     """Replace every ``RoutedExperts`` placeholder (of the main graph and its branches) by its routed nodes;
     returns how many."""
     placeholders = [n for n in ir.traversal.RecursiveGraphIterator(graph) if n.domain == DOMAIN and n.op_type == OP]
-    table = ir.Value(name="mxfp4_scaled_pairs", const_value=ir.tensor(scaled_pairs(), name="mxfp4_scaled_pairs"))
+    table = None
     if any(n.attributes["mxfp4"].value for n in placeholders):
+        table = ir.Value(name="mxfp4_scaled_pairs", const_value=ir.tensor(scaled_pairs(), name="mxfp4_scaled_pairs"))
         graph.register_initializer(table)
     for index, node in enumerate(placeholders):
         nodes, out = _routed_nodes(graph, node, f"routed_experts_{index}", table)
