@@ -107,7 +107,7 @@ def defer_weight_reads(graph: ir.Graph) -> int:
             reshaped = ir.node("Reshape", [weight, shape.outputs[0]])
             reshaped.outputs[0].shape, reshaped.outputs[0].type = weight.shape, weight.type
             nodes = [size, zero.inputs[1].producer(), zero, target, shape, reshaped]
-            for i, made in enumerate(nodes):  # unique names: an If branch's own counter would repeat the others'
+            for i, made in enumerate(nodes if sub is not graph else []):  # a branch's own counter repeats others'
                 made.name = made.outputs[0].name = f"defer_{deferred}_{i}"
             sub.insert_before(node, nodes)
             node.replace_input_with(0, reshaped.outputs[0])
