@@ -56,6 +56,9 @@ STAGES: dict[str, Stage] = {
     )
 }
 
+# The quantized variants of the decoder graph (gptoss.graphs.variants): bits per weight, beside the exact graph.
+VARIANT_BITS: dict[str, int] = {"q8": 8, "q4": 4}
+
 # The choices of `gptoss export --stage` and `gptoss parity --stage`, in DAG order.
 EXPORT_STAGES: tuple[str, ...] = tuple(name for name, stage in STAGES.items() if stage.exported)
 PARITY_STAGES: tuple[str, ...] = tuple(STAGES)

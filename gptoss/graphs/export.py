@@ -19,7 +19,14 @@ from gptoss.files import atomic_output, temporary_name
 from gptoss.graphs.genai import write_companions
 from gptoss.graphs.names import data_path
 from gptoss.graphs.trace import ExportSpec, build_onnx
-from gptoss.graphs.weights_file import attach_weights, weights_layout, write_weights
+from gptoss.graphs.variants import Variant, quantize_graph
+from gptoss.graphs.weights_file import (
+    DATA_ALIGNMENT,
+    EXTERNAL_THRESHOLD_BYTES,
+    attach_weights,
+    weights_layout,
+    write_weights,
+)
 from gptoss.model.params import Params, abstract_model
 
 log = logging.getLogger("gptoss.export")
@@ -75,3 +82,42 @@ def export(params: Params, output: Path, spec: ExportSpec, reuse_weights: bool =
             write_companions, params_cfg=params.config, context_length=context, filename=output.name
         )
     write_onnx(onnx_model, output, companions)
+
+
+def export_variant(params: Params, output: Path, spec: ExportSpec, variant: Variant) -> None:
+    """The decoder graph as the quantized ``variant`` (:mod:`gptoss.graphs.variants`), in a folder of its own:
+    ``output`` with its own ``model.onnx.data`` (the quantized weights, computed from ``params`` one tensor at a
+    time while they are written, and the exact ones it keeps), ``genai_config.json`` and the tokenizer files. All is
+    written into a hidden staging folder first, then moved into place, the graph last."""
+    if not spec.decoder:
+        raise GptOssError(f"variant {variant.name}: only the decoder graph has quantized variants")
+    log.info("tracing the decoder graph for variant %s", variant.name)
+    onnx_model = build_onnx(
+        abstract_model(params.model_config, params.config.weight_format),
+        spec,
+        rewrite=functools.partial(quantize_graph, params=params, spec=variant),
+    )
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = temporary_name(output.with_suffix(".variant"))
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        staged = staging / output.name
+        log.info("writing %s with its quantized weights in %s", output, data_path(output).name)
+        ir.save(
+            onnx_model,
+            staged,
+            external_data=data_path(staged).name,
+            size_threshold_bytes=EXTERNAL_THRESHOLD_BYTES,
+            alignment=DATA_ALIGNMENT,
+            max_workers=1,
+        )
+        onnx.checker.check_model(str(staged), full_check=False)
+        context = spec.context_length or params.model_config.max_position_embeddings
+        write_companions(staging, params.config, context, output.name)
+        for path in sorted(staging.iterdir(), key=lambda p: p.name == output.name):  # the graph last
+            os.replace(path, output.parent / path.name)
+    except onnx.checker.ValidationError as exc:
+        raise GptOssError(f"{output}: variant graph fails onnx.checker: {str(exc).splitlines()[0]}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -99,8 +99,10 @@ def _linear_output_check() -> None:
     output_binding._value_is_graph_connected = connected
 
 
-def build_onnx(model: GptOss, spec: ExportSpec) -> ir.Model:
-    """Trace ``model`` (usually abstract) with jax2onnx; every weight is a graph input named after the param."""
+def build_onnx(model: GptOss, spec: ExportSpec, rewrite: Callable[[ir.Model], None] | None = None) -> ir.Model:
+    """Trace ``model`` (usually abstract) with jax2onnx; every weight is a graph input named after the param.
+    ``rewrite`` (a quantized variant, :mod:`gptoss.graphs.variants`) takes the traced model in place of the routed
+    experts' expansion, once its Einsums are MatMuls."""
     from jax2onnx import to_onnx
 
     _linear_output_check()
@@ -143,8 +145,11 @@ def build_onnx(model: GptOss, spec: ExportSpec) -> ir.Model:
     graph.outputs.extend(by_name[name] for name in names)
     if spec.decoder:
         genai_interface(graph)
-    log.info("%d MoE layers routed: each expert once, on its tokens", expand_routed_experts(graph))
+    if rewrite is None:
+        log.info("%d MoE layers routed: each expert once, on its tokens", expand_routed_experts(graph))
     log.info("%d matmul-shaped Einsum nodes rewritten as MatMul", einsums_to_matmul(graph))
+    if rewrite is not None:
+        rewrite(onnx_model)
     log.info("%d Expand nodes left to the broadcasting of their consumers", drop_expands(graph))
     log.info("%d weight reads made to wait for their activations", defer_weight_reads(graph))
     onnx_model.producer_name = "gptoss"

@@ -1,0 +1,180 @@
+"""Quantized variants (gptoss.graphs.variants): the block quantizer against ONNX Runtime's own MatMulNBits, MXFP4
+held exactly as int8, and the q4/q8 decoder graphs against the JAX model run on the very weights they hold."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx.helper as oh
+import onnxruntime as ort
+import pytest
+from conftest import forward
+
+from gptoss.errors import GptOssError
+from gptoss.formats import mxfp4 as mxfp4_format
+from gptoss.formats.synth import synthesize
+from gptoss.graphs.export import export, export_variant
+from gptoss.graphs.trace import ExportSpec
+from gptoss.graphs.variants import dequantize_blocks, mxfp4_as_int8, quantize_blocks, variant
+from gptoss.model.convert import convert
+from gptoss.model.params import Params, build_model
+from gptoss.runtimes.onnx_runtime import empty_past, ort_session
+
+PROMPT_LENGTH = 24
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory) -> dict:
+    """A toy checkpoint (MXFP4 experts, bfloat16 elsewhere), its exact decoder and its q4 (float activations) and q8
+    variants."""
+    root = tmp_path_factory.mktemp("variants")
+    synthesize(root / "checkpoint", "toy", 2, seed=1)
+    params_path = root / "params.msgpack"
+    convert(root / "checkpoint", params_path, 2, weight_format="mxfp4")
+    params = Params.open(params_path)
+    spec = ExportSpec(32, decoder=True, context_length=64)
+    export(params, root / "exact" / "model.onnx", spec)
+    export_variant(params, root / "q4" / "model.onnx", spec, variant("q4", accuracy_level=0))
+    export_variant(params, root / "q8" / "model.onnx", spec, variant("q8"))
+    ids = np.random.default_rng(3).integers(3, params.model_config.vocab_size, (1, PROMPT_LENGTH)).astype(np.int64)
+    return {"root": root, "params": params, "ids": ids}
+
+
+def prefill_logits(model: Path, ids: np.ndarray) -> np.ndarray:
+    session = ort_session(model)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), **empty_past(session, 1)}
+    return session.run(["logits"], feeds)[0][0]
+
+
+def ort_matmul_nbits(a: np.ndarray, codes: np.ndarray, scales: np.ndarray, k: int, n: int, bits: int) -> np.ndarray:
+    """ONNX Runtime's MatMulNBits (float32 activations) on our codes and scales."""
+    node = oh.make_node("MatMulNBits", ["A", "B", "S"], ["Y"], domain="com.microsoft", K=k, N=n, bits=bits,
+                        block_size=32, accuracy_level=0)  # fmt: skip
+    graph = oh.make_graph(
+        [node], "g", [oh.make_tensor_value_info("A", onnx.TensorProto.FLOAT, list(a.shape))],
+        [oh.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, [a.shape[0], n])],
+        [onnx.numpy_helper.from_array(codes, "B"), onnx.numpy_helper.from_array(scales.reshape(-1), "S")],
+    )  # fmt: skip
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 21), oh.make_opsetid("com.microsoft", 1)])
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"A": a})[0]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_blocks_are_what_onnx_runtime_multiplies(bits):
+    rng = np.random.default_rng(bits)
+    n, k = 48, 96
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    w[3, :32] = 0.0  # an all-zero block
+    codes, scales = quantize_blocks(w, bits, 32)
+    assert codes.shape == (n, k // 32, 32 * bits // 8) and scales.shape == (n, k // 32)
+    deq = dequantize_blocks(codes, scales, bits)
+    # Round to nearest on the grid (q - zp)·scale, q - zp in [-2^(b-1), 2^(b-1) - 1]: inside it never off by more
+    # than half a step; beyond its top end (the side opposite the extreme) clipped, by less than one step.
+    step = np.abs(scales)[..., None]
+    with np.errstate(invalid="ignore"):  # the zero block's scale is 0
+        error, grid = np.abs(deq - w).reshape(n, -1, 32), w.reshape(n, -1, 32) / scales[..., None]
+    inside = grid <= (1 << (bits - 1)) - 1
+    assert np.all(error[inside] <= (step / 2 * (1 + 1e-6) + 0 * error)[inside])
+    assert np.all(error <= step * (1 + 1e-6))
+    extreme = np.abs(w.reshape(n, -1, 32)).max(-1)
+    assert np.allclose(np.abs(deq.reshape(n, -1, 32)).max(-1), extreme, rtol=1e-6)
+    assert np.all(deq[3, :32] == 0)
+    a = rng.standard_normal((5, k)).astype(np.float32)
+    np.testing.assert_allclose(ort_matmul_nbits(a, codes, scales, k, n, bits), a @ deq.T, rtol=1e-5, atol=1e-5)
+
+
+def test_four_bit_codes_put_element_2i_in_the_low_nibble():
+    w = np.zeros((1, 32), np.float32)
+    w[0, 0], w[0, 1] = -8.0, 1.0  # codes 0 and 9 (zero point 8, scale 1)
+    codes, scales = quantize_blocks(w, 4, 32)
+    assert scales[0, 0] == 1.0 and codes[0, 0, 0] == (9 << 4) | 0
+
+
+def test_mxfp4_as_int8_is_exact_for_every_byte_and_scale():
+    blocks = np.tile(np.arange(256, dtype=np.uint8).reshape(16, 16), (60, 1)).reshape(60, 16, 16)
+    scales = np.repeat(np.arange(0, 255, 17, dtype=np.uint8)[:, None], 16, axis=1)[:, :16]
+    blocks, scales = blocks[: len(scales)], scales
+    codes, factors = mxfp4_as_int8(blocks, scales)
+    assert codes.min() >= 128 - 12 and codes.max() <= 128 + 12
+    exact = mxfp4_format.decode(blocks, scales)
+    held = dequantize_blocks(codes.reshape(len(scales), -1, 32), factors, 8)
+    exact = exact.reshape(held.shape)
+    np.testing.assert_array_equal(held, exact)  # equal values (E2M1's -0.0 is held as 0: an integer has no -0)
+    nonzero = exact != 0
+    np.testing.assert_array_equal(held[nonzero].view(np.uint32), exact[nonzero].view(np.uint32))
+
+
+def test_mxfp4_nan_scale_is_refused():
+    with pytest.raises(GptOssError, match="NaN code 255"):
+        mxfp4_as_int8(np.zeros((1, 1, 16), np.uint8), np.full((1, 1), 255, np.uint8))
+
+
+def test_unknown_variant_and_bad_block_size_are_refused():
+    with pytest.raises(GptOssError, match="unknown variant 'q3'"):
+        variant("q3")
+    with pytest.raises(GptOssError, match="block size 24"):
+        variant("q4", block_size=24)
+
+
+def dequantized_params(params: Params, bits: int) -> dict[str, np.ndarray]:
+    """The weights a variant holds, as float32 params of the JAX model: experts decoded, then through the variant's
+    blocks (MXFP4 as int8 is exact), dense kernels (not the router's) through the blocks; the rest as stored."""
+    out: dict[str, np.ndarray] = {}
+    for name in params.index:
+        value = np.asarray(params.read(name))
+        if name.endswith("_scales"):
+            continue
+        if name.endswith("_blocks"):
+            base = name.removesuffix("_blocks")
+            decoded = mxfp4_format.decode(value, params.read(f"{base}_scales"))  # [E, out, in]
+            held = np.stack([dequantize_blocks(*quantize_blocks(e, bits, 32), bits) for e in decoded])
+            out[f"{base}_kernel"] = held.transpose(0, 2, 1)
+        elif name.endswith("kernel") and ".router." not in name:
+            w = value.astype(np.float32)
+            out[name] = dequantize_blocks(*quantize_blocks(w.T, bits, 32), bits).T
+        else:
+            out[name] = value.astype(np.float32)
+    return out
+
+
+def test_q4_graph_computes_the_model_on_its_own_weights(toy):
+    """q4 with float activations (accuracy_level 0) against the JAX model holding the same dequantized weights:
+    any layout, transpose, nibble-order, routing or swiglu mistake of the rewrite shows as a large difference."""
+    params = toy["params"]
+    model = build_model(params.model_config, dequantized_params(params, 4))
+    expected = forward(model, toy["ids"].astype(np.int32))["logits"][0]
+    got = prefill_logits(toy["root"] / "q4" / "model.onnx", toy["ids"])
+    scale = max(1.0, float(np.abs(expected).max()))
+    assert np.abs(got - expected).max() <= 2e-5 * scale
+    exact = prefill_logits(toy["root"] / "exact" / "model.onnx", toy["ids"])
+    assert np.abs(exact - expected).max() > 100 * np.abs(got - expected).max()  # the quantization does show
+
+
+def test_variant_graphs_hold_integer_kernels_and_their_own_weights(toy):
+    for name in ("q4", "q8"):
+        folder = toy["root"] / name
+        graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
+        ops = [n.op_type for n in graph.node]
+        assert ops.count("QMoE") == 2 and "If" not in ops  # no routed-experts expansion left
+        assert ops.count("MatMulNBits") == 2 * 4 + 1  # q, k, v, o per layer and the unembedding
+        assert ops.count("MatMul") == 2  # the routers stay float
+        assert {p.name for p in folder.iterdir()} >= {"model.onnx", "genai_config.json", "tokenizer.json"}
+        assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]  # no staging left behind
+
+
+def kld(exact: np.ndarray, other: np.ndarray) -> np.ndarray:
+    def log_softmax(x: np.ndarray) -> np.ndarray:
+        x = x.astype(np.float64) - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    p, q = log_softmax(exact), log_softmax(other)
+    return (np.exp(p) * (p - q)).sum(-1)
+
+
+def test_q8_is_closer_to_the_exact_model_than_q4(toy):
+    exact = prefill_logits(toy["root"] / "exact" / "model.onnx", toy["ids"])
+    q8 = kld(exact, prefill_logits(toy["root"] / "q8" / "model.onnx", toy["ids"])).mean()
+    q4 = kld(exact, prefill_logits(toy["root"] / "q4" / "model.onnx", toy["ids"])).mean()
+    assert 0 < q8 < q4 / 10
