@@ -115,6 +115,59 @@ def _plots(args: argparse.Namespace) -> None:
     plots(args.csv, args.logits_diffs, args.benchmarks, args.outdir, tol, args.verdict, args.manifest)
 
 
+# --- quality of quantized variants (gptoss.proof.quality, gptoss.proof.quality_gate) ---
+
+
+def _quality(args: argparse.Namespace) -> None:
+    from gptoss.proof.quality import DEFAULT_PROMPTS, quality
+
+    quality(
+        args.exact, args.variant, args.variant_name, args.csv, text=args.text, max_tokens=args.max_tokens,
+        chunk_length=args.chunk_length, prompts=args.prompt or DEFAULT_PROMPTS, steps=args.steps,
+        threads=args.threads, near_tie_margin=args.near_tie_margin, kld_values=args.kld_values,
+    )  # fmt: skip
+
+
+def _quality_gate(args: argparse.Namespace) -> None:
+    from gptoss.proof.quality import kld_histogram
+    from gptoss.proof.quality_gate import parse_budgets, quality_gate
+
+    budgets = parse_budgets(args.budget)
+    values = dict(item.partition("=")[::2] for item in args.kld_values)
+    if any(not name or not path for name, path in values.items()) or (values and not args.plot):
+        raise GptOssError("--kld-values takes VARIANT=FILE.npy items and needs --plot PNG")
+    if args.plot:
+        kld_histogram({name: Path(path) for name, path in values.items()}, args.plot)
+    quality_gate(args.csv, budgets, args.verdict, args.summary)
+
+
+def _quality_parsers(sub) -> None:
+    p = sub.add_parser("quality", help="a quantized decoder folder vs the exact one: KL divergence, top-1, PPL -> CSV")
+    p.set_defaults(run=_quality)
+    p.add_argument("--exact", type=Path, required=True, help="the exact decoder folder (export --stage decoder)")
+    p.add_argument("--variant", type=Path, required=True, help="the quantized decoder folder (same contract)")
+    p.add_argument("--variant-name", required=True, help="e.g. q4 (the CSV's variant column)")
+    p.add_argument("--csv", type=Path, required=True)
+    p.add_argument("--text", type=Path, help="evaluation text (default: the packaged gptoss/eval_text/eval_text.txt)")
+    p.add_argument("--max-tokens", type=int, help="use the first N tokens of the text (default: all)")
+    p.add_argument("--chunk-length", type=int, default=512, help="tokens per prefill; the second half is scored")
+    p.add_argument("--prompt", action="append", default=[], help="greedy prompt (repeatable; default: parity's)")
+    p.add_argument("--steps", type=int, default=8, help="greedy steps per prompt")
+    p.add_argument("--near-tie-margin", type=float, default=1e-4, help="a greedy difference at a near tie agrees")
+    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
+    p.add_argument("--kld-values", type=Path, help="also save every scored position's KLD (float32 .npy)")
+
+    p = sub.add_parser("quality-gate", help="quality CSVs + budgets -> verdict JSON + summary; exit 1 on any breach")
+    p.set_defaults(run=_quality_gate)
+    p.add_argument("--csv", type=Path, nargs="+", required=True)
+    budget = "VARIANT:STAT=VALUE (repeatable): kld_mean, kld_p99 at most; top1_agreement, greedy_agreement at least"
+    p.add_argument("--budget", action="append", default=[], required=True, help=budget)
+    p.add_argument("--verdict", type=Path, required=True, help="verdict JSON to write")
+    p.add_argument("--summary", type=Path, help="Markdown summary (default: next to the verdict)")
+    p.add_argument("--plot", type=Path, help="KLD histogram PNG of the --kld-values files")
+    p.add_argument("--kld-values", nargs="*", default=[], help="VARIANT=FILE.npy from gptoss quality --kld-values")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gptoss", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -220,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, help="params config (.config.json) to describe in the manifest")
     p.add_argument("--sequence-length", type=int, help="recorded in the manifest")
     p.add_argument("--decoder", type=Path, help="a decoder folder (export --stage decoder) to promote too")
+
+    _quality_parsers(sub)
     return parser
 
 
