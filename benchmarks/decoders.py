@@ -171,14 +171,17 @@ def convert_step(checkpoint: Path, params: Path, layers: int, weight_format: str
     return Build(name, cmd, (checkpoint, *gptoss_sources()), (params, params_config_path(params)), label)
 
 
-def export_step(params: Path, folder: Path, name: str = "export") -> Build:
-    """``gptoss export --stage decoder`` of ``params`` into the decoder folder ``folder``."""
+def export_step(params: Path, folder: Path, name: str = "export", variant: str | None = None) -> Build:
+    """``gptoss export --stage decoder`` of ``params`` into the decoder folder ``folder`` (``--variant``: a quantized
+    variant of it)."""
     from gptoss.config import params_config_path
 
-    cmd = (sys.executable, "-m", "gptoss", "export", "--stage", "decoder", "--params", params, "--output",
+    flags = ("--variant", variant) if variant else ()
+    cmd = (sys.executable, "-m", "gptoss", "export", "--stage", "decoder", *flags, "--params", params, "--output",
            folder / "model.onnx")  # fmt: skip
     inputs = (params, params_config_path(params), *gptoss_sources())
-    return Build(name, cmd, inputs, (folder,), "`gptoss export --stage decoder`")
+    label = f"`gptoss export --stage decoder{' --variant ' + variant if variant else ''}`"
+    return Build(name, cmd, inputs, (folder,), label)
 
 
 # --- bytes a decode step reads -----------------------------------------------------------------------------------

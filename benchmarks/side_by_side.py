@@ -9,6 +9,8 @@ processes of its own (``benchmarks/peers.py``: peak RSS is the kernel's high-wat
 
 * ``ours_float32``, ``ours_mxfp4``: ours in onnxruntime-genai, built by ``gptoss convert --weight-format F`` into
   ``W/ours_F/params.msgpack`` then ``gptoss export --stage decoder`` into ``W/ours_F/decoder``;
+* ``ours_q8``, ``ours_q4``: our quantized variants of the mxfp4 decoder (``gptoss export --stage decoder --variant
+  q8|q4`` of ``W/ours_mxfp4/params.msgpack`` into ``W/ours_qN/decoder``: QMoE experts, MatMulNBits dense layers);
 * ``builder_fp32``, ``builder_int4``: the onnxruntime-genai model builder's CPU decoders, in onnxruntime-genai
   (``python -m onnxruntime_genai.models.builder -i CKPT -o W/builder_P -p P -e cpu -c W/builder_cache``);
 * ``llama_cpp``: llama.cpp, the CPU anchor, from the ``llama-cpp-python==0.3.36`` sdist (it vendors llama.cpp and
@@ -92,10 +94,13 @@ from decoders import (
 from peers import GB, Build, Peer, PeerError, Request
 
 ROOT = Path(__file__).resolve().parent.parent
-PEERS = ("ours_float32", "ours_mxfp4", "builder_fp32", "builder_int4", "llama_cpp")
+PEERS = ("ours_float32", "ours_mxfp4", "ours_q8", "ours_q4", "builder_fp32", "builder_int4", "llama_cpp")
+VARIANT_PEERS = ("ours_q8", "ours_q4")  # quantized variants of our mxfp4 decoder (gptoss export --variant)
 LABELS = {
     "ours_float32": "ours float32, genai",
     "ours_mxfp4": "ours mxfp4, genai",
+    "ours_q8": "ours q8 (QMoE int8, MatMulNBits), genai",
+    "ours_q4": "ours q4 (QMoE int4, MatMulNBits), genai",
     "builder_fp32": "builder fp32, genai",
     "builder_int4": "builder int4, genai",
     "llama_cpp": "llama.cpp (GGUF bf16, experts MXFP4)",
@@ -339,6 +344,8 @@ def estimated_bytes(cfg, names: list[str], reference_format: str, workdir: Path)
     sizes = {
         "ours_float32": 2 * cfg.weight_bytes("float32"),
         "ours_mxfp4": 2 * cfg.weight_bytes("mxfp4"),
+        "ours_q8": int(1.25 * cfg.param_count()),
+        "ours_q4": int(0.75 * cfg.param_count()),
         "builder_fp32": 4 * cfg.param_count(),
         "builder_int4": int(1.5 * cfg.param_count()),
         "llama_cpp": cfg.weight_bytes("mxfp4"),
@@ -378,8 +385,9 @@ def run(args: argparse.Namespace, versions: dict) -> int:
     builds: dict = {}
     params = {fmt: workdir / f"ours_{fmt}" / "params.msgpack" for fmt in ("float32", "mxfp4")}
     runtime_peers: list[Peer] = []
+    variants = [name for name in VARIANT_PEERS if name in names]
     for fmt in ("float32", "mxfp4"):
-        if f"ours_{fmt}" in names or fmt == reference_format:
+        if f"ours_{fmt}" in names or fmt == reference_format or (fmt == "mxfp4" and variants):
             step = convert_step(checkpoint, params[fmt], layers, fmt, name=f"convert_{fmt}")
             builds[step.name] = peers.build(step, workdir / "builds", args.reuse, env)
         if f"ours_{fmt}" in names:
@@ -387,6 +395,10 @@ def run(args: argparse.Namespace, versions: dict) -> int:
             builds[step.name] = peers.build(step, workdir / "builds", args.reuse, env)
             peer = Peer(f"ours_{fmt}", LABELS[f"ours_{fmt}"], step.outputs[0], measure_genai, measures=peers.MEASURES)
             runtime_peers.append(peer)
+    for name in variants:
+        step = export_step(params["mxfp4"], workdir / name / "decoder", name=f"export_{name}", variant=name[5:])
+        builds[step.name] = peers.build(step, workdir / "builds", args.reuse, env)
+        runtime_peers.append(Peer(name, LABELS[name], step.outputs[0], measure_genai, measures=peers.MEASURES))
     for precision in ("fp32", "int4"):
         if f"builder_{precision}" in names:
             peer = builder_peer(checkpoint, workdir, precision)

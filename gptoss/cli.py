@@ -14,7 +14,7 @@ from pathlib import Path
 from gptoss.config import WEIGHT_FORMAT_NAMES
 from gptoss.errors import GptOssError
 from gptoss.proof.tolerances import Tolerances
-from gptoss.stages import EXPORT_STAGES, PARITY_STAGES, STAGES
+from gptoss.stages import EXPORT_STAGES, PARITY_STAGES, STAGES, VARIANT_BITS
 
 log = logging.getLogger("gptoss")
 LAYOUTS = ["hf", "original"]
@@ -54,6 +54,12 @@ def _export(args: argparse.Namespace) -> None:
     stage = STAGES[args.stage or "canonical"]
     hidden, taps = stage.hidden_states or args.emit_hidden_states, stage.block_taps or args.emit_block_debug
     spec = ExportSpec(args.sequence_length, hidden, taps, args.opset, stage.decoder, args.context_length)
+    if args.variant:
+        from gptoss.graphs.export import export_variant
+        from gptoss.graphs.variants import variant
+
+        export_variant(params, args.output, spec, variant(args.variant, args.block_size, args.accuracy_level))
+        return
     export(params, args.output, spec, args.reuse_weights)
     if not (args.skip_validation or spec.decoder):  # the decoder's proof is `gptoss parity --stage decoder`
         from gptoss.proof.export_check import check_export
@@ -220,6 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--emit-block-debug", action="store_true", help="add block_{i}_{tap} outputs")
     p.add_argument("--skip-validation", action="store_true", help="skip the JAX vs ONNX Runtime check")
     p.add_argument("--opset", type=int, default=21)
+    quantized = "decoder: a quantized variant in a folder of its own (QMoE experts, MatMulNBits dense layers)"
+    p.add_argument("--variant", choices=sorted(VARIANT_BITS), help=quantized)
+    p.add_argument("--block-size", type=int, default=32, help="--variant: weights per quantization block")
+    p.add_argument("--accuracy-level", type=int, default=4, help="--variant: MatMulNBits accuracy_level (4: int8)")
 
     p = sub.add_parser("parity", help="JAX vs ONNX Runtime (or transformers: --stage reference) -> CSV")
     p.set_defaults(run=_parity)
