@@ -2,6 +2,8 @@
 #
 #   checkpoint (download | synth | local) -> convert_params -> export_weights -> export_onnx (one graph per stage)
 #       -> parity (per stage) -> parity_gate -> promote (baseline2 and every promote_as tag)
+#   variants (q8, q4): convert_params -> export_variant -> quality (vs the exact decoder) -> quality_gate
+#       -> promote_variant ({tag}-{variant})
 #   stages: debug (hidden states + block taps), canonical (logits), decoder (KV cache, for onnxruntime-genai);
 #   reference (transformers) is parity only.
 #
@@ -44,6 +46,7 @@ include: "workflow/rules/export.smk"
 include: "workflow/rules/parity.smk"
 include: "workflow/rules/gate.smk"
 include: "workflow/rules/promote.smk"
+include: "workflow/rules/variants.smk"
 include: "workflow/rules/report.smk"
 
 
@@ -64,6 +67,7 @@ rule all:
     input:
         [verdict_path(name) for name in checkpoints()],
         [promoted_path(tag) for tag in promotions()],
+        [promoted_path(tag) for tag in variant_promotions()],
 
 
 # Every configured checkpoint through the gate; nothing promoted.
@@ -72,7 +76,8 @@ rule gate_all:
         [verdict_path(name) for name in checkpoints()],
 
 
-# baseline2 and every `promote_as` tag.
+# baseline2 and every `promote_as` tag, with their variants.
 rule promote_all:
     input:
         [promoted_path(tag) for tag in promotions()],
+        [promoted_path(tag) for tag in variant_promotions()],

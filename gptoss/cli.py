@@ -109,8 +109,17 @@ def _gate(args: argparse.Namespace) -> int:
 
 
 def _promote(args: argparse.Namespace) -> None:
-    from gptoss.promote import promote
+    from gptoss.promote import promote, promote_variant
 
+    if args.variant:
+        if not (args.variant_folder and args.quality_verdict):
+            raise GptOssError("promote --variant needs --variant-folder and --quality-verdict")
+        promote_variant(
+            args.variant_folder, args.variant, args.quality_verdict, args.verdict, args.dest, args.tag, args.config
+        )
+        return
+    if args.onnx is None:
+        raise GptOssError("promote needs --onnx (or --variant)")
     promote(args.onnx, args.verdict, args.dest, args.tag, args.config, args.sequence_length, args.decoder)
 
 
@@ -135,7 +144,7 @@ def _quality(args: argparse.Namespace) -> None:
 
 
 def _quality_gate(args: argparse.Namespace) -> None:
-    from gptoss.proof.quality import kld_histogram
+    from gptoss.plots import kld_histogram
     from gptoss.proof.quality_gate import parse_budgets, quality_gate
 
     budgets = parse_budgets(args.budget)
@@ -276,13 +285,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("promote", help="copy a gated graph with a manifest; refuses without a passing verdict")
     p.set_defaults(run=_promote)
-    p.add_argument("--onnx", type=Path, required=True)
-    p.add_argument("--verdict", type=Path, required=True)
+    p.add_argument("--onnx", type=Path, help="the canonical graph (required unless --variant)")
+    p.add_argument("--verdict", type=Path, required=True, help="the parity gate's verdict")
     p.add_argument("--dest", type=Path, required=True, help="folder to create (replaced if it exists)")
     p.add_argument("--tag", required=True, help="e.g. baseline2")
     p.add_argument("--config", type=Path, help="params config (.config.json) to describe in the manifest")
     p.add_argument("--sequence-length", type=int, help="recorded in the manifest")
     p.add_argument("--decoder", type=Path, help="a decoder folder (export --stage decoder) to promote too")
+    p.add_argument("--variant", choices=sorted(VARIANT_BITS), help="promote this quantized variant's folder instead")
+    p.add_argument("--variant-folder", type=Path, help="--variant: its folder (export --variant)")
+    p.add_argument("--quality-verdict", type=Path, help="--variant: the quality gate's verdict that passed it")
 
     _quality_parsers(sub)
     return parser

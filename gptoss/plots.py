@@ -195,3 +195,30 @@ def plots(
         benchmarks_plot(benchmark_files, written[-1])
     log.info("wrote %s", ", ".join(p.name for p in written))
     return written
+
+
+def kld_histogram(values: dict[str, Path], path: Path) -> None:
+    """Histogram of every scored position's KLD (log-x axis, share of positions), one step line per variant, as a
+    PNG. KLD values of 0 (identical logits) are drawn in the first bin and counted in the legend."""
+    loaded = {}
+    for name, file in values.items():
+        if not Path(file).is_file():
+            raise GptOssError(f"{file}: KLD values (.npy from gptoss quality --kld-values) not found")
+        loaded[name] = np.load(file).astype(np.float64).ravel()
+    positive = np.concatenate([v[v > 0] for v in loaded.values()] + [np.zeros(0)])
+    low, high = (max(positive.min(), 1e-12), positive.max()) if positive.size else (1e-12, 1e-11)
+    bins = np.logspace(np.log10(low) - 0.05, np.log10(max(high, low * 10)) + 0.05, 60)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for name, v in loaded.items():
+        label = f"{name}: mean {v.mean():.3g}, p99 {np.percentile(v, 99):.3g} ({v.size} positions"
+        label += f", {int((v <= 0).sum())} at 0)" if (v <= 0).any() else ")"
+        drawn = np.clip(v, bins[0], None)
+        ax.hist(drawn, bins=bins, weights=np.full(v.size, 1 / max(v.size, 1)), histtype="step", linewidth=1.5,
+                label=label)  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_xlabel("KL(exact ‖ variant) per scored position (nats)")
+    ax.set_ylabel("share of positions")
+    ax.set_title("KL divergence of each variant from the exact decoder (evaluation text)")
+    ax.legend(fontsize=7)
+    _save(fig, path)

@@ -183,3 +183,92 @@ def promote(
         (staging / "README.md").write_text(readme(m))
     log.info("promoted %s%s as %s into %s", onnx_path.name, f" and {decoder.name}" if decoder else "", tag, dest)
     return dest
+
+
+def variant_readme(m: dict) -> str:
+    stats = m["quality"]["measured"]
+    lines = [f"# {m['tag']}", "", f"Quantized variant `{m['variant']}` of the exact decoder graph, promoted by "
+             "`gptoss promote --variant` after passing the quality gate.", ""]  # fmt: skip
+    if m["checkpoint"]:
+        lines.append(f"- checkpoint: {', '.join(f'{k} `{v}`' for k, v in m['checkpoint'].items())}")
+    exact = m["measured_against"]
+    lines += [
+        f"- measured against the exact decoder graph sha256 `{exact['exact_onnx_sha256'][:16]}…` (weights "
+        f"`{exact['exact_data_sha256'][:16]}…`), which the parity gate verified",
+        "",
+        "| statistic | value |",
+        "|---|---|",
+    ]
+    lines += [f"| {k} | {v:.4g} |" for k, v in stats.items() if v is not None]
+    lines += ["", "| budget | value | bound | ok |", "|---|---|---|---|"]
+    for name, s in m["quality"]["statistics"].items():
+        bound = ("≤ " if s["direction"] == "max" else "≥ ") + f"{s['budget']:g}"
+        lines.append(f"| {name} | {s['value']:.4g} | {bound} | {'yes' if s['passed'] else 'no'} |")
+    lines += [
+        "",
+        "Files and sha256 are in `manifest.json`; the folder is an onnxruntime-genai model (`og.Model('.')`).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def promote_variant(
+    folder: Path,
+    variant: str,
+    quality_verdict_path: Path,
+    parity_verdict_path: Path,
+    dest: Path,
+    tag: str,
+    config: Path | None = None,
+) -> Path:
+    """``dest``: the quantized ``variant``'s decoder folder (its graph, weights, ``genai_config.json`` and tokenizer
+    files) with ``manifest.json`` and ``README.md``. Refuses unless the quality gate passed this variant on these
+    very files (sha256) and the exact graph they were measured against is one the parity gate verified."""
+    quality = read_json(quality_verdict_path)
+    parity = read_json(parity_verdict_path)
+    entry = quality.get("variants", {}).get(variant)
+    if entry is None or entry.get("passed") is not True:
+        raise GptOssError(f"{quality_verdict_path}: the quality gate did not pass variant {variant}; nothing promoted")
+    if parity.get("passed") is not True:
+        raise GptOssError(f"{parity_verdict_path}: the parity gate did not pass; nothing promoted")
+    graphs = entry["graphs"]
+    verified_stage(parity, graphs["exact_onnx_sha256"], graphs["exact_data_sha256"])  # the exact graph is proven
+    config_json = check_folder(folder)
+    onnx_path = folder / config_json["model"]["decoder"]["filename"]
+    digest = functools.cache(sha256)
+    files = {onnx_path: digest(onnx_path), data_path(onnx_path): digest(data_path(onnx_path))}
+    if (files[onnx_path], files[data_path(onnx_path)]) != (
+        graphs["variant_onnx_sha256"],
+        graphs["variant_data_sha256"],
+    ):
+        raise GptOssError(
+            f"{folder}: not the {variant} graph the quality gate measured (sha256 differs); re-run quality and the gate"
+        )
+    files |= {p: digest(p) for p in companion_files(folder)}
+    params_cfg = ParamsConfig.read(config) if config else None
+
+    require_free_space(dest.parent, sum(p.stat().st_size for p in files), f"promoting into {dest}")
+    with atomic_output(dest) as staging:
+        staging.mkdir()
+        listed = []
+        for path, expected in files.items():
+            copy = staging / path.name
+            shutil.copyfile(path, copy)
+            if sha256(copy) != expected:
+                raise GptOssError(f"{copy}: copy differs from {path} (disk problem?)")
+            listed.append({"name": copy.name, "bytes": copy.stat().st_size, "sha256": expected})
+        m = {
+            "tag": tag,
+            "variant": variant,
+            "files": listed,
+            "checkpoint": params_cfg.checkpoint_info() if params_cfg else None,
+            "measured_against": graphs,
+            "quality": {"statistics": entry["statistics"], "measured": entry["measured"]},
+            "quality_verdict_sha256": sha256(quality_verdict_path),
+            "parity_verdict_sha256": sha256(parity_verdict_path),
+            "versions": versions(),
+            "project_commit": git_commit(),
+        }
+        (staging / "manifest.json").write_text(json.dumps(m, indent=2, sort_keys=True) + "\n")
+        (staging / "README.md").write_text(variant_readme(m))
+    log.info("promoted variant %s as %s into %s", variant, tag, dest)
+    return dest

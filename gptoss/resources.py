@@ -36,6 +36,9 @@ MEMORY_MODEL = {
     "gate": (300, 0.0, 0.0, 0),
     "promote": (300, 0.0, 0.0, 0),
     "report": (1000, 0.0, 0.0, 0),
+    "export_variant": (1000, 0.0, 2.0, 0),  # one quantized tensor at a time (a layer's experts, an unembedding slice)
+    "quality": (1900, 2.5, 0.0, 0),  # the exact and the variant decoders' sessions, one chunk's logits of each
+    "quality_gate": (300, 0.0, 0.0, 0),
 }
 # transformers holds the model in float32 whatever the params' format: this many times its float32 bytes.
 REFERENCE_FLOAT32_FACTOR = 1.1
@@ -58,6 +61,9 @@ RUNTIME_MODEL = {
     "gate": (5, 0.0, 0.0),
     "promote": (5, 0.2, 0.0),  # copying and hashing the weights
     "report": (10, 0.0, 0.0),
+    "export_variant": (5, 1.0, 0.25),  # quantizing every weight with NumPy
+    "quality": (10, 3.0, 0.25),  # prefills of the evaluation text and greedy steps, on both decoders
+    "quality_gate": (5, 0.0, 0.0),
 }
 # The workflow's steps. parity: the debug and canonical graphs; parity_decoder: generation on the decoder graph;
 # parity_reference: transformers on the checkpoint.

@@ -3,6 +3,8 @@ held exactly as int8, and the q4/q8 decoder graphs against the JAX model run on 
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +12,7 @@ import onnx
 import onnx.helper as oh
 import onnxruntime as ort
 import pytest
+import yaml
 from conftest import forward
 
 from gptoss.errors import GptOssError
@@ -20,9 +23,12 @@ from gptoss.graphs.trace import ExportSpec
 from gptoss.graphs.variants import dequantize_blocks, mxfp4_as_int8, quantize_blocks, variant
 from gptoss.model.convert import convert
 from gptoss.model.params import Params, build_model
+from gptoss.proof.quality import quality
+from gptoss.proof.quality_gate import quality_gate
 from gptoss.runtimes.onnx_runtime import empty_past, ort_session
 
 PROMPT_LENGTH = 24
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +36,7 @@ def toy(tmp_path_factory) -> dict:
     """A toy checkpoint (MXFP4 experts, bfloat16 elsewhere), its exact decoder and its q4 (float activations) and q8
     variants."""
     root = tmp_path_factory.mktemp("variants")
-    synthesize(root / "checkpoint", "toy", 2, seed=1)
+    synthesize(root / "checkpoint", "toy", 2, seed=0)  # config/toy-mxfp4.yaml's, whose budgets a test applies
     params_path = root / "params.msgpack"
     convert(root / "checkpoint", params_path, 2, weight_format="mxfp4")
     params = Params.open(params_path)
@@ -178,3 +184,50 @@ def test_q8_is_closer_to_the_exact_model_than_q4(toy):
     q8 = kld(exact, prefill_logits(toy["root"] / "q8" / "model.onnx", toy["ids"])).mean()
     q4 = kld(exact, prefill_logits(toy["root"] / "q4" / "model.onnx", toy["ids"])).mean()
     assert 0 < q8 < q4 / 10
+
+
+def tampered_copy(folder: Path, dest: Path, initializer: str, change) -> Path:
+    """A copy of a variant folder whose ``initializer`` is replaced by ``change(array)``."""
+    shutil.copytree(folder, dest)
+    model = onnx.load(str(dest / "model.onnx"))
+    (tensor,) = [t for t in model.graph.initializer if t.name == initializer]
+    tensor.CopyFrom(onnx.numpy_helper.from_array(change(onnx.numpy_helper.to_array(tensor)), initializer))
+    onnx.save(model, str(dest / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
+    return dest
+
+
+def sign_flipped(scales: np.ndarray) -> np.ndarray:
+    """The builder's class of bug: one expert's scales lose their sign (here expert 0's)."""
+    flipped = scales.copy()
+    flipped[0] = -flipped[0]
+    return flipped
+
+
+def transposed_block(codes: np.ndarray) -> np.ndarray:
+    """Swapped N and K, which a square matrix does not show in its shape: expert 1's whole weights (4-bit codes, two
+    a byte) written as [in, out]."""
+    out = codes.copy()
+    weights = np.stack([codes[1] & 0x0F, codes[1] >> 4], axis=-1).reshape(codes.shape[1], -1).T
+    out[1] = weights[:, 0::2] | (weights[:, 1::2] << 4)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("initializer", "change"),
+    [("layers.0.mlp.gate_up@q4.scales", sign_flipped), ("layers.1.mlp.down@q4.codes", transposed_block)],
+    ids=["sign_flipped_scales", "transposed_block"],
+)
+def test_configured_budgets_pass_q4_and_fail_an_injected_bug(toy, tmp_path, initializer, change):
+    """The toy-mxfp4 config's q4 budgets, applied by the quality gate: the q4 variant passes; the same variant with
+    one injected bug of the kind broken quantized exports shipped fails, naming the statistic and its budget."""
+    config = yaml.safe_load((REPO / "config/toy-mxfp4.yaml").read_text())
+    budgets = {"q4": config["quality_budgets"]["q4"]}
+    settings = dict(max_tokens=config["quality"]["max_tokens"], chunk_length=config["quality"]["chunk_length"])
+    exact = toy["root"] / "exact"
+    quality(exact, toy["root"] / "q4", "q4", tmp_path / "q4.csv", **settings)
+    assert quality_gate([tmp_path / "q4.csv"], budgets, tmp_path / "ok.json")["passed"]
+    broken = tampered_copy(toy["root"] / "q4", tmp_path / "broken", initializer, change)
+    quality(exact, broken, "q4", tmp_path / "broken.csv", **settings)
+    with pytest.raises(GptOssError, match=r"quality gate failed: q4 (kld_mean|kld_p99|top1_agreement|greedy_agr)"):
+        quality_gate([tmp_path / "broken.csv"], budgets, tmp_path / "broken.json")
+    assert not json.loads((tmp_path / "broken.json").read_text())["variants"]["q4"]["passed"]

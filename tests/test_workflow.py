@@ -306,3 +306,37 @@ def test_mxfp4_toy_dag_keeps_the_experts_mxfp4_and_passes_the_gate(workdir: Path
         assert "layers.1.mlp.down_kernel" not in initializers
     assert json.loads((promoted / "manifest.json").read_text())["model"]["weight_format"] == "mxfp4"
     assert_genai_generates_what_transformers_does(promoted, results / "toy-mxfp4/checkpoint")
+    assert_variants_gated_and_promoted(workdir, results)
+
+
+def assert_variants_gated_and_promoted(workdir: Path, results: Path) -> None:
+    """The config's q8 and q4 variants: measured against the exact decoder the parity gate verified, promoted as
+    baseline2-q8/-q4 folders that onnxruntime-genai opens; then a budget q4 cannot meet stops q4 at its own gate,
+    naming the statistic, while the exact graph and q8 stay promoted."""
+    import onnxruntime_genai as og
+
+    exact = file_sha256(results / "toy-mxfp4/onnx/decoder.onnx")
+    for variant in ("q8", "q4"):
+        folder = results / f"promoted/toy-mxfp4/baseline2-{variant}"
+        manifest = json.loads((folder / "manifest.json").read_text())
+        assert manifest["variant"] == variant and manifest["measured_against"]["exact_onnx_sha256"] == exact
+        assert all(s["passed"] for s in manifest["quality"]["statistics"].values())
+        assert 0 < manifest["quality"]["measured"]["kld_mean"] < 1
+        with open(results / f"toy-mxfp4/quality/{variant}.csv", newline="") as fh:
+            statistics = {row["statistic"] for row in csv.DictReader(fh)}
+        assert {"kld_mean", "kld_p99", "top1_agreement", "delta_p_rms", "ppl_ratio", "greedy_agreement"} <= statistics
+        generator = og.Generator(model := og.Model(str(folder)), og.GeneratorParams(model))
+        generator.append_tokens([5, 6, 7])
+        generator.generate_next_token()
+    assert (results / "toy-mxfp4/gate/quality_q4_kld.png").stat().st_size > 0
+
+    shutil.rmtree(results / "promoted/toy-mxfp4/baseline2-q4")
+    tight = "quality_budgets={q8: {kld_mean: 0.005}, q4: {kld_mean: 1.0e-6}}"
+    proc = snakemake(
+        "--cores", "2", "--keep-going", "promote_baseline2", "--configfile", "config/toy-mxfp4.yaml",
+        "--config", tight, cwd=workdir, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode != 0, output(proc)
+    assert re.search(r"quality gate failed: q4 kld_mean \S+ > budget 1e-06", proc.stderr), output(proc)
+    assert not (results / "promoted/toy-mxfp4/baseline2-q4").exists()
+    assert (results / "promoted/toy-mxfp4/baseline2-q8/manifest.json").is_file()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from gptoss.errors import GptOssError
 from gptoss.files import atomic_output, sha256
-from gptoss.proof.quality import read_rows
+from gptoss.proof.quality import TEXT_ID, read_rows
 
 log = logging.getLogger("gptoss.quality")
 
@@ -21,6 +21,8 @@ log = logging.getLogger("gptoss.quality")
 # greedy_agreement has one row per prompt: the budget applies to each.
 DIRECTIONS = {"kld_mean": "max", "kld_p99": "max", "top1_agreement": "min", "greedy_agreement": "min"}
 Budgets = dict[str, dict[str, float]]  # variant -> statistic -> budget
+# What a variant's rows were measured on (sha256 of both graphs and weights files): the promotion checks them.
+GRAPH_KEYS = ("variant_onnx_sha256", "variant_data_sha256", "exact_onnx_sha256", "exact_data_sha256")
 
 
 def parse_budgets(texts: Sequence[str]) -> Budgets:
@@ -87,7 +89,16 @@ def evaluate(rows: list[dict], budgets: Budgets) -> dict:
                 "direction": direction,
                 "passed": bool(members) and not failing,
             }
-        variants[variant] = {"passed": all(s["passed"] for s in statistics.values()), "statistics": statistics}
+        graphs = sorted({tuple(r.get(key, "") for key in GRAPH_KEYS) for r in rows if r["variant"] == variant})
+        if len(graphs) > 1:
+            problems.append(f"{variant}: its rows measure {len(graphs)} different pairs of graphs; re-run quality")
+        measured = {r["statistic"]: r["value"] for r in rows if r["variant"] == variant and r["prompt_id"] == TEXT_ID}
+        variants[variant] = {
+            "passed": all(s["passed"] for s in statistics.values()) and len(graphs) == 1,
+            "statistics": statistics,
+            "measured": {k: None if math.isnan(v) else v for k, v in sorted(measured.items())},
+            "graphs": dict(zip(GRAPH_KEYS, graphs[0], strict=True)) if len(graphs) == 1 else None,
+        }
     unbudgeted = sorted({r["variant"] for r in rows} - set(budgets))
     return {
         "passed": not problems,

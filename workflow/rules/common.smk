@@ -52,6 +52,12 @@ def numbers_from_strings(cfg):
 
     if isinstance(cfg.get("tolerances"), dict):
         cfg["tolerances"] = {key: number(value, float) for key, value in cfg["tolerances"].items()}
+    for key in ("quality", "quantization"):
+        if isinstance(cfg.get(key), dict):
+            cfg[key] = {name: number(value, int) for name, value in cfg[key].items()}
+    for variant, budgets in (cfg.get("quality_budgets") or {}).items():
+        if isinstance(budgets, dict):
+            cfg["quality_budgets"][variant] = {key: number(value, float) for key, value in budgets.items()}
     for entry in (cfg.get("checkpoints") or {}).values():
         if isinstance(entry, dict):
             entry.update({key: number(entry[key], int) for key in ("layers", "seed", "retries") if key in entry})
@@ -105,6 +111,10 @@ def validate_config(cfg, schema):
         raise WorkflowError(
             f"invalid config: baseline {cfg['baseline']!r} is not one of the checkpoints {sorted(cfg['checkpoints'])}"
         )
+    if cfg["variants"] and not cfg["generate_tokens"]:
+        raise WorkflowError("invalid config: variants are quantized decoder graphs, but generate_tokens: 0 exports none")
+    if stray := sorted(set(cfg["quality_budgets"]) - set(cfg["variants"])):
+        raise WorkflowError(f"invalid config: quality_budgets for {', '.join(stray)}, not in variants {cfg['variants']}")
     tags = [entry["promote_as"] for entry in cfg["checkpoints"].values() if "promote_as" in entry]
     if len(tags) != len(set(tags)):
         raise WorkflowError(f"invalid config: two checkpoints have the same promote_as tag ({sorted(tags)})")
@@ -272,6 +282,72 @@ def promote_benchmark(tag):
 REPORT_DIR = f"{RESULTS}/report/{BASELINE_TAG}"
 
 
+# --- quantized variants ---------------------------------------------------------------------------------------
+# Budgets of the quality gate per variant when `quality_budgets` does not set them (gptoss.proof.quality_gate:
+# kld_* at most, agreements at least): a few times what the synthetic gpt-oss-20b shapes measure
+# (docs/gpt_oss/README.md); set them from a first run of a real checkpoint.
+DEFAULT_BUDGETS = {
+    "q8": {"kld_mean": 0.01, "kld_p99": 0.1, "top1_agreement": 0.9, "greedy_agreement": 0.5},
+    "q4": {"kld_mean": 0.1, "kld_p99": 1.0, "top1_agreement": 0.7, "greedy_agreement": 0.25},
+}
+
+
+def variants():
+    """The configured quantized variants of the decoder graph (q8, q4)."""
+    return config["variants"]
+
+
+def variant_folder(name, variant):
+    """A variant's folder: its graph, weights, genai_config.json and tokenizer files."""
+    return f"{RESULTS}/{name}/variants/{variant}"
+
+
+def quality_csv(name, variant):
+    return f"{RESULTS}/{name}/quality/{variant}.csv"
+
+
+def quality_verdict_path(name, variant):
+    return f"{RESULTS}/{name}/gate/quality_{variant}.json"
+
+
+def variant_promotions():
+    """tag-variant -> (checkpoint, variant): each promotion's variants, promoted beside it."""
+    return {f"{tag}-{v}": (name, v) for tag, name in promotions().items() for v in variants()}
+
+
+def variant_export_flags(wildcards):
+    q = config["quantization"]
+    length = config["context_length"]
+    flags = f"--block-size {q['block_size']} --accuracy-level {q['accuracy_level']}"
+    return flags + (f" --context-length {length}" if length else "")
+
+
+def quality_flags():
+    """The evaluation's settings, and the near-tie margin of the greedy comparison (the tolerances')."""
+    q = config["quality"]
+    flags = f"--chunk-length {q['chunk_length']} --steps {q['steps']}"
+    flags += f" --near-tie-margin {configured_tolerances().near_tie_margin}"
+    return flags + (f" --max-tokens {q['max_tokens']}" if q["max_tokens"] else "")
+
+
+def budgets(variant):
+    return DEFAULT_BUDGETS[variant] | config["quality_budgets"].get(variant, {})
+
+
+def budget_args(variant):
+    return " ".join(f"--budget {variant}:{key}={value:g}" for key, value in budgets(variant).items())
+
+
+def promote_variant_inputs(wildcards):
+    name, variant = variant_promotions()[wildcards.vtag]
+    return {
+        "folder": variant_folder(name, variant),
+        "quality": quality_verdict_path(name, variant),
+        "verdict": verdict_path(name),
+        "config": params_config_path(name),
+    }
+
+
 # --- command-line flags from the config -----------------------------------------------------------------------
 
 
@@ -314,6 +390,8 @@ def job_checkpoint(wildcards):
     """A job's checkpoint: its {checkpoint} wildcard, the checkpoint promoted as its {tag}, or the baseline."""
     if "checkpoint" in wildcards.keys():
         return wildcards.checkpoint
+    if "vtag" in wildcards.keys():
+        return variant_promotions()[wildcards.vtag][0]
     return promotions()[wildcards.tag] if "tag" in wildcards.keys() else baseline()
 
 

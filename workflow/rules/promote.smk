@@ -34,7 +34,8 @@ rule promote:
         "> {log} 2>&1"
 
 
-# The user's target: the baseline checkpoint promoted as baseline2.
+# The user's target: the baseline checkpoint promoted as baseline2, and its variants as baseline2-{variant}.
 rule promote_baseline2:
     input:
         promoted_path(BASELINE_TAG),
+        [promoted_path(f"{BASELINE_TAG}-{variant}") for variant in variants()],
