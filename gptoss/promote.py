@@ -142,6 +142,20 @@ def verified_files(
     return hashes, verified
 
 
+def copy_checked(files: dict[Path, str], folder: Path, renamed: dict[Path, str] | None = None) -> list[dict]:
+    """Copy ``files`` (path -> sha256) into the new ``folder`` (``renamed``: path -> name there), each copy checked
+    against its sha256; the manifest's list of files."""
+    folder.mkdir()
+    listed = []
+    for path, expected in files.items():
+        copy = folder / (renamed or {}).get(path, path.name)
+        shutil.copyfile(path, copy)
+        if sha256(copy) != expected:
+            raise GptOssError(f"{copy}: copy differs from {path} (disk problem?)")
+        listed.append({"name": copy.name, "bytes": copy.stat().st_size, "sha256": expected})
+    return listed
+
+
 def promote(
     onnx_path: Path,
     verdict_path: Path,
@@ -169,14 +183,7 @@ def promote(
 
     require_free_space(dest.parent, sum(p.stat().st_size for p in files), f"promoting into {dest}")
     with atomic_output(dest) as staging:
-        staging.mkdir()
-        listed = []
-        for path, expected in files.items():
-            copy = staging / ("model.onnx" if path == onnx_path else path.name)
-            shutil.copyfile(path, copy)
-            if sha256(copy) != expected:
-                raise GptOssError(f"{copy}: copy differs from {path} (disk problem?)")
-            listed.append({"name": copy.name, "bytes": copy.stat().st_size, "sha256": expected})
+        listed = copy_checked(files, staging, {onnx_path: "model.onnx"})
         m = {"tag": tag, "files": listed, "verified_by_stage": stage, "sequence_length": sequence_length}
         m |= provenance(onnx_path, verdict, params_cfg) | {"verdict_sha256": sha256(verdict_path)}
         (staging / "manifest.json").write_text(json.dumps(m, indent=2, sort_keys=True) + "\n")
@@ -248,14 +255,7 @@ def promote_variant(
 
     require_free_space(dest.parent, sum(p.stat().st_size for p in files), f"promoting into {dest}")
     with atomic_output(dest) as staging:
-        staging.mkdir()
-        listed = []
-        for path, expected in files.items():
-            copy = staging / path.name
-            shutil.copyfile(path, copy)
-            if sha256(copy) != expected:
-                raise GptOssError(f"{copy}: copy differs from {path} (disk problem?)")
-            listed.append({"name": copy.name, "bytes": copy.stat().st_size, "sha256": expected})
+        listed = copy_checked(files, staging)
         m = {
             "tag": tag,
             "variant": variant,
