@@ -18,7 +18,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,21 +152,33 @@ def _check_finite(logits: np.ndarray, path: Path, chunk: int) -> None:
         raise GptOssError(f"{path}: {bad} NaN/Inf logits in chunk {chunk} of the evaluation text")
 
 
-def score_text(sessions: Sequence, paths: Sequence[Path], tokens: np.ndarray, length: int) -> dict[str, np.ndarray]:
-    """:func:`position_measures` of every scored position: chunk by chunk, one prefill per graph (exact, variant)
-    on an empty cache; positions ``length // 2`` to ``length - 1`` of each chunk, each predicting the text's next
-    token. Holds one chunk's scored logits per graph at a time."""
+def prefill_logits(session) -> Callable[[np.ndarray, int], np.ndarray]:
+    """A decoder session as a chunk's logits: one prefill of ``ids [1, L]`` on an empty cache, every position's."""
     from gptoss.runtimes.onnx_runtime import empty_past, ort_step
 
+    def run(ids: np.ndarray, chunk: int) -> np.ndarray:
+        out, _ = ort_step(session, ids, np.ones_like(ids), empty_past(session, 1))
+        return out[0]
+
+    return run
+
+
+def score_text(
+    runs: Sequence[Callable[[np.ndarray, int], np.ndarray]], paths: Sequence[Path], tokens: np.ndarray, length: int
+) -> dict[str, np.ndarray]:
+    """:func:`position_measures` of every scored position: chunk by chunk, the exact model's and the variant's
+    logits (``runs``: ``ids [1, L]``, chunk index → ``[L, vocab]``, e.g. :func:`prefill_logits`); positions
+    ``length // 2`` to ``length - 1`` of each chunk, each predicting the text's next token. Holds one chunk's scored
+    logits per side at a time."""
     chunks, first = (len(tokens) - 1) // length, length // 2
     parts: list[dict[str, np.ndarray]] = []
     start = time.perf_counter()
     for c in range(chunks):
         ids = tokens[None, c * length : (c + 1) * length]
         logits = []
-        for session, path in zip(sessions, paths, strict=True):
-            out, _ = ort_step(session, ids, np.ones_like(ids), empty_past(session, 1))
-            logits.append(np.array(out[0, first:], np.float32))  # a copy: the full [1, L, vocab] is freed
+        for run, path in zip(runs, paths, strict=True):
+            out = run(ids, c)
+            logits.append(np.array(out[first:], np.float32))  # a copy: the full [L, vocab] is freed
             del out
             _check_finite(logits[-1], path, c)
         if logits[0].shape[-1] != logits[1].shape[-1]:
@@ -178,6 +190,20 @@ def score_text(sessions: Sequence, paths: Sequence[Path], tokens: np.ndarray, le
         log.info("chunk %d/%d: mean KLD %.3g, %.1f s", c + 1, chunks, parts[-1]["kld"].mean(),
                  time.perf_counter() - start)  # fmt: skip
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def evaluation_tokens(exact: Decoder, text: Path | None, max_tokens: int | None) -> tuple[np.ndarray, Path]:
+    """The evaluation text (the packaged one unless ``text``) tokenized with the exact folder's tokenizer, its first
+    ``max_tokens``; and the text's path."""
+    from gptoss.formats.tokenizer import encode, load_tokenizer
+
+    if not exact.tokenizer.is_file():
+        raise GptOssError(f"{exact.tokenizer}: not found (the --exact folder's tokenizer reads the text)")
+    text_path = Path(text) if text is not None else EVAL_TEXT
+    tokens = np.asarray(encode(load_tokenizer(exact.tokenizer), read_text(text_path)), np.int64)[:max_tokens]
+    if len(tokens) < 2:
+        raise GptOssError(f"{text_path}: {len(tokens)} token(s); the evaluation needs at least 2")
+    return tokens, text_path
 
 
 def quality(
@@ -201,8 +227,7 @@ def quality(
     from gptoss.runtimes.onnx_runtime import ort_generate, ort_session
 
     exact, variant = open_decoder(exact_dir, "--exact"), open_decoder(variant_dir, "--variant")
-    if not exact.tokenizer.is_file():
-        raise GptOssError(f"{exact.tokenizer}: not found (the --exact folder's tokenizer reads the text)")
+    tokens, text_path = evaluation_tokens(exact, text, max_tokens)
     if variant.tokenizer.is_file() and sha256(variant.tokenizer) != sha256(exact.tokenizer):
         log.warning("%s differs from %s: the variant is scored on the exact tokenizer's ids", variant.tokenizer,
                     exact.tokenizer)  # fmt: skip
@@ -210,11 +235,7 @@ def quality(
         raise GptOssError(f"--chunk-length must be at least 1, got {chunk_length}")
     if steps < 1:
         raise GptOssError(f"--steps must be at least 1, got {steps}")
-    text_path = Path(text) if text is not None else EVAL_TEXT
     tokenizer = load_tokenizer(exact.tokenizer)
-    tokens = np.asarray(encode(tokenizer, read_text(text_path)), np.int64)[:max_tokens]
-    if len(tokens) < 2:
-        raise GptOssError(f"{text_path}: {len(tokens)} token(s); the evaluation needs at least 2")
     length = min(chunk_length, len(tokens) - 1)
     sessions = [ort_session(d.onnx, threads) for d in (exact, variant)]
     vocabs = [_vocab(s, d.onnx) for s, d in zip(sessions, (exact, variant), strict=True)]
@@ -222,7 +243,7 @@ def quality(
         raise GptOssError(f"{variant.onnx}: vocabulary of {vocabs[1]} logits, the exact graph's has {vocabs[0]}")
     log.info("%s: %d tokens, %d chunks of %d, scoring positions %d..%d of each", text_path.name, len(tokens),
              (len(tokens) - 1) // length, length, length // 2, length - 1)  # fmt: skip
-    measures = score_text(sessions, [exact.onnx, variant.onnx], tokens, length)
+    measures = score_text([prefill_logits(s) for s in sessions], [exact.onnx, variant.onnx], tokens, length)
     stats = text_statistics(measures)
     greedy = []
     for i, prompt in enumerate(prompts):
