@@ -53,6 +53,7 @@ class Decoder:
     onnx: Path
     tokenizer: Path
     suppress: tuple[int, ...]
+    head_size: int | None = None  # genai_config.json's, for a graph whose cache's head dimension is symbolic
 
 
 def open_decoder(folder: Path, flag: str) -> Decoder:
@@ -60,18 +61,19 @@ def open_decoder(folder: Path, flag: str) -> Decoder:
     folder = Path(folder)
     if not folder.is_dir():
         raise GptOssError(f"{folder}: {flag} decoder folder not found")
-    name, suppress = "model.onnx", ()
+    name, suppress, head_size = "model.onnx", (), None
     if (config_path := folder / "genai_config.json").is_file():
         try:
             model = json.loads(config_path.read_text())["model"]
             name = model["decoder"].get("filename", name)
+            head_size = model["decoder"].get("head_size")
             eos = model.get("eos_token_id") or []
             suppress = tuple(int(i) for i in (eos if isinstance(eos, list) else [eos]))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise GptOssError(f"{config_path}: not a decoder genai_config.json ({exc})") from None
     if not (folder / name).is_file():
         raise GptOssError(f"{folder / name}: {flag} folder has no decoder graph")
-    return Decoder(folder, folder / name, folder / "tokenizer.json", suppress)
+    return Decoder(folder, folder / name, folder / "tokenizer.json", suppress, head_size)
 
 
 def read_text(path: Path) -> str:
@@ -152,12 +154,12 @@ def _check_finite(logits: np.ndarray, path: Path, chunk: int) -> None:
         raise GptOssError(f"{path}: {bad} NaN/Inf logits in chunk {chunk} of the evaluation text")
 
 
-def prefill_logits(session) -> Callable[[np.ndarray, int], np.ndarray]:
+def prefill_logits(session, head_size: int | None = None) -> Callable[[np.ndarray, int], np.ndarray]:
     """A decoder session as a chunk's logits: one prefill of ``ids [1, L]`` on an empty cache, every position's."""
     from gptoss.runtimes.onnx_runtime import empty_past, ort_step
 
     def run(ids: np.ndarray, chunk: int) -> np.ndarray:
-        out, _ = ort_step(session, ids, np.ones_like(ids), empty_past(session, 1))
+        out, _ = ort_step(session, ids, np.ones_like(ids), empty_past(session, 1, head_size))
         return out[0]
 
     return run
@@ -243,13 +245,17 @@ def quality(
         raise GptOssError(f"{variant.onnx}: vocabulary of {vocabs[1]} logits, the exact graph's has {vocabs[0]}")
     log.info("%s: %d tokens, %d chunks of %d, scoring positions %d..%d of each", text_path.name, len(tokens),
              (len(tokens) - 1) // length, length, length // 2, length - 1)  # fmt: skip
-    measures = score_text([prefill_logits(s) for s in sessions], [exact.onnx, variant.onnx], tokens, length)
+    runs = [prefill_logits(s, d.head_size) for s, d in zip(sessions, (exact, variant), strict=True)]
+    measures = score_text(runs, [exact.onnx, variant.onnx], tokens, length)
     stats = text_statistics(measures)
     greedy = []
     for i, prompt in enumerate(prompts):
         if not (ids := encode(tokenizer, prompt)):
             raise GptOssError(f"prompt p{i} has no tokens")
-        reference, got = (ort_generate(session, ids, steps, exact.suppress) for session in sessions)
+        reference, got = (
+            ort_generate(session, ids, steps, exact.suppress, d.head_size)
+            for session, d in zip(sessions, (exact, variant), strict=True)
+        )
         greedy.append((f"p{i}", *greedy_agreement(reference, got.tokens, exact.suppress, near_tie_margin)))
     del sessions
 

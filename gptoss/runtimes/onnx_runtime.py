@@ -31,9 +31,11 @@ def ort_session(onnx_path: Path, threads: int | None = None) -> ort.InferenceSes
         raise GptOssError(f"{onnx_path}: ONNX Runtime cannot load the graph ({str(exc).splitlines()[0]})") from None
 
 
-def ort_generate(session, prompt: Sequence[int], steps: int, suppress: Sequence[int]) -> Generation:
+def ort_generate(
+    session, prompt: Sequence[int], steps: int, suppress: Sequence[int], head_size: int | None = None
+) -> Generation:
     """The decoder graph's greedy loop in ONNX Runtime: ``present.*`` fed back as ``past_key_values.*``."""
-    past = empty_past(session, 1)
+    past = empty_past(session, 1, head_size)
     ids, out = np.asarray([prompt], np.int64), Generation([], [])
     for _ in range(steps):
         mask = np.ones((1, len(prompt) + len(out.tokens)), np.int64)
@@ -53,10 +55,17 @@ def batched_ort_run(session, ids: np.ndarray, mask: np.ndarray, step_ids: np.nda
     return prefill, step
 
 
-def empty_past(session, batch: int) -> dict[str, np.ndarray]:
-    """No cache yet: every ``past_key_values.*`` input with 0 positions."""
+def empty_past(session, batch: int, head_size: int | None = None) -> dict[str, np.ndarray]:
+    """No cache yet: every ``past_key_values.*`` input with 0 positions (``head_size``: where the graph leaves the
+    head dimension symbolic, as the onnxruntime-genai builder's graphs do; genai_config.json's ``head_size``)."""
     inputs = [i for i in session.get_inputs() if i.name.startswith(PAST_PREFIX)]
-    return {i.name: np.zeros((batch, i.shape[1], 0, i.shape[3]), np.float32) for i in inputs}
+    past = {}
+    for i in inputs:
+        heads, dim = i.shape[1], i.shape[3] if isinstance(i.shape[3], int) else head_size
+        if not isinstance(heads, int) or dim is None:
+            raise GptOssError(f"past input {i.name} {i.shape}: its heads or head size is symbolic and not given")
+        past[i.name] = np.zeros((batch, heads, 0, dim), np.float32)
+    return past
 
 
 def ort_step(
