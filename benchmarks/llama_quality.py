@@ -92,7 +92,7 @@ def main() -> int:
             return np.concatenate([np.zeros((first, scored.shape[1]), np.float32), scored])
 
         session = ort_session(exact.onnx, args.threads)
-        measures = score_text([prefill_logits(session), llama], [exact.onnx, args.gguf], tokens, length)
+        measures = score_text([prefill_logits(session, exact), llama], [exact.onnx, args.gguf], tokens, length)
     stats = text_statistics(measures)
     common = {
         "stage": "quality", "variant": "llama_cpp", "text_sha256": sha256(text_path), "tokens": len(tokens),

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +15,7 @@ import onnx.helper as oh
 import onnxruntime as ort
 import pytest
 import yaml
-from conftest import forward
+from conftest import forward, require_modules
 
 from gptoss.errors import GptOssError
 from gptoss.formats import mxfp4 as mxfp4_format
@@ -231,3 +233,26 @@ def test_configured_budgets_pass_q4_and_fail_an_injected_bug(toy, tmp_path, init
     with pytest.raises(GptOssError, match=r"quality gate failed: q4 (kld_mean|kld_p99|top1_agreement|greedy_agr)"):
         quality_gate([tmp_path / "broken.csv"], budgets, tmp_path / "broken.json")
     assert not json.loads((tmp_path / "broken.json").read_text())["variants"]["q4"]["passed"]
+
+
+def test_quality_measures_the_builders_shared_buffer_graphs(toy, tmp_path):
+    """The onnxruntime-genai builder's graphs (shared past/present buffers, a sliding-window cache of the window's
+    capacity) measured by the quality stage: its fp32 graph of the same checkpoint agrees with our exact decoder
+    to float32 noise on chunks 16 times the window, greedy tokens included, so the stage reads such graphs
+    right; its int4 graph then has a divergence of its own."""
+    require_modules("torch", "transformers", "accelerate")
+    for precision in ("fp32", "int4"):
+        cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", toy["root"] / "checkpoint",
+               "-o", tmp_path / precision, "-p", precision, "-e", "cpu", "-c", tmp_path / "cache"]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    settings = dict(max_tokens=1024, chunk_length=128)
+    exact = toy["root"] / "exact"
+
+    def statistics(precision: str) -> dict[str, float]:
+        rows = quality(exact, tmp_path / precision, precision, tmp_path / f"{precision}.csv", **settings)
+        return {r["statistic"]: r["value"] for r in rows}
+
+    fp32 = statistics("fp32")
+    assert fp32["kld_max"] < 1e-9 and fp32["top1_agreement"] == 1.0 and fp32["greedy_agreement"] == 1.0
+    assert statistics("int4")["kld_mean"] > 1e-3

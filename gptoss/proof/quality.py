@@ -54,6 +54,11 @@ class Decoder:
     tokenizer: Path
     suppress: tuple[int, ...]
     head_size: int | None = None  # genai_config.json's, for a graph whose cache's head dimension is symbolic
+    # onnxruntime-genai's shared past/present buffers (the builder's graphs): the past is a buffer of fixed capacity
+    # whose valid length the attention mask gives; its sliding-window layers' capacity is the window.
+    shared_buffer: bool = False
+    window: int | None = None
+    sliding_layers: tuple[int, ...] = ()
 
 
 def open_decoder(folder: Path, flag: str) -> Decoder:
@@ -61,19 +66,24 @@ def open_decoder(folder: Path, flag: str) -> Decoder:
     folder = Path(folder)
     if not folder.is_dir():
         raise GptOssError(f"{folder}: {flag} decoder folder not found")
-    name, suppress, head_size = "model.onnx", (), None
+    name, suppress, head_size, shared = "model.onnx", (), None, {}
     if (config_path := folder / "genai_config.json").is_file():
         try:
-            model = json.loads(config_path.read_text())["model"]
+            config = json.loads(config_path.read_text())
+            model = config["model"]
             name = model["decoder"].get("filename", name)
             head_size = model["decoder"].get("head_size")
+            if config.get("search", {}).get("past_present_share_buffer"):
+                sliding = model["decoder"].get("sliding_window") or {}
+                shared = dict(shared_buffer=True, window=sliding.get("window_size"),
+                              sliding_layers=tuple(sliding.get("layers", ())))  # fmt: skip
             eos = model.get("eos_token_id") or []
             suppress = tuple(int(i) for i in (eos if isinstance(eos, list) else [eos]))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise GptOssError(f"{config_path}: not a decoder genai_config.json ({exc})") from None
     if not (folder / name).is_file():
         raise GptOssError(f"{folder / name}: {flag} folder has no decoder graph")
-    return Decoder(folder, folder / name, folder / "tokenizer.json", suppress, head_size)
+    return Decoder(folder, folder / name, folder / "tokenizer.json", suppress, head_size, **shared)
 
 
 def read_text(path: Path) -> str:
@@ -154,15 +164,37 @@ def _check_finite(logits: np.ndarray, path: Path, chunk: int) -> None:
         raise GptOssError(f"{path}: {bad} NaN/Inf logits in chunk {chunk} of the evaluation text")
 
 
-def prefill_logits(session, head_size: int | None = None) -> Callable[[np.ndarray, int], np.ndarray]:
-    """A decoder session as a chunk's logits: one prefill of ``ids [1, L]`` on an empty cache, every position's."""
+def prefill_logits(session, decoder: Decoder) -> Callable[[np.ndarray, int], np.ndarray]:
+    """A decoder session as a chunk's logits: one prefill of ``ids [1, L]`` on an empty cache, every position's.
+    A graph with onnxruntime-genai's shared buffers gets zeroed buffers of the capacity genai would give it (the
+    window for its sliding layers, the chunk for the others) and the attention mask of the chunk alone."""
+    from gptoss.graphs.names import INPUT_NAME, MASK_NAME, PAST_PREFIX
     from gptoss.runtimes.onnx_runtime import empty_past, ort_step
 
     def run(ids: np.ndarray, chunk: int) -> np.ndarray:
-        out, _ = ort_step(session, ids, np.ones_like(ids), empty_past(session, 1, head_size))
-        return out[0]
+        if not decoder.shared_buffer:
+            out, _ = ort_step(session, ids, np.ones_like(ids), empty_past(session, 1, decoder.head_size))
+            return out[0]
+        feeds = {INPUT_NAME: ids, MASK_NAME: np.ones_like(ids)}
+        for i in (i for i in session.get_inputs() if i.name.startswith(PAST_PREFIX)):
+            layer = int(i.name.removeprefix(PAST_PREFIX).split(".")[0])
+            capacity = decoder.window if layer in decoder.sliding_layers else ids.shape[1]
+            feeds[i.name] = np.zeros((1, i.shape[1], capacity, decoder.head_size), np.float32)
+        return session.run(["logits"], feeds)[0][0]
 
     return run
+
+
+def greedy_by_prefill(run: Callable[[np.ndarray, int], np.ndarray], prompt: list[int], steps: int,
+                      suppress: Sequence[int]) -> list[int]:  # fmt: skip
+    """Greedy tokens without a cache: the whole sequence prefilled again at every step (for shared-buffer graphs)."""
+    from gptoss.runtimes.generation import choose
+
+    tokens: list[int] = []
+    for _ in range(steps):
+        logits = run(np.asarray([prompt + tokens], np.int64), 0)
+        tokens.append(choose(logits[-1], suppress))
+    return tokens
 
 
 def score_text(
@@ -245,18 +277,19 @@ def quality(
         raise GptOssError(f"{variant.onnx}: vocabulary of {vocabs[1]} logits, the exact graph's has {vocabs[0]}")
     log.info("%s: %d tokens, %d chunks of %d, scoring positions %d..%d of each", text_path.name, len(tokens),
              (len(tokens) - 1) // length, length, length // 2, length - 1)  # fmt: skip
-    runs = [prefill_logits(s, d.head_size) for s, d in zip(sessions, (exact, variant), strict=True)]
+    runs = [prefill_logits(s, d) for s, d in zip(sessions, (exact, variant), strict=True)]
     measures = score_text(runs, [exact.onnx, variant.onnx], tokens, length)
     stats = text_statistics(measures)
     greedy = []
     for i, prompt in enumerate(prompts):
         if not (ids := encode(tokenizer, prompt)):
             raise GptOssError(f"prompt p{i} has no tokens")
-        reference, got = (
-            ort_generate(session, ids, steps, exact.suppress, d.head_size)
-            for session, d in zip(sessions, (exact, variant), strict=True)
-        )
-        greedy.append((f"p{i}", *greedy_agreement(reference, got.tokens, exact.suppress, near_tie_margin)))
+        reference = ort_generate(sessions[0], ids, steps, exact.suppress, exact.head_size)
+        if variant.shared_buffer:
+            got = greedy_by_prefill(runs[1], list(ids), steps, exact.suppress)
+        else:
+            got = ort_generate(sessions[1], ids, steps, exact.suppress, variant.head_size).tokens
+        greedy.append((f"p{i}", *greedy_agreement(reference, got, exact.suppress, near_tie_margin)))
     del sessions
 
     common = dict(stage="quality", variant=variant_name, text_sha256=sha256(text_path), tokens=len(tokens))
