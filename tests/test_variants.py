@@ -256,3 +256,28 @@ def test_quality_measures_the_builders_shared_buffer_graphs(toy, tmp_path):
     fp32 = statistics("fp32")
     assert fp32["kld_max"] < 1e-9 and fp32["top1_agreement"] == 1.0 and fp32["greedy_agreement"] == 1.0
     assert statistics("int4")["kld_mean"] > 1e-3
+
+
+def test_quantized_weights_are_the_same_however_often_they_are_read(toy):
+    """The lazily computed weights (codes and scales share one computation) give the same bytes when read twice,
+    in either order, as a serializer or a checker may read them."""
+    import functools
+
+    from gptoss.graphs.trace import build_onnx
+    from gptoss.graphs.variants import quantize_graph
+    from gptoss.model.params import abstract_model
+
+    params = toy["params"]
+    spec = variant("q4")
+    model = build_onnx(
+        abstract_model(params.model_config, params.config.weight_format),
+        ExportSpec(32, decoder=True, context_length=64),
+        rewrite=functools.partial(quantize_graph, params=params, spec=spec),
+    )
+    names = ["layers.0.mlp.gate_up@q4.scales", "layers.0.mlp.gate_up@q4.codes", "unembed.kernel@q4.10.codes"]
+    tensors = {n: model.graph.initializers[n].const_value for n in names if n in model.graph.initializers}
+    assert len(tensors) >= 2, sorted(model.graph.initializers)[:20]
+    first = {n: t.numpy().copy() for n, t in tensors.items()}
+    for n, t in reversed(list(tensors.items())):  # each twice in a row, in the other order
+        np.testing.assert_array_equal(t.numpy(), first[n])
+        np.testing.assert_array_equal(t.numpy(), first[n])

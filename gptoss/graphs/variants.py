@@ -162,17 +162,18 @@ class _Quantizer:
 
         cache: dict[str, np.ndarray] = {}
 
-        def part(index: int) -> np.ndarray:
-            if not cache:
+        def part(which_part: str) -> np.ndarray:
+            if which_part not in cache:  # computed once for both, or again if asked twice
+                cache.clear()
                 pairs = per_expert()
                 cache["codes"] = np.stack([c.reshape(c.shape[0], -1) for c, _ in pairs])
                 cache["scales"] = np.stack([s for _, s in pairs])
-            return cache.pop("codes" if index == 0 else "scales")
+            return cache.pop(which_part)
 
         def bias() -> np.ndarray:
             return np.asarray(params.read(f"{prefix}.{which}_bias"), np.float32)
 
-        return (lambda: part(0)), (lambda: part(1)), bias
+        return (lambda: part("codes")), (lambda: part("scales")), bias
 
     def experts(self, node: ir.Node, index: int) -> None:
         """Replace one routed-experts placeholder by QMoE on the router logits its top-k was taken from."""
@@ -262,7 +263,8 @@ class _Quantizer:
         cache: dict[str, np.ndarray] = {}
 
         def part(which: str) -> np.ndarray:
-            if not cache:
+            if which not in cache:  # computed once for both, or again if asked twice
+                cache.clear()
                 cache["codes"], cache["scales"] = quantize_blocks(b_matrix().T, spec.bits, spec.block_size)
             return cache.pop(which)
 
