@@ -144,3 +144,14 @@ def runtime_anchor(node: ir.Node, constant: set[ir.Value]) -> ir.Value | None:
                     seen.add(id(user))
                     frontier.append(user)
     return None
+
+
+def replace_output(node: ir.Node, out: ir.Value) -> None:
+    """``out`` (made by nodes already inserted before ``node``) takes the place of ``node``'s single output
+    everywhere, under its name, type and shape (a graph output keeps its name); ``node`` is removed."""
+    old = node.outputs[0]
+    out.type, out.shape = old.type, old.shape
+    name = old.name
+    old.replace_all_uses_with(out, replace_graph_outputs=True)
+    node.graph.remove(node, safe=True)
+    out.name = name

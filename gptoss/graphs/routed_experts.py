@@ -24,6 +24,7 @@ from jax2onnx.plugins.plugin_system import PrimitiveLeafPlugin, register_primiti
 
 from gptoss.formats import mxfp4 as mxfp4_format
 from gptoss.graphs.names import expert_view, viewed_weight
+from gptoss.graphs.passes import replace_output
 from gptoss.model.experts import ExpertMath, routed_experts_p
 
 DOMAIN, OP = "gptoss", "RoutedExperts"
@@ -173,12 +174,8 @@ def expand_routed_experts(graph: ir.Graph) -> int:
         graph.register_initializer(table)
     for index, node in enumerate(placeholders):
         nodes, out = _routed_nodes(graph, node, f"routed_experts_{index}", table)
-        out.type, out.shape = node.outputs[0].type, node.outputs[0].shape
         node.graph.insert_before(node, nodes)
-        name = node.outputs[0].name
-        node.outputs[0].replace_all_uses_with(out, replace_graph_outputs=True)
-        node.graph.remove(node, safe=True)
-        out.name = name
+        replace_output(node, out)
     if placeholders and DOMAIN in graph.opset_imports:
         del graph.opset_imports[DOMAIN]
     viewed = {viewed_weight(v.name)[0] for v in graph.inputs if viewed_weight(v.name)}

@@ -28,6 +28,7 @@ import onnx_ir.passes.common as common_passes
 from gptoss.errors import GptOssError
 from gptoss.formats import mxfp4 as mxfp4_format
 from gptoss.graphs.names import is_data_input
+from gptoss.graphs.passes import replace_output
 from gptoss.graphs.routed_experts import DOMAIN, OP
 from gptoss.stages import VARIANT_BITS
 
@@ -120,14 +121,18 @@ def _initializer(graph: ir.Graph, name: str, tensor: ir.TensorProtocol) -> ir.Va
     return value
 
 
-def _take_place(node: ir.Node, new: ir.Node) -> None:
-    """``new``'s output replaces ``node``'s everywhere, under its name (a graph output keeps its name)."""
-    old, out = node.outputs[0], new.outputs[0]
-    out.name, out.type, out.shape = f"{new.name}_out", old.type, old.shape
-    name = old.name
-    old.replace_all_uses_with(out, replace_graph_outputs=True)
-    node.graph.remove(node, safe=True)
-    out.name = name
+def _shared(compute: Callable[[], tuple[np.ndarray, np.ndarray]]) -> tuple[Callable[[], np.ndarray], ...]:
+    """Two functions returning the two parts of one ``compute()`` (codes, scales): computed once for both, read in
+    either order, and computed again if one is read twice."""
+    cache: dict[int, np.ndarray] = {}
+
+    def part(index: int) -> np.ndarray:
+        if index not in cache:
+            cache.clear()
+            cache.update(enumerate(compute()))
+        return cache.pop(index)
+
+    return (lambda: part(0)), (lambda: part(1))
 
 
 class _Quantizer:
@@ -136,7 +141,6 @@ class _Quantizer:
     def __init__(self, graph: ir.Graph, params: Params, spec: Variant) -> None:
         self.graph, self.params, self.spec = graph, params, spec
         self.weights = {v.name: v for v in graph.inputs if not is_data_input(v.name)}
-        self.done: list[str] = []
 
     def weight(self, value: ir.Value) -> str | None:
         return value.name if value.name in self.weights else None
@@ -160,20 +164,14 @@ class _Quantizer:
                 for b, s in zip(blocks, scales, strict=True)
             ]
 
-        cache: dict[str, np.ndarray] = {}
-
-        def part(which_part: str) -> np.ndarray:
-            if which_part not in cache:  # computed once for both, or again if asked twice
-                cache.clear()
-                pairs = per_expert()
-                cache["codes"] = np.stack([c.reshape(c.shape[0], -1) for c, _ in pairs])
-                cache["scales"] = np.stack([s for _, s in pairs])
-            return cache.pop(which_part)
+        def stacked() -> tuple[np.ndarray, np.ndarray]:
+            pairs = per_expert()
+            return np.stack([c.reshape(c.shape[0], -1) for c, _ in pairs]), np.stack([s for _, s in pairs])
 
         def bias() -> np.ndarray:
             return np.asarray(params.read(f"{prefix}.{which}_bias"), np.float32)
 
-        return (lambda: part("codes")), (lambda: part("scales")), bias
+        return (*_shared(stacked), bias)
 
     def experts(self, node: ir.Node, index: int) -> None:
         """Replace one routed-experts placeholder by QMoE on the router logits its top-k was taken from."""
@@ -223,8 +221,7 @@ class _Quantizer:
         for made in (shape, router):
             made.name = made.outputs[0].name = f"qmoe_{index}/{made.op_type}"
         node.graph.insert_before(node, [shape, router, qmoe])
-        _take_place(node, qmoe)
-        self.done.append(f"{prefix} experts")
+        replace_output(node, qmoe.outputs[0])
 
     # --- dense matmuls -------------------------------------------------------------------------------------------
     def matmul(self, node: ir.Node, index: int) -> bool:
@@ -239,19 +236,18 @@ class _Quantizer:
         k, n = (int(d) for d in node.inputs[1].shape)
         if k % self.spec.block_size:
             return False
-        steps = []
-        for op in reversed(chain):  # from the weight to B
+        slices = []  # (starts, ends, axes?) of each Slice, from the weight to B (the Casts change no value's place)
+        for op in reversed(chain):
             if op.op_type == "Slice":
                 consts = [ir.convenience.get_const_tensor(v) for v in op.inputs[1:]]
-                if any(c is None for c in consts):
-                    return False
-                arrays = [c.numpy() for c in consts]
-                steps.append(("slice", arrays))
+                if any(c is None for c in consts) or (len(consts) > 3 and np.any(consts[3].numpy() != 1)):
+                    return False  # not constant, or strided: left in float
+                slices.append([c.numpy() for c in consts[:3]])
         params, spec = self.params, self.spec
 
         def b_matrix() -> np.ndarray:
             w = np.asarray(params.read(name))
-            for _, arrays in steps:
+            for arrays in slices:
                 starts, ends, *rest = arrays
                 axes = rest[0] if rest else range(len(starts))
                 index_ = [slice(None)] * w.ndim
@@ -260,24 +256,17 @@ class _Quantizer:
                 w = w[tuple(index_)]
             return np.asarray(w, np.float32)
 
-        cache: dict[str, np.ndarray] = {}
-
-        def part(which: str) -> np.ndarray:
-            if which not in cache:  # computed once for both, or again if asked twice
-                cache.clear()
-                cache["codes"], cache["scales"] = quantize_blocks(b_matrix().T, spec.bits, spec.block_size)
-            return cache.pop(which)
-
+        codes_of, scales_of = _shared(lambda: quantize_blocks(b_matrix().T, spec.bits, spec.block_size))
         base = f"{name}@{spec.name}.{index}"
         codes = _initializer(
             self.graph, f"{base}.codes",
-            _lazy(lambda: part("codes"), ir.DataType.UINT8,
+            _lazy(codes_of, ir.DataType.UINT8,
                   (n, k // spec.block_size, spec.block_size * spec.bits // 8), f"{base}.codes"),
         )  # fmt: skip
         scales = _initializer(
             self.graph,
             f"{base}.scales",
-            _lazy(lambda: part("scales").reshape(-1), ir.DataType.FLOAT, (n * k // spec.block_size,), f"{base}.scales"),
+            _lazy(lambda: scales_of().reshape(-1), ir.DataType.FLOAT, (n * k // spec.block_size,), f"{base}.scales"),
         )
         nbits = ir.node(
             "MatMulNBits",
@@ -288,8 +277,7 @@ class _Quantizer:
                         "accuracy_level": spec.accuracy_level},
         )  # fmt: skip
         node.graph.insert_before(node, nbits)
-        _take_place(node, nbits)
-        self.done.append(name)
+        replace_output(node, nbits.outputs[0])
         return True
 
 
