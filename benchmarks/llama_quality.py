@@ -80,7 +80,7 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
 
     exact = open_decoder(args.exact, "--exact")
-    tokens, text_path = evaluation_tokens(exact, args.text, args.max_tokens)
+    tokens, text_path, _ = evaluation_tokens(exact, args.text, args.max_tokens)
     length = min(args.chunk_length, len(tokens) - 1)
     chunks = [tokens[c * length : (c + 1) * length].tolist() for c in range((len(tokens) - 1) // length)]
     with tempfile.TemporaryDirectory(dir=args.csv.parent) as tmp:

@@ -396,7 +396,8 @@ def run(args: argparse.Namespace, versions: dict) -> int:
             peer = Peer(f"ours_{fmt}", LABELS[f"ours_{fmt}"], step.outputs[0], measure_genai, measures=peers.MEASURES)
             runtime_peers.append(peer)
     for name in variants:
-        step = export_step(params["mxfp4"], workdir / name / "decoder", name=f"export_{name}", variant=name[5:])
+        quantized = name.removeprefix("ours_")
+        step = export_step(params["mxfp4"], workdir / name / "decoder", name=f"export_{name}", variant=quantized)
         builds[step.name] = peers.build(step, workdir / "builds", args.reuse, env)
         runtime_peers.append(Peer(name, LABELS[name], step.outputs[0], measure_genai, measures=peers.MEASURES))
     for precision in ("fp32", "int4"):

@@ -84,7 +84,7 @@ def test_blocks_are_what_onnx_runtime_multiplies(bits):
     with np.errstate(invalid="ignore"):  # the zero block's scale is 0
         error, grid = np.abs(deq - w).reshape(n, -1, 32), w.reshape(n, -1, 32) / scales[..., None]
     inside = grid <= (1 << (bits - 1)) - 1
-    assert np.all(error[inside] <= (step / 2 * (1 + 1e-6) + 0 * error)[inside])
+    assert np.all(error[inside] <= np.broadcast_to(step / 2 * (1 + 1e-6), error.shape)[inside])
     assert np.all(error <= step * (1 + 1e-6))
     extreme = np.abs(w.reshape(n, -1, 32)).max(-1)
     assert np.allclose(np.abs(deq.reshape(n, -1, 32)).max(-1), extreme, rtol=1e-6)

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -29,6 +30,9 @@ from gptoss.files import atomic_output, sha256
 from gptoss.graphs.names import data_path
 from gptoss.proof.compare import compare_tokens
 from gptoss.runtimes.generation import Generation
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 log = logging.getLogger("gptoss.quality")
 
@@ -226,18 +230,19 @@ def score_text(
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def evaluation_tokens(exact: Decoder, text: Path | None, max_tokens: int | None) -> tuple[np.ndarray, Path]:
+def evaluation_tokens(exact: Decoder, text: Path | None, max_tokens: int | None) -> tuple[np.ndarray, Path, Tokenizer]:
     """The evaluation text (the packaged one unless ``text``) tokenized with the exact folder's tokenizer, its first
-    ``max_tokens``; and the text's path."""
+    ``max_tokens``; the text's path; the tokenizer."""
     from gptoss.formats.tokenizer import encode, load_tokenizer
 
     if not exact.tokenizer.is_file():
         raise GptOssError(f"{exact.tokenizer}: not found (the --exact folder's tokenizer reads the text)")
     text_path = Path(text) if text is not None else EVAL_TEXT
-    tokens = np.asarray(encode(load_tokenizer(exact.tokenizer), read_text(text_path)), np.int64)[:max_tokens]
+    tokenizer = load_tokenizer(exact.tokenizer)
+    tokens = np.asarray(encode(tokenizer, read_text(text_path)), np.int64)[:max_tokens]
     if len(tokens) < 2:
         raise GptOssError(f"{text_path}: {len(tokens)} token(s); the evaluation needs at least 2")
-    return tokens, text_path
+    return tokens, text_path, tokenizer
 
 
 def quality(
@@ -257,11 +262,11 @@ def quality(
 ) -> list[dict]:
     """Measure ``variant_dir`` against ``exact_dir`` on the evaluation text and the prompts; write the CSV (one row
     per statistic) and, if asked, every scored position's KLD (float32 ``.npy``). Returns the rows."""
-    from gptoss.formats.tokenizer import encode, load_tokenizer
+    from gptoss.formats.tokenizer import encode
     from gptoss.runtimes.onnx_runtime import ort_generate, ort_session
 
     exact, variant = open_decoder(exact_dir, "--exact"), open_decoder(variant_dir, "--variant")
-    tokens, text_path = evaluation_tokens(exact, text, max_tokens)
+    tokens, text_path, tokenizer = evaluation_tokens(exact, text, max_tokens)
     if variant.tokenizer.is_file() and sha256(variant.tokenizer) != sha256(exact.tokenizer):
         log.warning("%s differs from %s: the variant is scored on the exact tokenizer's ids", variant.tokenizer,
                     exact.tokenizer)  # fmt: skip
@@ -269,7 +274,6 @@ def quality(
         raise GptOssError(f"--chunk-length must be at least 1, got {chunk_length}")
     if steps < 1:
         raise GptOssError(f"--steps must be at least 1, got {steps}")
-    tokenizer = load_tokenizer(exact.tokenizer)
     length = min(chunk_length, len(tokens) - 1)
     sessions = [ort_session(d.onnx, threads) for d in (exact, variant)]
     vocabs = [_vocab(s, d.onnx) for s, d in zip(sessions, (exact, variant), strict=True)]
