@@ -58,7 +58,8 @@ def _export(args: argparse.Namespace) -> None:
         from gptoss.graphs.export import export_variant
         from gptoss.graphs.variants import variant
 
-        export_variant(params, args.output, spec, variant(args.variant, args.block_size, args.accuracy_level))
+        chosen = variant(args.variant, args.block_size, args.accuracy_level, args.expert_scales)
+        export_variant(params, args.output, spec, chosen)
         return
     export(params, args.output, spec, args.reuse_weights)
     if not (args.skip_validation or spec.decoder):  # the decoder's proof is `gptoss parity --stage decoder`
@@ -238,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     quantized = "decoder: a quantized variant in a folder of its own (QMoE experts, MatMulNBits dense layers)"
     p.add_argument("--variant", choices=sorted(VARIANT_BITS), help=quantized)
     p.add_argument("--block-size", type=int, default=32, help="--variant: weights per quantization block")
-    p.add_argument("--accuracy-level", type=int, default=4, help="--variant: MatMulNBits accuracy_level (4: int8)")
+    p.add_argument("--accuracy-level", type=int, default=4, help="--variant: kernels' accuracy_level (4: int8)")
+    p.add_argument("--expert-scales", choices=["float16", "float32"], default="float16", help="--variant: QMoE scales")
 
     p = sub.add_parser("parity", help="JAX vs ONNX Runtime (or transformers: --stage reference) -> CSV")
     p.set_defaults(run=_parity)

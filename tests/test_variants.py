@@ -17,8 +17,10 @@ import pytest
 import yaml
 from conftest import forward, require_modules
 
+from gptoss.config import params_config_path
 from gptoss.errors import GptOssError
 from gptoss.formats import mxfp4 as mxfp4_format
+from gptoss.formats.params_file import read_params, write_params
 from gptoss.formats.synth import synthesize
 from gptoss.graphs.export import export, export_variant
 from gptoss.graphs.trace import ExportSpec
@@ -114,6 +116,36 @@ def test_mxfp4_as_int8_is_exact_for_every_byte_and_scale():
     np.testing.assert_array_equal(held[nonzero].view(np.uint32), exact[nonzero].view(np.uint32))
 
 
+def held_experts(model: Path, prefix: str) -> tuple[np.ndarray, np.dtype]:
+    """The float32 ``[E, N, K]`` a variant graph's ``prefix`` (``layers.0.mlp.gate_up@q8``) experts stand for, and
+    the dtype their scales are held in."""
+    graph = onnx.load(str(model)).graph
+    held = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer if t.name.startswith(prefix + ".")}
+    codes, scales = held[f"{prefix}.codes"], held[f"{prefix}.scales"]
+    experts = [dequantize_blocks(c.reshape(*s.shape, -1), s, 8) for c, s in zip(codes, scales, strict=True)]
+    return np.stack(experts), scales.dtype
+
+
+def test_q8_graph_holds_mxfp4_experts_exactly_in_float16_or_float32_scales(toy, tmp_path):
+    """q8's expert scales are float16 where every power of two fits one, float32 for a layer where one does not
+    (here 2^-28 planted in layer 1): either way the graph's experts are the MXFP4 values, bit for bit."""
+    arrays = read_params(toy["root"] / "params.msgpack")
+    arrays["layers.1.mlp.down_scales"][0, 0, 0] = 100  # 2^(100-128): below float16's smallest subnormal
+    planted = tmp_path / "params.msgpack"
+    write_params(planted, list(arrays), arrays.__getitem__)
+    shutil.copy(params_config_path(toy["root"] / "params.msgpack"), params_config_path(planted))
+    params = Params.open(planted)
+    spec = ExportSpec(32, decoder=True, context_length=64)
+    export_variant(params, tmp_path / "q8" / "model.onnx", spec, variant("q8"))
+    for layer, dtype in ((0, np.float16), (1, np.float32)):
+        for which in ("gate_up", "down"):
+            held, scale_dtype = held_experts(tmp_path / "q8" / "model.onnx", f"layers.{layer}.mlp.{which}@q8")
+            base = f"layers.{layer}.mlp.{which}"
+            exact = mxfp4_format.decode(arrays[f"{base}_blocks"], arrays[f"{base}_scales"])  # [E, out, in]
+            assert scale_dtype == dtype
+            np.testing.assert_array_equal(held, exact)
+
+
 def test_mxfp4_nan_scale_is_refused():
     with pytest.raises(GptOssError, match="NaN code 255"):
         mxfp4_as_int8(np.zeros((1, 1, 16), np.uint8), np.full((1, 1), 255, np.uint8))
@@ -128,7 +160,8 @@ def test_unknown_variant_and_bad_block_size_are_refused():
 
 def dequantized_params(params: Params, bits: int) -> dict[str, np.ndarray]:
     """The weights a variant holds, as float32 params of the JAX model: experts decoded, then through the variant's
-    blocks (MXFP4 as int8 is exact), dense kernels (not the router's) through the blocks; the rest as stored."""
+    blocks with float16 scales (MXFP4 as int8 is exact), dense kernels (not the router's) through the blocks; the
+    rest as stored."""
     out: dict[str, np.ndarray] = {}
     for name in params.index:
         value = np.asarray(params.read(name))
@@ -137,7 +170,7 @@ def dequantized_params(params: Params, bits: int) -> dict[str, np.ndarray]:
         if name.endswith("_blocks"):
             base = name.removesuffix("_blocks")
             decoded = mxfp4_format.decode(value, params.read(f"{base}_scales"))  # [E, out, in]
-            held = np.stack([dequantize_blocks(*quantize_blocks(e, bits, 32), bits) for e in decoded])
+            held = np.stack([dequantize_blocks(*quantize_blocks(e, bits, 32, np.float16), bits) for e in decoded])
             out[f"{base}_kernel"] = held.transpose(0, 2, 1)
         elif name.endswith("kernel") and ".router." not in name:
             w = value.astype(np.float32)

@@ -2,8 +2,10 @@
 matmuls rewritten for ONNX Runtime's integer CPU kernels, its weights computed from the exact params.
 
 * **Experts**: each MoE layer's routed-experts placeholder becomes one ``com.microsoft.QMoE`` (symmetric blocks of
-  ``block_size`` along the input axis, zero point ``2^(bits-1)``, signed float scales: ONNX Runtime's MatMulNBits
-  grid). It routes by the router's logits itself (top-k, softmax over the k: the model's routing), with the
+  ``block_size`` along the input axis, zero point ``2^(bits-1)``, signed scales: ONNX Runtime's MatMulNBits grid;
+  the scales float16 by default, which ONNX Runtime multiplies with float32 activations and a token reads half
+  as many bytes of). With ``accuracy_level`` 4 the 4-bit experts multiply int8 activations (8-bit ones always
+  do). It routes by the router's logits itself (top-k, softmax over the k: the model's routing), with the
   interleaved swiglu, its clamp and alpha 1.702 as attributes. MXFP4 experts held as int8 are **exact**: twice
   every E2M1 value is an integer in [-12, 12] and the block's factor a power of two (:func:`mxfp4_as_int8`); as
   int4 they are re-quantized (:func:`quantize_blocks` of the decoded values). Float experts are quantized.
@@ -42,47 +44,60 @@ MS_DOMAIN = "com.microsoft"
 DOUBLED_E2M1 = np.array([0, 1, 2, 3, 4, 6, 8, 12], dtype=np.int16)
 # Weights whose matmuls stay in float (their names end so).
 FLOAT_MATMULS = (".router.kernel",)
+# The experts' scale dtypes QMoE multiplies with float32 activations.
+# An int8-held MXFP4 block's factor is 2^(code - HALF_BIAS) (:func:`mxfp4_as_int8`).
+HALF_BIAS = mxfp4_format.E8M0_BIAS + 1
+SCALE_DTYPES = {"float16": (np.float16, ir.DataType.FLOAT16), "float32": (np.float32, ir.DataType.FLOAT)}
 
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
     """A quantized variant: ``bits`` per weight in blocks of ``block_size`` along the input axis; ``accuracy_level``
-    of MatMulNBits (0: float32 activations, 4: int8 activations)."""
+    of MatMulNBits and QMoE (0: float32 activations, 4: int8 activations); ``expert_scales``: the dtype of the
+    experts' block scales (``float16`` or ``float32``; the dense layers' are float32, as MatMulNBits requires)."""
 
     name: str
     bits: int
     block_size: int = 32
     accuracy_level: int = 4
+    expert_scales: str = "float16"
 
     @property
     def zero_point(self) -> int:
         return 1 << (self.bits - 1)
 
 
-def variant(name: str, block_size: int = 32, accuracy_level: int = 4) -> Variant:
-    """The variant ``name`` (``q8`` or ``q4``) with its block size and accuracy level, checked."""
+def variant(name: str, block_size: int = 32, accuracy_level: int = 4, expert_scales: str = "float16") -> Variant:
+    """The variant ``name`` (``q8`` or ``q4``) with its block size, accuracy level and expert scales' dtype, checked."""
     if name not in VARIANT_BITS:
         raise GptOssError(f"unknown variant {name!r}: choose one of {', '.join(VARIANT_BITS)}")
     if block_size < 16 or block_size & (block_size - 1):
         raise GptOssError(f"variant {name}: block size {block_size} is not a power of two >= 16")
     if accuracy_level not in (0, 1, 2, 3, 4):
         raise GptOssError(f"variant {name}: accuracy_level {accuracy_level} is not one of 0-4")
-    return Variant(name, VARIANT_BITS[name], block_size, accuracy_level)
+    if expert_scales not in SCALE_DTYPES:
+        raise GptOssError(f"variant {name}: expert scales {expert_scales!r} are not one of {', '.join(SCALE_DTYPES)}")
+    return Variant(name, VARIANT_BITS[name], block_size, accuracy_level, expert_scales)
 
 
-def quantize_blocks(weights: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+def quantize_blocks(
+    weights: np.ndarray, bits: int, block_size: int, scale_dtype: type = np.float32
+) -> tuple[np.ndarray, np.ndarray]:
     """Float ``[N, K]`` to symmetric blocks along K, as ONNX Runtime's MatMulNBits quantizer does: the block's
-    largest-magnitude value maps to ``-2^(bits-1)`` exactly (a signed scale), the others round to nearest. Returns
-    ``(codes [N, K/block, block·bits/8] uint8, scales [N, K/block] float32)``; for 4 bits element 2i is the low
-    nibble."""
+    largest-magnitude value maps to ``-2^(bits-1)`` (a signed scale), the others round to nearest, by the scale as
+    held in ``scale_dtype``. Returns ``(codes [N, K/block, block·bits/8] uint8, scales [N, K/block])``; for 4 bits
+    element 2i is the low nibble."""
     n, k = weights.shape
     if k % block_size:
         raise GptOssError(f"a weight of {k} inputs is not a whole number of {block_size}-blocks")
     blocks = np.asarray(weights, np.float32).reshape(n, k // block_size, block_size)
     extreme = np.take_along_axis(blocks, np.abs(blocks).argmax(-1)[..., None], -1)[..., 0]
     zero_point = 1 << (bits - 1)
-    scales = (extreme / -zero_point).astype(np.float32)
-    safe = np.where(scales == 0, np.float32(1), scales)
+    scales = (extreme / -zero_point).astype(scale_dtype)
+    if not np.all(np.isfinite(scales)):
+        largest = np.abs(extreme).max()
+        raise GptOssError(f"a weight of magnitude {largest:g} has no finite {np.dtype(scale_dtype)} scale")
+    safe = np.where(scales == 0, np.float32(1), scales.astype(np.float32))
     codes = np.clip(np.rint(blocks / safe[..., None]) + zero_point, 0, (1 << bits) - 1).astype(np.uint8)
     return pack(codes, bits), scales
 
@@ -95,7 +110,7 @@ def pack(codes: np.ndarray, bits: int) -> np.ndarray:
 def dequantize_blocks(packed: np.ndarray, scales: np.ndarray, bits: int) -> np.ndarray:
     """The float32 ``[N, K]`` that blocks of :func:`quantize_blocks` (or :func:`mxfp4_as_int8`) stand for."""
     codes = packed if bits == 8 else np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(*packed.shape[:-1], -1)
-    values = (codes.astype(np.float32) - (1 << (bits - 1))) * scales[..., None]
+    values = (codes.astype(np.float32) - (1 << (bits - 1))) * scales.astype(np.float32)[..., None]
     return values.reshape(scales.shape[0], -1)
 
 
@@ -107,7 +122,7 @@ def mxfp4_as_int8(blocks: np.ndarray, scales: np.ndarray) -> tuple[np.ndarray, n
         raise GptOssError("MXFP4 scales hold the NaN code 255: no int8 block holds them")
     nibbles = np.stack([blocks & 0x0F, blocks >> 4], axis=-1).reshape(*blocks.shape[:-1], mxfp4_format.GROUP)
     doubled = DOUBLED_E2M1[nibbles & 0x07] * np.where(nibbles & 0x08, -1, 1).astype(np.int16)
-    factors = np.ldexp(np.float32(1.0), scales.astype(np.int32) - mxfp4_format.E8M0_BIAS - 1).astype(np.float32)
+    factors = np.ldexp(np.float32(1.0), scales.astype(np.int32) - HALF_BIAS).astype(np.float32)
     return (doubled + 128).astype(np.uint8), factors
 
 
@@ -146,21 +161,43 @@ class _Quantizer:
         return value.name if value.name in self.weights else None
 
     # --- experts -------------------------------------------------------------------------------------------------
-    def expert_codes(self, prefix: str, which: str) -> tuple[Callable[[], np.ndarray], ...]:
+    def exact_int8(self, prefix: str) -> bool:
+        """Whether ``prefix``'s experts are MXFP4 that this variant holds exactly (8 bits, MXFP4's block of 32)."""
+        held = self.spec.bits == 8 and self.spec.block_size == mxfp4_format.GROUP
+        return held and f"{prefix}.gate_up_blocks" in self.params.index
+
+    def scale_dtype(self, prefix: str) -> str:
+        """The dtype of ``prefix``'s expert scales: the variant's, but float32 where an exact int8 block's power of
+        two is no float16 (outside 2^-24 .. 2^15), so that q8 stays exact."""
+        if self.spec.expert_scales == "float32" or not self.exact_int8(prefix):
+            return self.spec.expert_scales
+        for which in ("gate_up", "down"):
+            powers = np.asarray(self.params.read(f"{prefix}.{which}_scales")).astype(np.int32) - HALF_BIAS
+            if powers.size and (powers.min() < -24 or powers.max() > 15):
+                log.warning("%s.%s_scales: powers of two 2^%d .. 2^%d are no float16: float32 scales keep them exact",
+                            prefix, which, powers.min(), powers.max())  # fmt: skip
+                return "float32"
+        return self.spec.expert_scales
+
+    def expert_codes(self, prefix: str, which: str, scale_dtype: str) -> tuple[Callable[[], np.ndarray], ...]:
         """Functions computing the ``which`` (gate_up or down) experts of ``prefix`` (``layers.{i}.mlp``): codes
-        ``[E, N, K·bits/8]``, scales ``[E, N, K/block]`` and bias ``[E, N]`` float32, from the params."""
+        ``[E, N, K·bits/8]``, scales ``[E, N, K/block]`` of ``scale_dtype`` and bias ``[E, N]`` float32."""
         spec, params = self.spec, self.params
         mxfp4 = f"{prefix}.{which}_blocks" in params.index
+        exact = self.exact_int8(prefix)
+        dtype = SCALE_DTYPES[scale_dtype][0]
 
         def per_expert() -> list[tuple[np.ndarray, np.ndarray]]:
             if not mxfp4:
                 kernels = params.read(f"{prefix}.{which}_kernel")  # [E, in, out]
-                return [quantize_blocks(np.asarray(k, np.float32).T, spec.bits, spec.block_size) for k in kernels]
+                return [quantize_blocks(np.asarray(k, np.float32).T, spec.bits, spec.block_size, dtype)
+                        for k in kernels]  # fmt: skip
             blocks, scales = params.read(f"{prefix}.{which}_blocks"), params.read(f"{prefix}.{which}_scales")
-            if spec.bits == 8 and spec.block_size == mxfp4_format.GROUP:
-                return [mxfp4_as_int8(b, s) for b, s in zip(blocks, scales, strict=True)]
+            if exact:
+                held = (mxfp4_as_int8(b, s) for b, s in zip(blocks, scales, strict=True))
+                return [(codes, factors.astype(dtype)) for codes, factors in held]
             return [
-                quantize_blocks(mxfp4_format.decode(b, s), spec.bits, spec.block_size)
+                quantize_blocks(mxfp4_format.decode(b, s), spec.bits, spec.block_size, dtype)
                 for b, s in zip(blocks, scales, strict=True)
             ]
 
@@ -188,14 +225,16 @@ class _Quantizer:
         block, per_byte = self.spec.block_size, 8 // self.spec.bits
         shapes = {"gate_up": (2 * inter, hidden), "down": (hidden, inter)}
         inputs: list[ir.Value] = []
+        scale_dtype = self.scale_dtype(prefix)
         for which, (n_out, n_in) in shapes.items():
-            codes, scales, bias = self.expert_codes(prefix, which)
+            codes, scales, bias = self.expert_codes(prefix, which, scale_dtype)
             base = f"{prefix}.{which}@{self.spec.name}"
             inputs += [
                 _initializer(self.graph, f"{base}.codes",
                              _lazy(codes, ir.DataType.UINT8, (experts, n_out, n_in // per_byte), f"{base}.codes")),
                 _initializer(self.graph, f"{base}.scales",
-                             _lazy(scales, ir.DataType.FLOAT, (experts, n_out, n_in // block), f"{base}.scales")),
+                             _lazy(scales, SCALE_DTYPES[scale_dtype][1], (experts, n_out, n_in // block),
+                                   f"{base}.scales")),
                 _initializer(self.graph, f"{base}.bias",
                              _lazy(bias, ir.DataType.FLOAT, (experts, n_out), f"{base}.bias")),
             ]  # fmt: skip
@@ -216,6 +255,7 @@ class _Quantizer:
                 "normalize_routing_weights": 1,  # softmax over the k selected logits
                 "expert_weight_bits": self.spec.bits,
                 "block_size": block,
+                "accuracy_level": self.spec.accuracy_level,
             },
         )
         for made in (shape, router):
@@ -296,8 +336,10 @@ def quantize_graph(model: ir.Model, params: Params, spec: Variant) -> None:
     common_passes.RemoveUnusedNodesPass()(model)
     graph.opset_imports.pop(DOMAIN, None)
     graph.opset_imports[MS_DOMAIN] = 1
-    log.info("%s: %d MoE layers as QMoE, %d matmuls as MatMulNBits (%d-bit blocks of %d, accuracy_level %d)",
-             spec.name, len(placeholders), quantized, spec.bits, spec.block_size, spec.accuracy_level)  # fmt: skip
+    log.info("%s: %d MoE layers as QMoE (%s scales), %d matmuls as MatMulNBits (%d-bit blocks of %d, "
+             "accuracy_level %d)",
+             spec.name, len(placeholders), spec.expert_scales, quantized, spec.bits, spec.block_size,
+             spec.accuracy_level)  # fmt: skip
     used = {v.name for v in graph.inputs if v.uses() or v in graph.outputs}
     for v in list(graph.inputs):
         if is_data_input(v.name) or v.name not in used:

@@ -318,7 +318,7 @@ def variant_promotions():
 def variant_export_flags(wildcards):
     q = config["quantization"]
     length = config["context_length"]
-    flags = f"--block-size {q['block_size']} --accuracy-level {q['accuracy_level']}"
+    flags = f"--block-size {q['block_size']} --accuracy-level {q['accuracy_level']} --expert-scales {q['expert_scales']}"
     return flags + (f" --context-length {length}" if length else "")
 
 
