@@ -2,6 +2,8 @@
 #
 #   checkpoint (download | synth | local) -> convert_params -> export_weights -> export_onnx (one graph per stage)
 #       -> parity (per stage) -> parity_gate -> promote (baseline2 and every promote_as tag)
+#   parity in segments (parity_segment_blocks: N): export_segment (embed, N blocks at a time, head) and
+#       tensor_manifest per graph -> parity_segment (one job per segment) -> parity_gate
 #   variants (q8, q4): convert_params -> export_variant -> quality (vs the exact decoder) -> quality_gate
 #       -> promote_variant ({tag}-{variant})
 #   stages: debug (hidden states + block taps), canonical (logits), decoder (KV cache, for onnxruntime-genai);
@@ -44,6 +46,7 @@ include: "workflow/rules/checkpoint.smk"
 include: "workflow/rules/convert.smk"
 include: "workflow/rules/export.smk"
 include: "workflow/rules/parity.smk"
+include: "workflow/rules/segments.smk"
 include: "workflow/rules/gate.smk"
 include: "workflow/rules/promote.smk"
 include: "workflow/rules/variants.smk"

@@ -54,6 +54,12 @@ def _export(args: argparse.Namespace) -> None:
     stage = STAGES[args.stage or "canonical"]
     hidden, taps = stage.hidden_states or args.emit_hidden_states, stage.block_taps or args.emit_block_debug
     spec = ExportSpec(args.sequence_length, hidden, taps, args.opset, stage.decoder, args.context_length)
+    if args.segment:
+        from gptoss.graphs.export import export_segment
+        from gptoss.segment_plan import parse_segment
+
+        export_segment(params, args.output, spec, parse_segment(args.segment, params.model_config.num_hidden_layers))
+        return
     if args.variant:
         from gptoss.graphs.export import export_variant
         from gptoss.graphs.variants import variant
@@ -92,21 +98,42 @@ def _parity(args: argparse.Namespace) -> None:
 
         rows = parity_decoder(params, args.onnx, results, prompts, args.generate_tokens or 16, args.threads)
     else:
+        from gptoss.graphs.segments import is_segment
         from gptoss.proof.driver import JaxRequest
         from gptoss.proof.parity import parity
 
         hidden = args.compare_hidden_states or STAGES[stage].hidden_states
         debug = args.compare_block_debug or STAGES[stage].block_taps
         request = JaxRequest(prompts, args.sequence_length, hidden, debug)
-        rows = parity(params, args.onnx, results, request, args.threads)
+        if is_segment(args.onnx):  # the sha256 of every weight it reads goes beside the CSV (.tensors.json)
+            from gptoss.proof.parity import parity_segment
+
+            rows = parity_segment(params, args.onnx, results, request, args.threads)
+        else:
+            rows = parity(params, args.onnx, results, request, args.threads)
     if failed := sum(not r["passed"] for r in rows):
         log.warning("%d of %d rows exceed their tolerance (the gate decides)", failed, len(rows))
+
+
+def _manifest(args: argparse.Namespace) -> None:
+    from gptoss.graphs.segments import write_manifest
+
+    if not args.onnx.is_file():
+        raise GptOssError(f"{args.onnx}: ONNX file not found")
+    manifest = write_manifest(args.onnx, args.segments, args.output)
+    log.info("%d tensors of %s hashed", len(manifest["tensors"]), args.onnx)
 
 
 def _gate(args: argparse.Namespace) -> int:
     from gptoss.proof.gate import gate
 
-    return gate(args.csv, Tolerances.from_args(args), args.verdict, args.summary, args.expect_stage)
+    manifests = {}
+    for item in args.manifest:
+        stage, found, path = item.partition("=")
+        if not found or stage not in STAGES:
+            raise GptOssError(f"--manifest {item!r}: expected STAGE=PATH with a stage of {', '.join(STAGES)}")
+        manifests[stage] = Path(path)
+    return gate(args.csv, Tolerances.from_args(args), args.verdict, args.summary, args.expect_stage, manifests)
 
 
 def _promote(args: argparse.Namespace) -> None:
@@ -240,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", choices=sorted(VARIANT_BITS), help=quantized)
     p.add_argument("--block-size", type=int, default=32, help="--variant: weights per quantization block")
     p.add_argument("--accuracy-level", type=int, default=4, help="--variant: kernels' accuracy_level (4: int8)")
+    segment = "debug/canonical: only this segment of the graph (embed, blocksA-B or head; parity in segments), "
+    segment += "written to --output beside the whole graph's weights file"
+    p.add_argument("--segment", metavar="NAME", help=segment)
     p.add_argument("--expert-scales", choices=["float16", "float32"], default="float16", help="--variant: QMoE scales")
 
     p = sub.add_parser("parity", help="JAX vs ONNX Runtime (or transformers: --stage reference) -> CSV")
@@ -267,10 +297,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--logits-diffs", type=Path, help="also save every logits |diff| (.npz)")
     Tolerances.add_arguments(p)
 
+    p = sub.add_parser("manifest", help="the sha256 of every tensor of a whole graph, for the gate of its segments")
+    p.set_defaults(run=_manifest)
+    p.add_argument("--onnx", type=Path, required=True, help="the whole debug or canonical graph")
+    p.add_argument("--segments", nargs="+", required=True, help="the segments its parity runs in (the gate's list)")
+    p.add_argument("--output", type=Path, help="default: {graph}.tensors.json beside it")
+
     p = sub.add_parser("gate", help="parity CSVs + tolerances -> verdict JSON + summary; exit 1 on any breach")
     p.set_defaults(run=_gate)
     p.add_argument("--csv", type=Path, nargs="+", required=True)
     p.add_argument("--expect-stage", nargs="*", default=[], help="stages that must have rows")
+    manifests = "STAGE=JSON: that stage's CSVs are segments (each with its .tensors.json), checked against the "
+    manifests += "whole graph's tensor manifest: every tensor covered, by the same bytes"
+    p.add_argument("--manifest", nargs="*", default=[], metavar="STAGE=JSON", help=manifests)
     p.add_argument("--verdict", type=Path, required=True, help="verdict JSON to write")
     p.add_argument("--summary", type=Path, help="Markdown summary (default: next to the verdict)")
     Tolerances.add_arguments(p)

@@ -147,3 +147,60 @@ def estimate_config(
     if preset is None:
         preset = "gpt-oss-120b" if "120b" in hint.lower() else "gpt-oss-20b"
     return preset_config(preset, layers)
+
+
+# --- parity in segments ----------------------------------------------------------------------------------------
+# A segment's parity job (config `parity_segment_blocks`): ONNX Runtime maps and runs only the segment's pieces;
+# the JAX side, in a process of its own before it, streams every piece up to the segment's last, one at a time.
+# Peak = fixed + the larger of: per_segment × the segment's MB (ONNX Runtime), per_piece × the largest piece's
+# MB (JAX holds one piece, and decodes or casts its experts a slice at a time: gptoss.model.experts.cast_slices).
+SEGMENT_MEMORY = {
+    #                  fixed, per_segment, per_piece (stored MB of the largest piece JAX holds)
+    "parity_segment": (600, 1.1, 2.0),
+    "export_segment": (500, 0.0, 0.0),  # tracing only, like the whole graph's export
+}
+# Minutes: fixed + per_gb × GB the job reads (ONNX Runtime: the segment; JAX: every piece up to its last).
+SEGMENT_RUNTIME = {"parity_segment": (5, 1.0), "export_segment": (5, 0.0), "manifest": (5, 0.1)}
+
+
+def piece_mb(cfg: GptOssConfig, weight_format: str) -> tuple[float, float, float]:
+    """Stored MB of the embedding, of one block and of the head (final norm and unembedding)."""
+    per_weight = 4 if weight_format == "float32" else 2
+    embedding = cfg.vocab_size * cfg.hidden_size * per_weight / 1e6
+    head = (cfg.vocab_size + 1) * cfg.hidden_size * per_weight / 1e6
+    block = (params_mb(cfg, weight_format) - embedding - head) / cfg.num_hidden_layers
+    return embedding, block, head
+
+
+def segment_mb(cfg: GptOssConfig, weight_format: str, first: int, last: int) -> float:
+    """Stored MB of the pieces of ranks ``first`` to ``last`` (0 the embedding, i + 1 block i, layers + 1 the head)."""
+    embedding, block, head = piece_mb(cfg, weight_format)
+    layers = cfg.num_hidden_layers
+    blocks = max(0, min(last, layers) - max(first, 1) + 1)
+    return embedding * (first == 0) + block * blocks + head * (last == layers + 1)
+
+
+def estimate_segment_mem_mb(
+    cfg: GptOssConfig, weight_format: str, step: str, first: int, last: int, attempt: int = 1
+) -> int:
+    """Peak resident memory in MB of ``step`` (parity_segment, export_segment) for the segment of ranks ``first``
+    to ``last``; each attempt after the first asks ``MEMORY_PER_RETRY`` more."""
+    _check(weight_format, "parity", attempt)
+    fixed, per_segment, per_piece = SEGMENT_MEMORY[step]
+    embedding, block, head = piece_mb(cfg, weight_format)
+    largest = max([embedding] + [block] * (last > 0) + [head] * (last == cfg.num_hidden_layers + 1))
+    estimate = fixed + max(per_segment * segment_mb(cfg, weight_format, first, last), per_piece * largest)
+    return int(estimate * (1 + MEMORY_PER_RETRY * (attempt - 1)))
+
+
+def estimate_segment_runtime_min(
+    cfg: GptOssConfig, weight_format: str, step: str, first: int, last: int, attempt: int = 1
+) -> int:
+    """Wall-time limit in minutes of ``step`` for the segment of ranks ``first`` to ``last`` (``manifest``: the
+    whole graph's tensors); attempt N gets N times the first's."""
+    _check(weight_format, "parity", attempt)
+    fixed, per_gb = SEGMENT_RUNTIME[step]
+    read = segment_mb(cfg, weight_format, 0, last) + segment_mb(cfg, weight_format, first, last)
+    if step == "manifest":
+        read = params_mb(cfg, weight_format)
+    return math.ceil((fixed + per_gb * read / 1e3) * attempt)

@@ -14,6 +14,8 @@
 #      b. then a failing gate (tolerances 1e-12): the run fails with the gate's message on stderr, the gate's
 #         SLURM job ran once (no retry), and the promoted graph is left as it was;
 #      c. in another copy, a partition that does not exist: the run fails at the first submission, naming it;
+#      d. in another copy, parity in segments (parity_segment_blocks=1): a SLURM job per segment, the same verdict
+#         and graphs as 4a; then one tensor of one segment graph tampered: the gate names the segment and tensor;
 #   5. stops the daemons it started (by PID, also on failure) and prints the timings.
 #
 # Needs root (apt-get, /etc/slurm, the daemons) and a machine that runs no SLURM of its own: the cluster
@@ -246,7 +248,8 @@ from pathlib import Path
 
 import yaml
 
-from gptoss.resources import estimate_config, estimate_runtime_min, parity_step
+from gptoss.resources import estimate_config, estimate_runtime_min, estimate_segment_runtime_min, parity_step
+from gptoss.segment_plan import parse_segment
 
 workdir, expect = Path(sys.argv[1]), sys.argv[2]
 # The submit host's own lines: without the failed jobs' logs that show-failed-logs prints, each framed by
@@ -291,9 +294,9 @@ def minutes(limit):  # squeue's [D-]HH:MM:SS or MM:SS
 steps = {}
 for smk in sorted((workdir / "workflow/rules").glob("*.smk")):
     for rule, body in re.findall(r"^rule (\w+):\n((?:[ #].*\n|\n)*)", smk.read_text(), re.M):
-        step = re.search(r'^ +runtime=runtime\("(\w+)"\),$', body, re.M)
+        step = re.search(r'^ +runtime=(segment_)?runtime\("(\w+)"\),$', body, re.M)
         if step:
-            steps[rule] = step[1]
+            steps[rule] = (step[2], bool(step[1]))
 toy = yaml.safe_load((workdir / "config/toy.yaml").read_text())["checkpoints"]["toy"]
 toy_model = estimate_config(toy["layers"], workdir / "results/toy/checkpoint", toy["preset"])
 overrides = profile.get("set-resources") or {}
@@ -304,7 +307,14 @@ def expected_runtime(rule, comment):
         return overrides[rule]["runtime"]
     if rule not in steps:
         return None
-    step = parity_step(comment.rsplit("_", 1)[1]) if steps[rule] == "parity" else steps[rule]
+    step, per_segment = steps[rule]
+    layers = toy_model.num_hidden_layers
+    if per_segment and step == "manifest":  # the whole graph's tensors
+        return estimate_segment_runtime_min(toy_model, toy["weight_format"], step, 0, layers + 1)
+    if per_segment:  # a segment's job: its {segment} is the comment's last part
+        segment = parse_segment(comment.rsplit("_", 1)[1], layers)
+        return estimate_segment_runtime_min(toy_model, toy["weight_format"], step, segment.first, segment.last)
+    step = parity_step(comment.rsplit("_", 1)[1]) if step == "parity" else step
     return estimate_runtime_min(toy_model, toy["weight_format"], step)
 
 
@@ -412,3 +422,53 @@ if [[ $rc == 0 || $rc == 124 ]] || ! grep -m1 'invalid partition specified: no_s
     tail -n 40 "$WRONG/stderr.log" >&2
     exit 1
 fi
+
+# --- 4d. parity in segments ------------------------------------------------------------------------------------
+# In a fresh copy: `parity_segment_blocks=1` fans the debug and canonical parity out into one SLURM job per
+# segment (the embedding, each block, the head; the toy has two blocks), each on a graph of its own pieces. The
+# verdict must be the unsegmented run's (4a): passed, for the very same graphs (their sha256). Then one tensor of
+# one segment graph is tampered: that segment's parity re-runs, and the gate must refuse, naming the segment and
+# the tensor.
+step "toy DAG on SLURM: parity in segments, then a tampered segment"
+SEG=$(fresh_copy segments)
+rc=$(snakemake_in "$SEG" --workflow-profile profiles/slurm promote_baseline2 --configfile config/toy.yaml \
+    --config parity_segment_blocks=1)
+if [[ $rc != 0 ]]; then
+    echo "segmented toy DAG failed (exit $rc):" >&2
+    tail -n 40 "$SEG/stderr.log" >&2
+    exit 1
+fi
+check_run "$SEG" passed
+.venv/bin/python - "$TOY/results/toy/gate/verdict.json" "$SEG/results/toy/gate/verdict.json" <<'EOF'
+import json
+import sys
+
+whole, segmented = (json.load(open(path)) for path in sys.argv[1:])
+jobs = {stage: len(found) for stage, found in segmented["segments"].items()}
+assert segmented["passed"] and jobs == {"debug": 4, "canonical": 4}, (segmented["passed"], jobs)
+assert segmented["graphs"] == whole["graphs"], (segmented["graphs"], whole["graphs"])
+print(f"segmented verdict: passed, {jobs} segments, the same {len(whole['graphs'])} graphs as the unsegmented run")
+EOF
+.venv/bin/python - "$SEG/results/toy/onnx/debug.seg_blocks01-01.onnx" <<'EOF'
+import sys
+
+import onnx
+
+path = sys.argv[1]
+model = onnx.load(path)
+(sinks,) = [t for t in model.graph.initializer if t.name == "layers.1.attn.sinks"]
+values = onnx.numpy_helper.to_array(sinks)
+sinks.CopyFrom(onnx.numpy_helper.from_array((values.astype("float32") + 0.5).astype(values.dtype), sinks.name))
+onnx.save(model, path)
+print(f"tampered layers.1.attn.sinks in {path}")
+EOF
+rc=$(snakemake_in "$SEG" --workflow-profile profiles/slurm promote_baseline2 --configfile config/toy.yaml \
+    --config parity_segment_blocks=1)
+wanted='gate failed: debug segment blocks01-01: tensor layers.1.attn.sinks is not the whole graph'
+if [[ $rc == 0 || $rc == 124 ]] || ! grep -m1 "$wanted" "$SEG/stderr.log"; then
+    echo "a tampered segment: exit $rc, expected the gate to name the segment and the tensor" >&2
+    tail -n 40 "$SEG/stderr.log" >&2
+    exit 1
+fi
+check_run "$SEG" failed
+grep '^Elapsed time' "$SEG/stderr.log" | tail -n 1 || true

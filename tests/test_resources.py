@@ -248,3 +248,19 @@ def test_the_workflow_imports_no_jax():
     )
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert loaded.strip() == "[]", loaded
+
+
+def test_a_segments_memory_and_time_follow_its_size_depth_and_attempt():
+    """Parity in segments: a segment asks for less memory than the whole graph's parity, more for more blocks,
+    and more on each attempt; its time grows with its depth (the JAX side runs every piece before it)."""
+    from gptoss.resources import estimate_segment_mem_mb, estimate_segment_runtime_min
+
+    cfg = preset_config("gpt-oss-20b", 24)
+    whole = estimate_mem_mb(cfg, "mxfp4", "parity")
+    small, large = (estimate_segment_mem_mb(cfg, "mxfp4", "parity_segment", 1, n) for n in (4, 12))
+    assert small < large < whole
+    retries = [estimate_segment_mem_mb(cfg, "mxfp4", "parity_segment", 1, 4, attempt) for attempt in (1, 2, 3)]
+    assert retries == sorted(retries) and len(set(retries)) == 3
+    shallow, deep = (estimate_segment_runtime_min(cfg, "mxfp4", "parity_segment", f, f + 3) for f in (1, 21))
+    assert shallow < deep
+    assert estimate_segment_runtime_min(cfg, "mxfp4", "parity_segment", 1, 4, 2) >= 2 * shallow

@@ -340,3 +340,21 @@ def assert_variants_gated_and_promoted(workdir: Path, results: Path) -> None:
     assert re.search(r"quality gate failed: q4 kld_mean \S+ > budget 1e-06", proc.stderr), output(proc)
     assert not (results / "promoted/toy-mxfp4/baseline2-q4").exists()
     assert (results / "promoted/toy-mxfp4/baseline2-q8/manifest.json").is_file()
+
+
+def test_segmented_parity_fans_out_one_job_per_segment(workdir: Path):
+    """`parity_segment_blocks: 1` on the 2-layer gpt-oss-20b: the debug and canonical parity become one job per
+    segment (embed, each block, head) on its own graph, and the gate reads every segment's CSV and both tensor
+    manifests. The decoder stays one job. (Their memory: tests/test_resources.py.)"""
+    proc = snakemake("-n", "promote_baseline2", "--config", "parity_segment_blocks=1", cwd=workdir)
+    assert proc.returncode == 0, output(proc)
+    counts = job_counts(proc.stdout + proc.stderr)
+    segments = {"export_segment": 8, "tensor_manifest": 2, "parity_segment": 8}
+    expected = {"download_checkpoint": 1, **STAGE_JOBS, **segments, "promote": 1, "promote_baseline2": 1}
+    assert counts == expected | {"parity": 1}, counts
+    text = proc.stdout + proc.stderr
+    assert "--manifest debug=results/gpt-oss-20b/onnx/debug.tensors.json canonical=" in text
+    for stage in ("debug", "canonical"):
+        for segment in ("embed", "blocks00-00", "blocks01-01", "head"):
+            graph = f"results/gpt-oss-20b/onnx/{stage}.seg_{segment}.onnx"
+            assert f"--segment {segment} --params" in text and f"--onnx {graph}" in text, (stage, segment)

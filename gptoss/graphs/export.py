@@ -14,11 +14,13 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
+from gptoss import __version__
 from gptoss.errors import GptOssError
 from gptoss.files import atomic_output, temporary_name
 from gptoss.graphs.genai import write_companions
 from gptoss.graphs.names import data_path
-from gptoss.graphs.trace import ExportSpec, build_onnx
+from gptoss.graphs.segments import mark_segment
+from gptoss.graphs.trace import ExportSpec, build_onnx, build_segment_onnx
 from gptoss.graphs.variants import Variant, quantize_graph
 from gptoss.graphs.weights_file import (
     DATA_ALIGNMENT,
@@ -27,7 +29,9 @@ from gptoss.graphs.weights_file import (
     weights_layout,
     write_weights,
 )
+from gptoss.model.outputs import segment_input_name
 from gptoss.model.params import Params, abstract_model
+from gptoss.segment_plan import Segment
 
 log = logging.getLogger("gptoss.export")
 # onnx_ir notes every shape-only value it serialises without a type: benign and very chatty.
@@ -82,6 +86,22 @@ def export(params: Params, output: Path, spec: ExportSpec, reuse_weights: bool =
             write_companions, params_cfg=params.config, context_length=context, filename=output.name
         )
     write_onnx(onnx_model, output, companions)
+
+
+def export_segment(params: Params, output: Path, spec: ExportSpec, segment: Segment) -> None:
+    """The graph of one segment of the debug or canonical graph (parity in segments), traced alone
+    (:func:`gptoss.graphs.trace.build_segment_onnx`) and written to ``output``, beside the whole graph: it reads
+    the same weights file there, which must exist."""
+    if spec.decoder:
+        raise GptOssError("the decoder graph's parity is not segmented (greedy generation needs the whole model)")
+    log.info("tracing segment %s of the %s graph", segment.name, spec.stage)
+    onnx_model = build_segment_onnx(abstract_model(params.model_config, params.config.weight_format), spec,
+                                    segment.first, segment.last)  # fmt: skip
+    mark_segment(onnx_model, segment, segment_input_name(segment.first))
+    layout, size = weights_layout(params)
+    attach_weights(onnx_model, params, layout, size, data_path(output))
+    onnx_model.producer_name, onnx_model.producer_version = "gptoss", __version__
+    write_onnx(onnx_model, output)
 
 
 def export_variant(params: Params, output: Path, spec: ExportSpec, variant: Variant) -> None:

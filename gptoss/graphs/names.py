@@ -23,8 +23,14 @@ def data_path(onnx_path: Path) -> Path:
 
 
 def is_data_input(name: str) -> bool:
-    """The graph inputs a caller feeds (token ids, the decoder's mask and cache); every other one is a weight."""
-    return name in (INPUT_NAME, MASK_NAME) or name.startswith(PAST_PREFIX)
+    """The graph inputs a caller feeds (token ids, the decoder's mask and cache, a segment graph's hidden state);
+    every other one is a weight."""
+    return name in (INPUT_NAME, MASK_NAME) or name.startswith(PAST_PREFIX) or is_hidden_input(name)
+
+
+def is_hidden_input(name: str) -> bool:
+    """The hidden state entering a segment graph: ``block_0_input`` or ``hidden_state_{i}``."""
+    return name == "block_0_input" or (name.startswith("hidden_state_") and name[13:].isdigit())
 
 
 def expert_view(weight: str, expert: int) -> str:

@@ -20,8 +20,8 @@ from gptoss.graphs.genai import cache_names
 from gptoss.graphs.names import INPUT_NAME, MASK_NAME, PRESENT_KEY, PRESENT_VALUE
 from gptoss.graphs.passes import defer_weight_reads, drop_expands, einsums_to_matmul, genai_interface
 from gptoss.graphs.routed_experts import expand_routed_experts
-from gptoss.model.gpt_oss import GptOss
-from gptoss.model.outputs import output_names
+from gptoss.model.gpt_oss import GptOss, run_segment
+from gptoss.model.outputs import output_names, segment_input_name, segment_output_names
 from gptoss.model.params import flat_param_specs
 
 log = logging.getLogger("gptoss.export")
@@ -76,7 +76,7 @@ def aliases(outputs: Callable[..., dict[str, jax.Array]], specs: list[jax.ShapeD
         first_by_id: dict[int, str] = {}
         for name, value in values.items():
             found.setdefault(name, first_by_id.setdefault(id(value), name))
-        return values["logits"]
+        return next(iter(values.values()))
 
     jax.eval_shape(probe, *specs)
     return {name: first for name, first in found.items() if name != first}
@@ -103,8 +103,6 @@ def build_onnx(model: GptOss, spec: ExportSpec, rewrite: Callable[[ir.Model], No
     """Trace ``model`` (usually abstract) with jax2onnx; every weight is a graph input named after the param.
     ``rewrite`` (a quantized variant, :mod:`gptoss.graphs.variants`) takes the traced model in place of the routed
     experts' expansion, once its Einsums are MatMuls."""
-    from jax2onnx import to_onnx
-
     _linear_output_check()
 
     traceable = _Traceable(model)
@@ -120,6 +118,25 @@ def build_onnx(model: GptOss, spec: ExportSpec, rewrite: Callable[[ir.Model], No
         outputs = forward_outputs(traceable, spec)
         names = output_names(model.cfg, spec.emit_hidden_states, spec.emit_block_debug)
         duplicates = aliases(outputs, [jax.ShapeDtypeStruct((1, spec.sequence_length), jnp.int32), *weight_specs])
+    return _to_onnx(outputs, input_names, input_specs, traceable.weight_names, weight_specs, names, duplicates,
+                    spec, rewrite)  # fmt: skip
+
+
+def _to_onnx(
+    outputs: Callable[..., dict[str, jax.Array]],
+    input_names: list[str],
+    input_specs: list[jax.ShapeDtypeStruct],
+    weight_names: list[str],
+    weight_specs: list[jax.ShapeDtypeStruct],
+    names: list[str],
+    duplicates: dict[str, str],
+    spec: ExportSpec,
+    rewrite: Callable[[ir.Model], None] | None = None,
+) -> ir.Model:
+    """One trace of ``outputs`` into the graph whose outputs are ``names`` (``duplicates`` as Identity nodes), then
+    the rewrite passes."""
+    from jax2onnx import to_onnx
+
     unique = [name for name in names if name not in duplicates]
 
     def selected(*args: jax.Array) -> tuple[jax.Array, ...]:
@@ -129,7 +146,7 @@ def build_onnx(model: GptOss, spec: ExportSpec, rewrite: Callable[[ir.Model], No
     onnx_model = to_onnx(
         selected,
         [*input_specs, *weight_specs],
-        input_names=[*input_names, *traceable.weight_names],
+        input_names=[*input_names, *weight_names],
         output_names=unique,
         opset=spec.opset,
         model_name="gpt_oss",
@@ -155,6 +172,63 @@ def build_onnx(model: GptOss, spec: ExportSpec, rewrite: Callable[[ir.Model], No
     onnx_model.producer_name = "gptoss"
     onnx_model.producer_version = __version__
     return onnx_model
+
+
+def segment_pieces(model: GptOss, first: int, last: int) -> dict[str, nnx.Module]:
+    """The modules of ranks ``first`` to ``last`` by their weights' prefix: ``embed.``, ``layers.{i}.``, ``norm.``
+    and ``unembed.``."""
+    layers = model.cfg.num_hidden_layers
+    pieces: dict[str, nnx.Module] = {"embed.": model.embed} if first == 0 else {}
+    pieces |= {f"layers.{i}.": model.layers[i] for i in range(max(first, 1) - 1, min(last, layers))}
+    return pieces | ({"norm.": model.norm, "unembed.": model.unembed} if last == layers + 1 else {})
+
+
+def build_segment_onnx(model: GptOss, spec: ExportSpec, first: int, last: int) -> ir.Model:
+    """The graph of the pieces of ranks ``first`` to ``last`` alone (parity in segments), traced as the whole graph
+    is, with the same passes: inputs the token ids and the hidden state entering it, weights only its pieces'
+    (named as in the whole graph), outputs :func:`gptoss.model.outputs.segment_output_names`."""
+    _linear_output_check()
+    cfg, layers = model.cfg, model.cfg.num_hidden_layers
+    pieces = []
+    for prefix, module in segment_pieces(model, first, last).items():
+        graphdef, state = nnx.split(module)
+        paths, names, specs = map(list, zip(*flat_param_specs(state), strict=True))
+        pieces.append((prefix, graphdef, paths, [prefix + n for n in names], specs))
+    weight_names = [name for piece in pieces for name in piece[3]]
+    weight_specs = [s for piece in pieces for s in piece[4]]
+    shape = ("batch", spec.sequence_length) if spec.debug else ("batch", "sequence")
+    entering = segment_input_name(first)
+    input_names = [INPUT_NAME] + ([entering] if entering else [])
+    input_specs = [jax.ShapeDtypeStruct(shape, jnp.int32)]
+    input_specs += [jax.ShapeDtypeStruct((*shape, cfg.hidden_size), jnp.float32)] if entering else []
+
+    def outputs(input_ids: jax.Array, *rest: jax.Array) -> dict[str, jax.Array]:
+        hidden, weights = (rest[0], rest[1:]) if entering else (None, rest)
+        live: dict[str, nnx.Module] = {}
+        for prefix, graphdef, paths, names, _ in pieces:
+            mine, weights = weights[: len(names)], weights[len(names) :]
+            live[prefix] = nnx.merge(graphdef, nnx.from_flat_state(list(zip(paths, mine, strict=True))))
+        view = _SegmentModel(cfg, live)
+        return run_segment(view, input_ids, hidden, first, last, spec.emit_block_debug, jit=False)
+
+    names = segment_output_names(cfg, first, last, spec.debug)
+    probe = [jax.ShapeDtypeStruct((1, spec.sequence_length), jnp.int32)]
+    probe += [jax.ShapeDtypeStruct((1, spec.sequence_length, cfg.hidden_size), jnp.float32)] if entering else []
+    duplicates = aliases(outputs, [*probe, *weight_specs])
+    duplicates = {alias: target for alias, target in duplicates.items() if alias in names and target in names}
+    log.info("tracing ranks %d-%d of 0-%d: %d weights, %d outputs", first, last, layers + 1, len(weight_names),
+             len(names))  # fmt: skip
+    return _to_onnx(outputs, input_names, input_specs, weight_names, weight_specs, names, duplicates, spec)
+
+
+class _SegmentModel:
+    """A segment's live pieces as :func:`run_segment` asks for them (``embed``, ``layers[i]``, ``norm``,
+    ``unembed``, ``cfg``)."""
+
+    def __init__(self, cfg: GptOssConfig, live: dict[str, nnx.Module]) -> None:
+        self.cfg = cfg
+        self.embed, self.norm, self.unembed = live.get("embed."), live.get("norm."), live.get("unembed.")
+        self.layers = {int(p.split(".")[1]): m for p, m in live.items() if p.startswith("layers.")}
 
 
 def decoder_inputs(

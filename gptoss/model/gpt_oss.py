@@ -96,6 +96,36 @@ def forward(
     return {"logits": _run(jit, _head, (model.norm, model.unembed), x), **outputs}
 
 
+def run_segment(
+    model: GptOss,
+    input_ids: jax.Array,
+    hidden: jax.Array | None,
+    first: int,
+    last: int,
+    emit_block_debug: bool = False,
+    jit: bool = True,
+) -> Outputs:
+    """The pieces of ranks ``first`` to ``last`` (0 the embedding, ``i + 1`` block ``i``, ``layers + 1`` the head)
+    on ``hidden``, the state entering them (None for the embedding): the embedding's output as ``block_0_input``,
+    each block's ``hidden_state_{i}`` (and taps on request, its input as ``block_{i}_input``), the ``logits``.
+    ``model``: anything with the pieces it runs (:func:`forward`)."""
+    outputs: Outputs = {}
+    x = hidden
+    if first == 0:
+        x = outputs["block_0_input"] = _run(jit, Embed.__call__, model.embed, input_ids)
+    layers = model.cfg.num_hidden_layers
+    if blocks := range(max(first, 1) - 1, min(last, layers)):
+        positions = token_positions(input_ids)
+        for i in blocks:
+            x, taps = _run(jit, block_outputs, model.layers[i], x, positions, static=(emit_block_debug,))
+            collect(outputs, i, x, taps, emit_hidden_states=True)
+        if emit_block_debug and blocks[-1] + 1 < layers:
+            outputs[f"block_{blocks[-1] + 1}_input"] = x
+    if last == layers + 1:
+        outputs["logits"] = _run(jit, _head, (model.norm, model.unembed), x)
+    return outputs
+
+
 def decode_step(
     model: GptOss, input_ids: jax.Array, attention_mask: jax.Array, past: Sequence[KeyValues], jit: bool = True
 ) -> tuple[jax.Array, list[KeyValues]]:

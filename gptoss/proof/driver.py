@@ -17,8 +17,8 @@ import numpy as np
 
 from gptoss.files import sha256
 from gptoss.graphs.names import data_path
-from gptoss.model.gpt_oss import forward
-from gptoss.model.outputs import output_names
+from gptoss.model.gpt_oss import forward, run_segment
+from gptoss.model.outputs import output_names, segment_input_name, segment_output_names
 from gptoss.model.params import Params
 from gptoss.proof.compare import Results
 from gptoss.proof.prompts import Prompt, padded
@@ -27,13 +27,16 @@ from gptoss.runtimes.jax_model import StreamedModel, jax_generate
 from gptoss.runtimes.process import in_fresh_process
 
 log = logging.getLogger("gptoss.proof")
+# The JAX side's name for the hidden state entering a segment.
+SEGMENT_INPUT = "segment_input"
 
 
 @dataclasses.dataclass(frozen=True)
 class JaxRequest:
     """What the JAX side computes for every prompt: the forward pass over the prompt right-padded to
     ``sequence_length`` (none if None; hidden states and block taps on request), and ``generate_tokens`` greedy
-    steps with the KV cache, ``suppress`` ids (end of sequence) never chosen."""
+    steps with the KV cache, ``suppress`` ids (end of sequence) never chosen. With ``segment``, the forward pass
+    runs through the segment's last piece only, and spills the state entering its first as ``SEGMENT_INPUT``."""
 
     prompts: list[Prompt]
     sequence_length: int | None = None
@@ -41,6 +44,7 @@ class JaxRequest:
     block_debug: bool = False
     generate_tokens: int = 0
     suppress: tuple[int, ...] = ()
+    segment: tuple[int, int] | None = None  # ranks (first, last): a segment's outputs and the state entering it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,14 +61,29 @@ class JaxOutputs:
         return Generation.load(self.folder / f"{prompt.prompt_id}.generation.npz")
 
 
+def segment_forward(model: StreamedModel, ids: jnp.ndarray, request: JaxRequest) -> dict[str, jnp.ndarray]:
+    """The segment's outputs (:func:`gptoss.model.outputs.segment_output_names`) and, as ``SEGMENT_INPUT``, the
+    state entering it: the pieces before it run first, one at a time, without taps."""
+    first, last = request.segment
+    entering = run_segment(model, ids, None, 0, first - 1)[segment_input_name(first)] if first else None
+    outputs = run_segment(model, ids, entering, first, last, request.block_debug)
+    return outputs | ({SEGMENT_INPUT: entering} if first else {})
+
+
 def run_jax_side(params: Params, request: JaxRequest, folder: Path) -> None:
     """The JAX side of :func:`compare`, in its own process: every prompt's outputs to ``folder``."""
     model = StreamedModel(params)
     names = output_names(model.cfg, request.hidden_states, request.block_debug)
+    if request.segment is not None:
+        first, last = request.segment
+        names = segment_output_names(model.cfg, first, last, request.block_debug) + ([SEGMENT_INPUT] if first else [])
     for prompt in request.prompts:
         if request.sequence_length is not None:
             ids = jnp.asarray(padded(prompt, request.sequence_length))
-            outputs = forward(model, ids, request.hidden_states, request.block_debug)
+            if request.segment is not None:
+                outputs = segment_forward(model, ids, request)
+            else:
+                outputs = forward(model, ids, request.hidden_states, request.block_debug)
             np.savez(folder / f"{prompt.prompt_id}.npz", **{n: np.asarray(outputs[n]) for n in names})
             del outputs
         if request.generate_tokens:
@@ -76,18 +95,25 @@ Candidate = Callable[[JaxOutputs], tuple[list[dict], dict[str, np.ndarray]]]
 
 
 def compare(
-    stage: str, params: Params, request: JaxRequest, candidate: Candidate, results: Results, graph: Path | None = None
+    stage: str,
+    params: Params,
+    request: JaxRequest,
+    candidate: Candidate,
+    results: Results,
+    graph: Path | None = None,
+    provenance: dict[str, str] | None = None,
 ) -> list[dict]:
     """Run the JAX side, then ``candidate`` (which returns its rows and its logits |diff| per prompt); write the
     ``results`` and return the rows. ``graph``: the ONNX graph the candidate ran, whose sha256 and its weights
-    file's every row records."""
+    file's every row records (``provenance``: those two columns as given)."""
     with tempfile.TemporaryDirectory(prefix=f"gptoss-{stage}-") as folder:
         steps = f", {request.generate_tokens} greedy steps each" if request.generate_tokens else ""
         log.info("JAX side: %d prompt(s)%s", len(request.prompts), steps)
         in_fresh_process(run_jax_side, params, request, Path(folder))
         rows, diffs = candidate(JaxOutputs(Path(folder)))
-    if graph is not None:
-        hashes = dict(onnx_sha256=sha256(graph), data_sha256=sha256(data_path(graph)))
-        rows = [{**row, **hashes} for row in rows]
+    if provenance is None and graph is not None:
+        provenance = dict(onnx_sha256=sha256(graph), data_sha256=sha256(data_path(graph)))
+    if provenance is not None:
+        rows = [{**row, **provenance} for row in rows]
     results.write(rows, diffs)
     return rows

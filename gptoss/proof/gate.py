@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from gptoss.errors import GptOssError
 from gptoss.files import atomic_output, sha256
 from gptoss.proof.compare import breach, first_failure, read_rows
+from gptoss.proof.segment_coverage import check_coverage
 from gptoss.proof.tolerances import GROUPS, Tolerances
 
 log = logging.getLogger("gptoss.gate")
@@ -38,10 +39,18 @@ def _describe(row: dict, tol: Tolerances) -> str:
     )
 
 
-def evaluate(rows: list[dict], tol: Tolerances, expect_stages: Sequence[str]) -> dict:
-    """The verdict as a dict (deterministic: no timestamps)."""
+def evaluate(
+    rows: list[dict], tol: Tolerances, expect_stages: Sequence[str], manifests: Mapping[str, Path] | None = None
+) -> dict:
+    """The verdict as a dict (deterministic: no timestamps). ``manifests``: stage → the whole graph's tensor
+    manifest, for the stages whose CSVs are segments (:mod:`gptoss.proof.segment_coverage`)."""
     stages = sorted({r["stage"] for r in rows})
-    problems = [f"expected stage {stage!r} has no rows" for stage in expect_stages if stage not in stages]
+    problems, whole_graphs, segments = [], [], {}
+    for stage, manifest in (manifests or {}).items():
+        found, graph, segments[stage] = check_coverage(rows, stage, manifest)
+        problems += found
+        whole_graphs.append(graph)
+    problems += [f"expected stage {stage!r} has no rows" for stage in expect_stages if stage not in stages]
     if not rows:
         problems.append("no parity rows at all")
     worst: dict[str, dict] = {}
@@ -63,8 +72,10 @@ def evaluate(rows: list[dict], tol: Tolerances, expect_stages: Sequence[str]) ->
     problems += [_describe(r, tol) for r in failing[:20]]
     graphs = sorted(
         {(r["stage"], r.get("onnx_sha256", ""), r.get("data_sha256", "")) for r in rows if r.get("onnx_sha256")}
+        - {(r["stage"], r["onnx_sha256"], r["data_sha256"]) for r in rows if r["stage"] in segments}
+        | {(g["stage"], g["onnx_sha256"], g["data_sha256"]) for g in whole_graphs}
     )
-    return {
+    verdict = {
         "passed": not problems,
         "problems": problems,
         "failing_rows": len(failing),
@@ -77,6 +88,7 @@ def evaluate(rows: list[dict], tol: Tolerances, expect_stages: Sequence[str]) ->
         "generation": generation_summary(rows, tol),
         "csv_files": [{"path": str(p), "sha256": sha256(Path(p))} for p in sorted({r["source"] for r in rows})],
     }
+    return verdict | ({"segments": segments} if segments else {})
 
 
 def generation_summary(rows: list[dict], tol: Tolerances) -> dict:
@@ -122,9 +134,10 @@ def gate(
     verdict_path: Path,
     summary_path: Path | None = None,
     expect_stages: Sequence[str] = (),
+    manifests: Mapping[str, Path] | None = None,
 ) -> int:
     """Write the verdict and summary; raise ``GptOssError`` (exit 1) naming the worst breach if it failed."""
-    verdict = evaluate(read_rows(csv_paths), tol, expect_stages)
+    verdict = evaluate(read_rows(csv_paths), tol, expect_stages, manifests)
     with atomic_output(verdict_path) as tmp:
         tmp.write_text(json.dumps(verdict, indent=2, sort_keys=True) + "\n")
     with atomic_output(summary_path or verdict_path.with_suffix(".md")) as tmp:

@@ -6,6 +6,8 @@ stage decoder runs greedy generation on the KV-cache graph, by ONNX Runtime and 
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,13 +16,16 @@ import numpy as np
 import onnx
 
 from gptoss.errors import GptOssError
+from gptoss.files import atomic_output, sha256
 from gptoss.graphs.genai import GENAI_CONFIG, check_folder
 from gptoss.graphs.names import INPUT_NAME
-from gptoss.model.outputs import output_names
+from gptoss.graphs.segments import segment_meta, tensor_sha256s
+from gptoss.model.outputs import output_names, segment_output_names
 from gptoss.model.params import Params
 from gptoss.proof.compare import Results, compare_prompt, logits_diff, logits_row, step_rows, token_row
-from gptoss.proof.driver import JaxOutputs, JaxRequest, compare
+from gptoss.proof.driver import SEGMENT_INPUT, JaxOutputs, JaxRequest, compare
 from gptoss.proof.prompts import Prompt, padded
+from gptoss.proof.segment_coverage import tensors_path
 from gptoss.proof.tolerances import Tolerances
 from gptoss.runtimes.genai import genai_generate_all
 from gptoss.runtimes.generation import Generation
@@ -73,6 +78,51 @@ def parity(
         return rows, diffs
 
     return compare(stage, params, request, onnx_runtime_side, results, onnx_path)
+
+
+def parity_segment(
+    params: Params, onnx_path: Path, results: Results, request: JaxRequest, threads: int | None = None
+) -> list[dict]:
+    """A segment graph (``gptoss export --segment-blocks``) against the JAX model: every prompt's state entering
+    the segment, computed by JAX, fed to both sides; its outputs compared in the whole graph's rows. The sha256 of
+    every weight the segment graph reads goes beside the CSV (:func:`tensors_path`), and that file's sha256 into
+    the rows' ``data_sha256``: the gate checks them against the whole graph's."""
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    meta = segment_meta(model)
+    if meta is None:
+        raise GptOssError(f"{onnx_path} is a whole graph, not a segment graph: run parity without --segment")
+    debug = request.hidden_states or request.block_debug
+    stage = "debug" if debug else "canonical"
+    first, last = meta["first"], meta["last"]
+    wanted = segment_output_names(params.model_config, first, last, debug)
+    check_graph(onnx_path, wanted, request.sequence_length)
+    request = dataclasses.replace(request, segment=(first, last))
+    entering = meta["input"]
+    record = {"stage": stage, "segment": meta["name"], "onnx": onnx_path.name, "onnx_sha256": sha256(onnx_path)}
+    record |= tensor_sha256s(model, onnx_path.parent)
+    del model
+    with atomic_output(tensors_path(results.csv)) as tmp:
+        tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    provenance = dict(onnx_sha256=record["onnx_sha256"], data_sha256=sha256(tensors_path(results.csv)))
+
+    def onnx_runtime_side(jax: JaxOutputs) -> tuple[list[dict], dict[str, np.ndarray]]:
+        log.info("ONNX Runtime side: %s (segment %s)", onnx_path, meta["name"])
+        session = ort_session(onnx_path, threads)
+        fed = {i.name for i in session.get_inputs()}
+        rows, diffs = [], {}
+        for prompt in request.prompts:
+            with jax.forward(prompt) as ref:
+                feeds = {INPUT_NAME: padded(prompt, request.sequence_length)}
+                if entering:
+                    feeds[entering] = ref[SEGMENT_INPUT]
+                got = dict(zip(wanted, session.run(wanted, {k: v for k, v in feeds.items() if k in fed}), strict=True))
+                rows += compare_prompt(stage, prompt, ref, got, results.tolerances)
+                if "logits" in got:
+                    diffs[prompt.prompt_id] = logits_diff(prompt, ref, got)
+            del got
+        return rows, diffs
+
+    return compare(stage, params, request, onnx_runtime_side, results, onnx_path, provenance)
 
 
 def parity_decoder(

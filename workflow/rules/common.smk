@@ -14,7 +14,16 @@ from snakemake.logging import logger
 from snakemake_interface_executor_plugins.settings import DeploymentMethod
 from snakemake.utils import validate
 
-from gptoss.resources import estimate_config, estimate_mem_mb, estimate_runtime_min, estimate_threads, parity_step
+from gptoss.resources import (
+    estimate_config,
+    estimate_mem_mb,
+    estimate_runtime_min,
+    estimate_segment_mem_mb,
+    estimate_segment_runtime_min,
+    estimate_threads,
+    parity_step,
+)
+from gptoss.segment_plan import parse_segment, plan_segments
 from gptoss.stages import STAGES
 
 RESULTS = "results"
@@ -164,6 +173,16 @@ def parity_stages():
     return export_stages() + (["reference"] if config["reference"] == "transformers" else [])
 
 
+def segmented_stages():
+    """The stages whose parity runs in segments (`parity_segment_blocks` > 0): the debug and canonical graphs."""
+    return ["debug", "canonical"] if config["parity_segment_blocks"] else []
+
+
+def segment_names(name):
+    """The segments of checkpoint ``name``'s parity: embed, blocksA-B every `parity_segment_blocks`, head."""
+    return [s.name for s in plan_segments(checkpoints()[name]["layers"], config["parity_segment_blocks"])]
+
+
 def export_flags(wildcards):
     """The decoder's context length (genai_config.json), when the config sets one."""
     length = config["context_length"]
@@ -212,6 +231,41 @@ def weights_path(name):
 
 def parity_csv(name, stage):
     return f"{RESULTS}/{name}/parity/{stage}.csv"
+
+
+def segment_graph_path(name, stage, segment):
+    """A segment's graph, beside the whole graph whose weights file it reads."""
+    return f"{RESULTS}/{name}/onnx/{stage}.seg_{segment}.onnx"
+
+
+def manifest_path(name, stage):
+    """The sha256 of every tensor of the whole graph, which the gate holds the segments to."""
+    return f"{RESULTS}/{name}/onnx/{stage}.tensors.json"
+
+
+def segment_csv(name, stage, segment):
+    """A segment's parity CSV (with its .tensors.json beside it)."""
+    return f"{RESULTS}/{name}/parity/{stage}/{segment}.csv"
+
+
+def gate_csvs(name):
+    """The CSVs the gate reads: one per stage, or one per segment of a segmented stage."""
+    csvs = []
+    for stage in parity_stages():
+        if stage in segmented_stages():
+            csvs += [segment_csv(name, stage, segment) for segment in segment_names(name)]
+        else:
+            csvs.append(parity_csv(name, stage))
+    return csvs
+
+
+def logits_diff_paths(name):
+    """The logits |diff| of the debug and canonical runs (the head segment's, when segmented)."""
+    folder = f"{RESULTS}/{name}/parity"
+    return [
+        f"{folder}/{stage}/head_logits_diff.npz" if stage in segmented_stages() else f"{folder}/{stage}_logits_diff.npz"
+        for stage in ("debug", "canonical")
+    ]
 
 
 def verdict_path(name):
@@ -271,7 +325,13 @@ def baseline_benchmarks():
     first = {"hub": ["download_checkpoint"], "synthetic": ["synth_checkpoint"], "local": []}[entry["source"]]
     rules = [*first, f"convert_params_{entry['layers']}layers", "export_weights"]
     rules += [f"export_onnx_{stage}" for stage in export_stages()]
-    rules += [f"parity_{stage}" for stage in parity_stages()] + ["parity_gate"]
+    for stage in parity_stages():
+        if stage in segmented_stages():
+            rules += [f"{rule}_{stage}_{s}" for rule in ("export_segment", "parity") for s in segment_names(name)]
+            rules.append(f"tensor_manifest_{stage}")
+        else:
+            rules.append(f"parity_{stage}")
+    rules.append("parity_gate")
     return [f"{RESULTS}/{name}/benchmarks/{rule}.tsv" for rule in rules] + [promote_benchmark(BASELINE_TAG)]
 
 
@@ -419,6 +479,27 @@ def mem_mb(step):
 def runtime(step):
     """The job's wall-time limit in minutes (sbatch -t on a cluster)."""
     return job_estimate(estimate_runtime_min, step)
+
+
+def segment_estimate(estimate, step):
+    """A resources function of a segment's job: ``estimate`` of ``step`` for its {segment} of its checkpoint."""
+
+    def resource(wildcards, attempt):
+        name = job_checkpoint(wildcards)
+        cfg, weight_format = model_config(name), checkpoints()[name]["weight_format"]
+        segment = parse_segment(wildcards.segment, cfg.num_hidden_layers) if "segment" in wildcards.keys() else None
+        first, last = (segment.first, segment.last) if segment else (0, cfg.num_hidden_layers + 1)
+        return estimate(cfg, weight_format, step, first, last, attempt)
+
+    return resource
+
+
+def segment_mem_mb(step):
+    return segment_estimate(estimate_segment_mem_mb, step)
+
+
+def segment_runtime(step):
+    return segment_estimate(estimate_segment_runtime_min, step)
 
 
 def model_threads(wildcards):

@@ -5,7 +5,8 @@
 
 rule parity_gate:
     input:
-        lambda wildcards: [parity_csv(wildcards.checkpoint, stage) for stage in parity_stages()],
+        csvs=lambda wildcards: gate_csvs(wildcards.checkpoint),
+        manifests=lambda wildcards: [manifest_path(wildcards.checkpoint, stage) for stage in segmented_stages()],
     output:
         verdict=verdict_path("{checkpoint}"),
         summary=f"{RESULTS}/{{checkpoint}}/gate/summary.md",
@@ -22,10 +23,13 @@ rule parity_gate:
     params:
         tolerances=tolerance_args(),
         stages=" ".join(parity_stages()),
+        manifests=lambda wildcards: " ".join(
+            f"{stage}={manifest_path(wildcards.checkpoint, stage)}" for stage in segmented_stages()
+        ),
     message:
         f"{{wildcards.checkpoint}}: parity gate ({tolerance_summary()})"
     shell:
-        "gptoss gate --csv {input} --expect-stage {params.stages} "
+        "gptoss gate --csv {input.csvs} --expect-stage {params.stages} --manifest {params.manifests} "
         "--verdict {output.verdict} --summary {output.summary} {params.tolerances} > {log} 2>&1 "
         "|| {{ msg=$(tail -n 1 {log}); cat {output.summary} >> {log} 2>/dev/null || true; "
         'echo "$msg" >&2; echo "parity gate details: {log}" >&2; exit 1; }}'

@@ -6,8 +6,8 @@
 
 rule report_baseline2:
     input:
-        csvs=[parity_csv(baseline(), stage) for stage in parity_stages()],
-        diffs=[f"{RESULTS}/{baseline()}/parity/{stage}_logits_diff.npz" for stage in ("debug", "canonical")],
+        csvs=gate_csvs(baseline()),
+        diffs=logits_diff_paths(baseline()),
         benchmarks=baseline_benchmarks(),
         verdict=verdict_path(baseline()),
         promoted=promoted_path(BASELINE_TAG),
