@@ -91,6 +91,8 @@ def main() -> int:
     parser.add_argument("--output", type=Path, required=True, help="Markdown file to append the results to")
     parser.add_argument("--cores", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--title", default=None)
+    parser.add_argument("--config", nargs="*", default=[], metavar="KEY=VALUE", help="snakemake --config overrides")
+    parser.add_argument("--skip-latency", action="store_true", help="no forward-pass latency after the DAG")
     args = parser.parse_args()
 
     config = yaml.safe_load(args.configfile.read_text())
@@ -117,6 +119,7 @@ def main() -> int:
     shutil.rmtree(promoted, ignore_errors=True)
     snakemake = [sys.executable, "-m", "snakemake"]
     cmd = [*snakemake, "--cores", args.cores, "promote_baseline2", "--configfile", args.configfile]
+    cmd += ["--config", *args.config] if args.config else []
     dag = peers.run_command(cmd, None, cwd=ROOT, check=False)
     if dag["exit_status"]:
         print(f"error: the DAG failed (exit {dag['exit_status']}); see results/{name}/logs/", file=sys.stderr)
@@ -128,20 +131,31 @@ def main() -> int:
     disk = {"results": tree_bytes(results), "promoted": tree_bytes(promoted)}
     params = next(results.glob("flax_params_*layers.msgpack"))
     spec = {"length": seq, "runs": LATENCY_RUNS}
-    with tempfile.TemporaryDirectory(prefix="run_dag-") as folder:
-        ort = peers.run_python(
-            ort_forward, spec | {"path": str(canonical), "vocab": cfg.vocab_size}, Path(folder), "ort"
+    latency = ""
+    if not args.skip_latency:
+        with tempfile.TemporaryDirectory(prefix="run_dag-") as folder:
+            ort = peers.run_python(
+                ort_forward, spec | {"path": str(canonical), "vocab": cfg.vocab_size}, Path(folder), "ort"
+            )
+            jax = peers.run_python(jax_forward, spec | {"path": str(params)}, Path(folder), "jax")
+        bandwidth = peers.read_bandwidth_gbs()
+        floor = params_bytes / 1e9 / bandwidth
+        latency = (
+            f"Forward pass, batch 1 × {seq} tokens (best / median of {LATENCY_RUNS}, after one warm-up; peak RSS of "
+            f"each process): ONNX Runtime {ort['min_s']:.2f} / {ort['median_s']:.2f} s, "
+            f"{ort['peak_rss_bytes'] / 1e9:.2f} GB; jitted JAX {jax['min_s']:.2f} / {jax['median_s']:.2f} s, "
+            f"{jax['peak_rss_bytes'] / 1e9:.2f} GB (ORT/JAX {ort['median_s'] / jax['median_s']:.2f}). Floor from "
+            f"reading every weight once: {params_bytes / 1e9:.1f} GB ÷ {bandwidth:.1f} GB/s = {floor:.2f} s."
         )
-        jax = peers.run_python(jax_forward, spec | {"path": str(params)}, Path(folder), "jax")
-    bandwidth = peers.read_bandwidth_gbs()
-    floor = params_bytes / 1e9 / bandwidth
     worst = json.loads((results / "gate" / "verdict.json").read_text())["worst"]
 
     title = args.title or f"{name} ({entry['layers']} layers, {entry.get('dtype', 'float32')})"
+    overrides = f" `--config {' '.join(args.config)}`" if args.config else ""
     section = peers.section(
         title,
         args.cores,
-        f"`snakemake --cores {args.cores}` from an empty results folder: **{dag['wall_s'] / 60:.1f} min** in all. "
+        f"`snakemake --cores {args.cores}`{overrides} from an empty results folder: "
+        f"**{dag['wall_s'] / 60:.1f} min** in all. "
         f"{cfg.param_count() / 1e9:.2f} B parameters, {params_bytes / 1e9:.1f} GB of {dtype} weights. Disk: "
         f"results/{name} {disk['results'] / 1e9:.1f} GB, promoted {disk['promoted'] / 1e9:.1f} GB.",
         peers.table(
@@ -151,11 +165,7 @@ def main() -> int:
                 for r in rows
             ],
         ),
-        f"Forward pass, batch 1 × {seq} tokens (best / median of {LATENCY_RUNS}, after one warm-up; peak RSS of "
-        f"each process): ONNX Runtime {ort['min_s']:.2f} / {ort['median_s']:.2f} s, "
-        f"{ort['peak_rss_bytes'] / 1e9:.2f} GB; jitted JAX {jax['min_s']:.2f} / {jax['median_s']:.2f} s, "
-        f"{jax['peak_rss_bytes'] / 1e9:.2f} GB (ORT/JAX {ort['median_s'] / jax['median_s']:.2f}). Floor from "
-        f"reading every weight once: {params_bytes / 1e9:.1f} GB ÷ {bandwidth:.1f} GB/s = {floor:.2f} s.",
+        *([latency] if latency else []),
         "Gate: " + ", ".join(f"{k} {w['max_abs_diff']:.3g} (atol {w['atol']:.3g})" for k, w in worst.items()),
     )
     peers.write_outputs(section + "\n", args.output, append=True)
