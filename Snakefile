@@ -4,8 +4,8 @@
 #       -> parity (per stage) -> parity_gate -> promote (baseline2 and every promote_as tag)
 #   parity in segments (parity_segment_blocks: N): export_segment (embed, N blocks at a time, head) and
 #       tensor_manifest per graph -> parity_segment (one job per segment) -> parity_gate
-#   variants (q8, q4): convert_params -> export_variant -> quality (vs the exact decoder) -> quality_gate
-#       -> promote_variant ({tag}-{variant})
+#   variants (q8, q4): convert_params -> export_variant, export_variant_probe -> quality (vs the exact decoder;
+#       the probe: top-1 agreement per block depth) -> quality_gate -> promote_variant ({tag}-{variant})
 #   stages: debug (hidden states + block taps), canonical (logits), decoder (KV cache, for onnxruntime-genai);
 #   reference (transformers) is parity only.
 #

@@ -52,7 +52,8 @@ def _export(args: argparse.Namespace) -> None:
         export_weights(params, args.output)
         return
     stage = STAGES[args.stage or "canonical"]
-    hidden, taps = stage.hidden_states or args.emit_hidden_states, stage.block_taps or args.emit_block_debug
+    hidden = stage.hidden_states or args.emit_hidden_states
+    taps = (stage.block_taps and not args.variant) or args.emit_block_debug  # a variant's debug graph: its probe
     spec = ExportSpec(args.sequence_length, hidden, taps, args.opset, stage.decoder, args.context_length)
     if args.segment:
         from gptoss.graphs.export import export_segment
@@ -164,15 +165,24 @@ def _plots(args: argparse.Namespace) -> None:
 def _quality(args: argparse.Namespace) -> None:
     from gptoss.proof.quality import DEFAULT_PROMPTS, quality
 
+    if (args.probe is None) != (args.params is None):
+        raise GptOssError("--probe and --params go together (the per-depth top-1 needs both)")
+    params = None
+    if args.params is not None:
+        from gptoss.model.params import Params
+
+        params = Params.open(args.params, args.config)
     quality(
         args.exact, args.variant, args.variant_name, args.csv, text=args.text, max_tokens=args.max_tokens,
         chunk_length=args.chunk_length, prompts=args.prompt or DEFAULT_PROMPTS, steps=args.steps,
-        threads=args.threads, near_tie_margin=args.near_tie_margin, kld_values=args.kld_values,
+        threads=args.threads, near_tie_margin=args.near_tie_margin, kld_values=args.kld_values, probe=args.probe,
+        params=params,
     )  # fmt: skip
 
 
 def _quality_gate(args: argparse.Namespace) -> None:
-    from gptoss.plots import kld_histogram
+    from gptoss.plots import depth_agreement_plot, kld_histogram
+    from gptoss.proof.quality import read_rows
     from gptoss.proof.quality_gate import parse_budgets, quality_gate
 
     budgets = parse_budgets(args.budget)
@@ -181,7 +191,9 @@ def _quality_gate(args: argparse.Namespace) -> None:
         raise GptOssError("--kld-values takes VARIANT=FILE.npy items and needs --plot PNG")
     if args.plot:
         kld_histogram({name: Path(path) for name, path in values.items()}, args.plot)
-    quality_gate(args.csv, budgets, args.verdict, args.summary)
+    if args.depth_plot:
+        depth_agreement_plot(read_rows(args.csv), args.depth_plot)
+    quality_gate(args.csv, budgets, args.verdict, args.summary, args.depth_plot)
 
 
 def _quality_parsers(sub) -> None:
@@ -199,6 +211,13 @@ def _quality_parsers(sub) -> None:
     p.add_argument("--near-tie-margin", type=float, default=1e-4, help="a greedy difference at a near tie agrees")
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: all cores)")
     p.add_argument("--kld-values", type=Path, help="also save every scored position's KLD (float32 .npy)")
+    probe = (
+        "the variant's probe folder (export --stage debug --variant V --sequence-length CHUNK): adds the top-1 "
+        "agreement per block depth, a logit lens with the exact head on both models (needs --params)"
+    )
+    p.add_argument("--probe", type=Path, help=probe)
+    p.add_argument("--params", type=Path, help="--probe: the exact params (X.msgpack; the lens's head, the JAX side)")
+    p.add_argument("--config", type=Path, help="--probe: the params config (default: X.config.json beside --params)")
 
     p = sub.add_parser("quality-gate", help="quality CSVs + budgets -> verdict JSON + summary; exit 1 on any breach")
     p.set_defaults(run=_quality_gate)
@@ -209,6 +228,8 @@ def _quality_parsers(sub) -> None:
     p.add_argument("--summary", type=Path, help="Markdown summary (default: next to the verdict)")
     p.add_argument("--plot", type=Path, help="KLD histogram PNG of the --kld-values files")
     p.add_argument("--kld-values", nargs="*", default=[], help="VARIANT=FILE.npy from gptoss quality --kld-values")
+    depth = "PNG of the top-1 agreement per block depth (rows of gptoss quality --probe), linked from the summary"
+    p.add_argument("--depth-plot", type=Path, help=depth)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -263,7 +284,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--emit-block-debug", action="store_true", help="add block_{i}_{tap} outputs")
     p.add_argument("--skip-validation", action="store_true", help="skip the JAX vs ONNX Runtime check")
     p.add_argument("--opset", type=int, default=21)
-    quantized = "decoder: a quantized variant in a folder of its own (QMoE experts, MatMulNBits dense layers)"
+    quantized = (
+        "a quantized variant in a folder of its own (QMoE experts, MatMulNBits dense layers). decoder: the variant "
+        "itself; debug: its probe for `gptoss quality --probe` (hidden states, no block taps, --sequence-length "
+        "the quality stage's chunk length)"
+    )
     p.add_argument("--variant", choices=sorted(VARIANT_BITS), help=quantized)
     p.add_argument("--block-size", type=int, default=32, help="--variant: weights per quantization block")
     p.add_argument("--accuracy-level", type=int, default=4, help="--variant: kernels' accuracy_level (4: int8)")

@@ -222,3 +222,31 @@ def kld_histogram(values: dict[str, Path], path: Path) -> None:
     ax.set_title("KL divergence of each variant from the exact decoder (evaluation text)")
     ax.legend(fontsize=7)
     _save(fig, path)
+
+
+def depth_agreement_plot(rows: list[dict], path: Path) -> None:
+    """The top-1 agreement per block depth (rows of ``gptoss quality --probe``), one line per variant, with its own
+    head's ``top1_agreement`` drawn after the last block, as a PNG."""
+    from gptoss.proof.depth import STATISTIC
+
+    depth = [r for r in rows if r["statistic"] == STATISTIC and r.get("block") is not None]
+    if not depth:
+        raise GptOssError(f"no {STATISTIC} rows in the quality CSVs: run gptoss quality with --probe")
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for variant in sorted({r["variant"] for r in depth}):
+        mine = sorted((r for r in depth if r["variant"] == variant), key=lambda r: r["block"])
+        blocks = [r["block"] for r in mine]
+        line = ax.plot(
+            blocks, [r["value"] for r in mine], marker="o", label=f"{variant} ({mine[0]['positions']} positions)"
+        )
+        own = [r["value"] for r in rows if r["variant"] == variant and r["statistic"] == "top1_agreement"]
+        if own:
+            ax.plot([blocks[-1] + 1], own[:1], marker="*", markersize=11, linestyle="", color=line[0].get_color(),
+                    label=f"{variant}: top1_agreement, its own head")  # fmt: skip
+    ticks = sorted({r["block"] for r in depth})
+    ax.set_xticks([*ticks, ticks[-1] + 1], [str(b) for b in ticks] + ["head"])
+    ax.set(ylim=(0, 1.05), xlabel="block depth (hidden state after the block)", ylabel="top-1 agreement")
+    ax.set_title("Top-1 agreement per block depth (logit lens: the exact head on both models)")
+    ax.legend(fontsize=7)
+    _save(fig, path)

@@ -262,7 +262,11 @@ def promote_variant(
             "files": listed,
             "checkpoint": params_cfg.checkpoint_info() if params_cfg else None,
             "measured_against": graphs,
-            "quality": {"statistics": entry["statistics"], "measured": entry["measured"]},
+            "quality": {
+                "statistics": entry["statistics"],
+                "measured": entry["measured"],
+                "top1_agreement_by_depth": entry.get("top1_agreement_by_depth", []),
+            },
             "quality_verdict_sha256": sha256(quality_verdict_path),
             "parity_verdict_sha256": sha256(parity_verdict_path),
             "versions": versions(),

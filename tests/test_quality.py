@@ -23,8 +23,16 @@ from gptoss.graphs.export import export
 from gptoss.graphs.trace import ExportSpec
 from gptoss.model.convert import convert
 from gptoss.model.params import Params
-from gptoss.proof.quality import COLUMNS, EVAL_TEXT, greedy_agreement, position_measures, read_text, text_statistics
-from gptoss.proof.quality_gate import DIRECTIONS, evaluate, parse_budgets, quality_gate
+from gptoss.proof.quality import (
+    COLUMNS,
+    EVAL_TEXT,
+    greedy_agreement,
+    position_measures,
+    read_rows,
+    read_text,
+    text_statistics,
+)
+from gptoss.proof.quality_gate import DIRECTIONS, evaluate, parse_budgets, quality_gate, summary_markdown
 from gptoss.runtimes.generation import Generation
 
 CHUNK, MAX_TOKENS = 128, 600  # 4 chunks of 128 tokens, 64 scored positions each
@@ -320,3 +328,51 @@ def test_budgets_parse_and_the_gate_writes_before_it_fails(tmp_path):
     assert (tmp_path / "v.json").read_bytes() == first  # deterministic
     with pytest.raises(GptOssError, match="not a quality CSV"):
         quality_gate([EVAL_TEXT], {"q4": {"kld_p99": 0.5}}, tmp_path / "w.json")
+
+
+# --- the top-1 agreement per block depth ---
+
+
+def test_the_lens_in_column_blocks_is_the_argmax_of_the_whole_head(monkeypatch):
+    """The lens's running argmax over blocks of columns (uneven, with a tie across two blocks, where the lower id
+    wins as in np.argmax) against the head computed whole in float64."""
+    from gptoss.proof import depth
+
+    rng = np.random.default_rng(5)
+    hidden = (3 * rng.standard_normal((40, 16))).astype(np.float32)
+    kernel = rng.standard_normal((16, 250)).astype(np.float32)
+    kernel[:, 230] = kernel[:, 7] = 5 * np.abs(kernel[:, 0])  # the same column in the first and the last block
+    head = depth.Head(rng.uniform(0.5, 1.5, 16).astype(np.float32), kernel, 1e-5)
+    monkeypatch.setattr(depth, "COLUMN_BLOCK", 96)
+    x = hidden.astype(np.float64)
+    expected = (x / np.sqrt((x * x).mean(-1, keepdims=True) + 1e-5) * head.scale) @ kernel
+    got = depth.lens_top1(hidden, head)
+    np.testing.assert_array_equal(got, expected.argmax(-1))
+    assert 7 in got and 230 not in got
+
+
+def test_depth_rows_are_reported_not_budgeted_and_old_csvs_still_read(no_csv_hash, tmp_path):
+    rows = rows_of("q4", kld_mean=0.01, top1_agreement=0.5)
+    depth_rows = rows_of("q4", top1_agreement_depth=0.7) + rows_of("q4", top1_agreement_depth=math.nan)
+    for block, row in zip((1, 0), depth_rows, strict=True):
+        row["block"] = block
+    verdict = evaluate(rows + depth_rows, {"q4": {"kld_mean": 0.1}})
+    entry = verdict["variants"]["q4"]
+    assert verdict["passed"] and entry["measured"] == {"kld_mean": 0.01, "top1_agreement": 0.5}
+    assert entry["top1_agreement_by_depth"] == [
+        {"block": 0, "value": None, "positions": 1024}, {"block": 1, "value": 0.7, "positions": 1024}
+    ]  # fmt: skip
+    summary = summary_markdown(verdict, "q4_depth.png")
+    assert "| 0 | NaN | 1024 |\n| 1 | 0.7000 | 1024 |\n| head (`top1_agreement`) | 0.5000 | |" in summary
+    assert summary.count("## Top-1 agreement per block depth") == 1 and "](q4_depth.png)" in summary
+    assert "per block depth" not in summary_markdown(evaluate(rows, {"q4": {"kld_mean": 0.1}}))
+    with pytest.raises(GptOssError, match="top1_agreement_depth"):
+        parse_budgets(["q4:top1_agreement_depth=0.5"])
+
+    old = tmp_path / "old.csv"  # written before the block column
+    old.write_text("stage,variant,prompt_id,statistic,value,positions\nquality,q4,eval_text,kld_p99,0.83,1024\n")
+    assert read_rows([old])[0]["block"] is None
+    bad = tmp_path / "bad.csv"
+    bad.write_text("variant,prompt_id,statistic,block,value,positions\nq4,eval_text,top1_agreement_depth,x,1,8\n")
+    with pytest.raises(GptOssError, match="line 2: block 'x' is not a block depth"):
+        read_rows([bad])

@@ -3,6 +3,7 @@ held exactly as int8, and the q4/q8 decoder graphs against the JAX model run on 
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 import subprocess
@@ -314,3 +315,143 @@ def test_quantized_weights_are_the_same_however_often_they_are_read(toy):
     for n, t in reversed(list(tensors.items())):  # each twice in a row, in the other order
         np.testing.assert_array_equal(t.numpy(), first[n])
         np.testing.assert_array_equal(t.numpy(), first[n])
+
+
+# --- the top-1 agreement per block depth (the variant's probe, the logit lens) ---
+
+CHUNK, MAX_TOKENS = 128, 1024  # config/toy-mxfp4.yaml's quality settings: 7 chunks, 448 scored positions
+
+
+@pytest.fixture(scope="module")
+def lens(toy) -> dict:
+    """q4's probe (float activations, as the fixture's q4 decoder) for chunks of CHUNK tokens; the evaluation text's
+    tokens; the exact model's lens argmax on them [depths, positions]."""
+    from gptoss.proof.depth import exact_top1
+    from gptoss.proof.quality import evaluation_tokens, open_decoder
+
+    params = toy["params"]
+    probe = toy["root"] / "q4.probe"
+    export_variant(
+        params, probe / "model.onnx", ExportSpec(CHUNK, emit_hidden_states=True), variant("q4", accuracy_level=0)
+    )
+    tokens, _, _ = evaluation_tokens(open_decoder(toy["root"] / "exact", "--exact"), None, MAX_TOKENS)
+    return {"probe": probe, "tokens": tokens, "exact": exact_top1(params, tokens, CHUNK)}
+
+
+def probe_argmax(params: Params, probe: Path, tokens: np.ndarray) -> np.ndarray:
+    from gptoss.proof.depth import probe_top1, read_head
+
+    session = ort_session(probe / "model.onnx")
+    return probe_top1(session, probe, read_head(params), tokens, CHUNK, params.model_config.num_hidden_layers)
+
+
+def test_q4_probe_computes_the_model_on_its_own_weights_at_every_depth(toy, lens):
+    """The probe (whole sequence, hidden-state outputs, no genai files) against the JAX model holding q4's
+    dequantized weights, per hidden state; its logits are the q4 decoder's on the same tokens."""
+    params = toy["params"]
+    ids = np.random.default_rng(4).integers(3, params.model_config.vocab_size, (1, CHUNK))
+    model = build_model(params.model_config, dequantized_params(params, 4))
+    expected = forward(model, ids.astype(np.int32), emit_hidden_states=True)
+    exact = forward(build_model(params.model_config, read_params(toy["root"] / "params.msgpack")),
+                    ids.astype(np.int32), emit_hidden_states=True)  # fmt: skip
+    session = ort_session(lens["probe"] / "model.onnx")
+    names = ["hidden_state_0", "hidden_state_1", "logits"]
+    got = dict(zip(names, session.run(names, {"input_ids": ids.astype(np.int32)}), strict=True))
+    for name in names:
+        diff = np.abs(got[name] - expected[name]).max()
+        assert diff <= 2e-5 * max(1.0, float(np.abs(expected[name]).max())), name
+        assert np.abs(exact[name] - expected[name]).max() > 100 * diff, name  # the quantization does show
+    np.testing.assert_allclose(got["logits"][0], prefill_logits(toy["root"] / "q4" / "model.onnx", ids), atol=1e-4)
+    graph = onnx.load(str(lens["probe"] / "model.onnx"), load_external_data=False).graph
+    assert [n.op_type for n in graph.node].count("QMoE") == 2
+    assert {p.name for p in lens["probe"].iterdir()} == {"model.onnx", "model.onnx.data"}
+
+
+def test_the_exact_lens_at_the_last_depth_is_the_exact_models_own_top1(toy, lens):
+    """The lens applies the exact head (final norm, unembedding) to the last hidden state: the exact model's own
+    next-token argmax, at every scored position."""
+    from gptoss.model.gpt_oss import forward as streamed_forward
+    from gptoss.proof.quality import text_chunks
+    from gptoss.runtimes.jax_model import StreamedModel
+
+    model = StreamedModel(toy["params"])
+    own = [
+        np.asarray(streamed_forward(model, ids.astype(np.int32))["logits"])[0, CHUNK // 2 :].argmax(-1)
+        for ids in text_chunks(lens["tokens"], CHUNK)
+    ]
+    assert lens["exact"].shape == (2, 7 * CHUNK // 2)
+    np.testing.assert_array_equal(lens["exact"][-1], np.concatenate(own))
+    assert (lens["exact"][0] != lens["exact"][-1]).mean() > 0.5  # depth 0 predicts otherwise: not the same rows
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_an_injected_bug_shows_from_its_own_depth_on(toy, lens, tmp_path, layer):
+    """Expert 0's scales sign-flipped in one layer of the probe: the depths before it agree as before (identical
+    argmaxes), its own depth and the later ones drop well below the untouched probe's."""
+    params = toy["params"]
+    clean = probe_argmax(params, lens["probe"], lens["tokens"])
+    initializer = f"layers.{layer}.mlp.gate_up@q4.scales"
+    broken = probe_argmax(params, tampered_copy(lens["probe"], tmp_path / "broken", initializer, sign_flipped),
+                          lens["tokens"])  # fmt: skip
+    before, after = ((lens["exact"] == x).mean(axis=1) for x in (clean, broken))
+    np.testing.assert_array_equal(broken[:layer], clean[:layer])
+    assert np.all(after[layer:] < before[layer:] - 0.05), (before, after)
+
+
+def test_quality_reports_the_top1_agreement_per_block_depth(toy, lens, tmp_path):
+    """`gptoss quality --probe --params`: one row per depth with the share of positions whose lens argmax agrees
+    and the probe's provenance; `gptoss quality-gate --depth-plot`: the verdict lists them, the summary has the
+    table and links the figure."""
+    from conftest import file_sha256
+
+    from gptoss.cli import main
+
+    root, probe = toy["root"], lens["probe"]
+    argv = ["quality", "--exact", root / "exact", "--variant", root / "q4", "--variant-name", "q4", "--csv",
+            tmp_path / "q4.csv", "--max-tokens", MAX_TOKENS, "--chunk-length", CHUNK, "--probe", probe,
+            "--params", root / "params.msgpack"]  # fmt: skip
+    assert main([str(a) for a in argv]) == 0
+    with open(tmp_path / "q4.csv", newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["statistic"] == "top1_agreement_depth"]
+    expected = (lens["exact"] == probe_argmax(toy["params"], probe, lens["tokens"])).mean(axis=1)
+    assert [(r["block"], float(r["value"]), r["positions"]) for r in rows] == [
+        ("0", expected[0], "448"), ("1", expected[1], "448")
+    ]  # fmt: skip
+    assert {(r["probe_onnx_sha256"], r["probe_data_sha256"]) for r in rows} == {
+        (file_sha256(probe / "model.onnx"), file_sha256(probe / "model.onnx.data"))
+    }
+    gate = ["quality-gate", "--csv", tmp_path / "q4.csv", "--budget", "q4:kld_mean=1", "--verdict",
+            tmp_path / "gate" / "q4.json", "--depth-plot", tmp_path / "gate" / "q4_depth.png"]  # fmt: skip
+    assert main([str(a) for a in gate]) == 0
+    verdict = json.loads((tmp_path / "gate" / "q4.json").read_text())["variants"]["q4"]
+    assert [d["value"] for d in verdict["top1_agreement_by_depth"]] == list(expected)
+    assert "top1_agreement_depth" not in verdict["measured"]
+    summary = (tmp_path / "gate" / "q4.md").read_text()
+    assert (
+        f"| 1 | {expected[1]:.4f} | 448 |" in summary and "![top-1 agreement per block depth](q4_depth.png)" in summary
+    )
+    assert (tmp_path / "gate" / "q4_depth.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_probe_that_does_not_fit_is_refused_before_anything_runs(toy, lens, tmp_path, capsys):
+    """A probe for other chunks, a probe of another variant, a probe without params: one clear error, no CSV."""
+    from gptoss.cli import main
+
+    root, probe = toy["root"], lens["probe"]
+    base = ["quality", "--exact", root / "exact", "--variant-name", "v", "--csv", tmp_path / "q.csv"]
+    base += ["--max-tokens", MAX_TOKENS, "--probe", probe]
+    params = ["--params", root / "params.msgpack"]
+    cases = [
+        (["--variant", root / "q4", "--chunk-length", 64, *params], "export it with --sequence-length 64"),
+        (
+            ["--variant", root / "q8", "--chunk-length", CHUNK, *params],
+            f"{probe / 'model.onnx'}: its quantized kernels are not those of",
+        ),
+        (["--variant", root / "q4"], "--probe and --params go together"),
+    ]
+    for args, message in cases:
+        assert main([str(a) for a in [*base, *args]]) == 1
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "q.csv").exists()
+    with pytest.raises(GptOssError, match="no block taps"):  # taps expand the experts: no QMoE to put there
+        export_variant(toy["params"], tmp_path / "taps" / "model.onnx", ExportSpec(32, True, True), variant("q4"))

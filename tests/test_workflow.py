@@ -323,12 +323,21 @@ def assert_variants_gated_and_promoted(workdir: Path, results: Path) -> None:
         assert all(s["passed"] for s in manifest["quality"]["statistics"].values())
         assert 0 < manifest["quality"]["measured"]["kld_mean"] < 1
         with open(results / f"toy-mxfp4/quality/{variant}.csv", newline="") as fh:
-            statistics = {row["statistic"] for row in csv.DictReader(fh)}
+            rows = list(csv.DictReader(fh))
+        statistics = {row["statistic"] for row in rows}
         assert {"kld_mean", "kld_p99", "top1_agreement", "delta_p_rms", "ppl_ratio", "greedy_agreement"} <= statistics
+        depth = [(r["block"], float(r["value"])) for r in rows if r["statistic"] == "top1_agreement_depth"]
+        assert [block for block, _ in depth] == ["0", "1"] and all(0 < value <= 1 for _, value in depth)
+        assert (
+            "| block depth | top-1 agreement | positions |"
+            in (results / f"toy-mxfp4/gate/quality_{variant}.md").read_text()
+        )
+        assert manifest["quality"]["top1_agreement_by_depth"][1]["value"] == depth[1][1]
         generator = og.Generator(model := og.Model(str(folder)), og.GeneratorParams(model))
         generator.append_tokens([5, 6, 7])
         generator.generate_next_token()
     assert (results / "toy-mxfp4/gate/quality_q4_kld.png").stat().st_size > 0
+    assert (results / "toy-mxfp4/gate/quality_q4_depth.png").stat().st_size > 0
 
     shutil.rmtree(results / "promoted/toy-mxfp4/baseline2-q4")
     tight = "quality_budgets={q8: {kld_mean: 0.005}, q4: {kld_mean: 1.0e-6}}"

@@ -105,13 +105,16 @@ def export_segment(params: Params, output: Path, spec: ExportSpec, segment: Segm
 
 
 def export_variant(params: Params, output: Path, spec: ExportSpec, variant: Variant) -> None:
-    """The decoder graph as the quantized ``variant`` (:mod:`gptoss.graphs.variants`), in a folder of its own:
+    """A graph of ``spec`` as the quantized ``variant`` (:mod:`gptoss.graphs.variants`), in a folder of its own:
     ``output`` with its own ``model.onnx.data`` (the quantized weights, computed from ``params`` one tensor at a
-    time while they are written, and the exact ones it keeps), ``genai_config.json`` and the tokenizer files. All is
+    time while they are written, and the exact ones it keeps); a decoder also gets ``genai_config.json`` and the
+    tokenizer files. The other graph a variant has is its *probe* for the quality stage: the whole-sequence graph
+    with ``hidden_state_{i}`` outputs (block taps need the experts' expansion, which a variant replaces). All is
     written into a hidden staging folder first, then moved into place, the graph last."""
-    if not spec.decoder:
-        raise GptOssError(f"variant {variant.name}: only the decoder graph has quantized variants")
-    log.info("tracing the decoder graph for variant %s", variant.name)
+    if spec.emit_block_debug:
+        raise GptOssError(f"variant {variant.name}: no block taps (its experts are one QMoE node per layer); "
+                          "its probe has the hidden states only")  # fmt: skip
+    log.info("tracing the %s graph for variant %s", spec.stage, variant.name)
     onnx_model = build_onnx(
         abstract_model(params.model_config, params.config.weight_format),
         spec,
@@ -133,8 +136,9 @@ def export_variant(params: Params, output: Path, spec: ExportSpec, variant: Vari
             max_workers=1,
         )
         onnx.checker.check_model(str(staged), full_check=False)
-        context = spec.context_length or params.model_config.max_position_embeddings
-        write_companions(staging, params.config, context, output.name)
+        if spec.decoder:
+            context = spec.context_length or params.model_config.max_position_embeddings
+            write_companions(staging, params.config, context, output.name)
         for path in sorted(staging.iterdir(), key=lambda p: p.name == output.name):  # the graph last
             os.replace(path, output.parent / path.name)
     except onnx.checker.ValidationError as exc:

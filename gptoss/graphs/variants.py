@@ -14,7 +14,9 @@ matmuls rewritten for ONNX Runtime's integer CPU kernels, its weights computed f
   flips expert choices (llama.cpp keeps it unquantized too).
 * Everything else (embedding, norms, biases, sinks, router) is the exact graph's.
 
-How far a variant is from the exact model is measured by the quality stage, not assumed."""
+The same rewrite of the whole-sequence graph with ``hidden_state_{i}`` outputs is the variant's *probe*, from which
+the quality stage reads the top-1 agreement per block depth (:mod:`gptoss.proof.depth`). How far a variant is from
+the exact model is measured by the quality stage, not assumed."""
 
 from __future__ import annotations
 
@@ -322,13 +324,15 @@ class _Quantizer:
 
 
 def quantize_graph(model: ir.Model, params: Params, spec: Variant) -> None:
-    """Rewrite the traced decoder graph of ``model`` (routed-experts placeholders not expanded, Einsums already
-    MatMuls) into the variant ``spec``, then attach every weight it still reads from ``params``: float32 ones as
-    constants, the narrower ones (bfloat16) as overridable inputs, as the exact graph holds them (constant, ONNX
-    Runtime would fold their float32 casts into copies)."""
+    """Rewrite the traced graph of ``model`` (the decoder, or the whole-sequence graph without block taps; its
+    routed-experts placeholders not expanded, Einsums already MatMuls) into the variant ``spec``, then attach every
+    weight it still reads from ``params``: float32 ones as constants, the narrower ones (bfloat16) as overridable
+    inputs, as the exact graph holds them (constant, ONNX Runtime would fold their float32 casts into copies)."""
     graph = model.graph
     quantizer = _Quantizer(graph, params, spec)
     placeholders = [n for n in graph if n.op_type == OP and n.domain == DOMAIN]
+    if not placeholders:
+        raise GptOssError(f"variant {spec.name}: the traced graph has no routed-experts placeholder to rewrite")
     for index, node in enumerate(placeholders):
         quantizer.experts(node, index)
     matmuls = [n for n in graph if n.op_type == "MatMul"]

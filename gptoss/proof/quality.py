@@ -9,6 +9,8 @@ predicts the next token of the text (the last one: the first token after the chu
 No BOS token is inserted. Per scored position, in float64 from the log-softmax of both graphs' logits:
 KL(exact ‖ variant), whether the argmax agrees, Δp (the variant's probability of the next text token minus the
 exact one's) and each graph's negative log-likelihood of it. Only one chunk's logits per graph are held at a time.
+With ``--probe`` (the variant's probe graph) and ``--params``, also the top-1 agreement per block depth on the same
+chunks and positions (:mod:`gptoss.proof.depth`).
 """
 
 from __future__ import annotations
@@ -34,14 +36,17 @@ from gptoss.runtimes.generation import Generation
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
+    from gptoss.model.params import Params
+
 log = logging.getLogger("gptoss.quality")
 
 EVAL_TEXT = Path(__file__).resolve().parent.parent / "eval_text" / "eval_text.txt"
 # The workflow's parity prompts (config/config.yaml `prompts`); the workflow passes its own with --prompt.
 DEFAULT_PROMPTS = ("What is the capital of France?",)
+# block: the block depth of a per-depth row, empty on the others; probe_*: the graph the per-depth rows ran.
 COLUMNS = (
-    "stage variant prompt_id statistic value positions exact_onnx_sha256 variant_onnx_sha256 exact_data_sha256 "
-    "variant_data_sha256 text_sha256 tokens chunk_length"
+    "stage variant prompt_id statistic block value positions exact_onnx_sha256 variant_onnx_sha256 exact_data_sha256 "
+    "variant_data_sha256 probe_onnx_sha256 probe_data_sha256 text_sha256 tokens chunk_length"
 ).split()
 TEXT_ID = "eval_text"
 KLD_PERCENTILES = {"kld_median": 50, "kld_p90": 90, "kld_p95": 95, "kld_p99": 99, "kld_p99_9": 99.9}
@@ -201,6 +206,11 @@ def greedy_by_prefill(run: Callable[[np.ndarray, int], np.ndarray], prompt: list
     return tokens
 
 
+def text_chunks(tokens: np.ndarray, length: int) -> list[np.ndarray]:
+    """The evaluation's chunks: ``ids [1, length]`` each, as many whole ones as leave the last a next token."""
+    return [tokens[None, c * length : (c + 1) * length] for c in range((len(tokens) - 1) // length)]
+
+
 def score_text(
     runs: Sequence[Callable[[np.ndarray, int], np.ndarray]], paths: Sequence[Path], tokens: np.ndarray, length: int
 ) -> dict[str, np.ndarray]:
@@ -208,11 +218,10 @@ def score_text(
     logits (``runs``: ``ids [1, L]``, chunk index → ``[L, vocab]``, e.g. :func:`prefill_logits`); positions
     ``length // 2`` to ``length - 1`` of each chunk, each predicting the text's next token. Holds one chunk's scored
     logits per side at a time."""
-    chunks, first = (len(tokens) - 1) // length, length // 2
+    chunks, first = text_chunks(tokens, length), length // 2
     parts: list[dict[str, np.ndarray]] = []
     start = time.perf_counter()
-    for c in range(chunks):
-        ids = tokens[None, c * length : (c + 1) * length]
+    for c, ids in enumerate(chunks):
         logits = []
         for run, path in zip(runs, paths, strict=True):
             out = run(ids, c)
@@ -225,7 +234,7 @@ def score_text(
             )
         parts.append(position_measures(*logits, tokens[c * length + first + 1 : (c + 1) * length + 1]))
         del logits
-        log.info("chunk %d/%d: mean KLD %.3g, %.1f s", c + 1, chunks, parts[-1]["kld"].mean(),
+        log.info("chunk %d/%d: mean KLD %.3g, %.1f s", c + 1, len(chunks), parts[-1]["kld"].mean(),
                  time.perf_counter() - start)  # fmt: skip
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
@@ -259,9 +268,12 @@ def quality(
     threads: int | None = None,
     near_tie_margin: float = 1e-4,
     kld_values: Path | None = None,
+    probe: Path | None = None,
+    params: Params | None = None,
 ) -> list[dict]:
     """Measure ``variant_dir`` against ``exact_dir`` on the evaluation text and the prompts; write the CSV (one row
-    per statistic) and, if asked, every scored position's KLD (float32 ``.npy``). Returns the rows."""
+    per statistic) and, if asked, every scored position's KLD (float32 ``.npy``). ``probe`` (the variant's probe
+    folder) with the exact ``params``: also one row per block depth. Returns the rows."""
     from gptoss.formats.tokenizer import encode
     from gptoss.runtimes.onnx_runtime import ort_generate, ort_session
 
@@ -275,6 +287,12 @@ def quality(
     if steps < 1:
         raise GptOssError(f"--steps must be at least 1, got {steps}")
     length = min(chunk_length, len(tokens) - 1)
+    if probe is not None:
+        from gptoss.proof.depth import open_probe
+
+        if params is None:
+            raise GptOssError("--probe needs --params (the exact params: the logit lens applies their head)")
+        probe = open_probe(probe, variant.onnx, params, length)
     sessions = [ort_session(d.onnx, threads) for d in (exact, variant)]
     vocabs = [_vocab(s, d.onnx) for s, d in zip(sessions, (exact, variant), strict=True)]
     if None not in vocabs and vocabs[0] != vocabs[1]:
@@ -295,6 +313,11 @@ def quality(
             got = ort_generate(sessions[1], ids, steps, exact.suppress, variant.head_size).tokens
         greedy.append((f"p{i}", *greedy_agreement(reference, got, exact.suppress, near_tie_margin)))
     del sessions
+    depths = None
+    if probe is not None:
+        from gptoss.proof.depth import depth_agreement
+
+        depths = depth_agreement(params, probe, tokens, length, threads)
 
     common = dict(stage="quality", variant=variant_name, text_sha256=sha256(text_path), tokens=len(tokens))
     common["chunk_length"] = length
@@ -304,6 +327,8 @@ def quality(
         common[f"{role}_data_sha256"] = sha256(weights) if weights.is_file() else ""
     n = len(measures["kld"])
     rows = [common | dict(prompt_id=TEXT_ID, statistic=k, value=v, positions=n) for k, v in stats.items()]
+    if depths is not None:
+        rows += depth_rows(depths, common, n, probe)
     for prompt_id, agreement, near_tie in greedy:
         for statistic, value in (("greedy_agreement", agreement), ("greedy_near_tie", float(near_tie))):
             rows.append(common | dict(prompt_id=prompt_id, statistic=statistic, value=value, positions=steps))
@@ -316,6 +341,15 @@ def quality(
     return rows
 
 
+def depth_rows(depths: np.ndarray, common: dict, positions: int, probe: Path) -> list[dict]:
+    """One row per block depth: its top-1 agreement, the probe's provenance."""
+    from gptoss.proof.depth import STATISTIC, probe_provenance
+
+    common = common | probe_provenance(probe) | dict(prompt_id=TEXT_ID, statistic=STATISTIC, positions=positions)
+    log.info("top-1 agreement per block depth: %s", ", ".join(f"{d}: {v:.3f}" for d, v in enumerate(depths)))
+    return [common | dict(block=d, value=float(v)) for d, v in enumerate(depths)]
+
+
 def write_rows(rows: list[dict], path: Path) -> None:
     """The quality CSV, written atomically; floats with ``repr`` (round-trip exact)."""
     with atomic_output(Path(path)) as tmp, open(tmp, "w", newline="") as fh:
@@ -326,7 +360,8 @@ def write_rows(rows: list[dict], path: Path) -> None:
 
 
 def read_rows(paths: Sequence[Path]) -> list[dict]:
-    """Rows of quality CSVs (``value`` float, NaN kept; ``positions`` int), each with its ``source`` path."""
+    """Rows of quality CSVs (``value`` float, NaN kept; ``positions`` int; ``block`` int, or None where empty or
+    absent, as in CSVs written before it), each with its ``source`` path."""
     rows: list[dict] = []
     for path in map(Path, paths):
         if not path.is_file():
@@ -341,5 +376,15 @@ def read_rows(paths: Sequence[Path]) -> list[dict]:
                     row["positions"] = int(row["positions"] or 0)
                 except ValueError:
                     raise GptOssError(f"{path}: line {line}: value {row['value']!r} is not a number") from None
+                row["block"] = _block(row.get("block"), path, line)
                 rows.append(row | {"source": str(path)})
     return rows
+
+
+def _block(text: str | None, path: Path, line: int) -> int | None:
+    if text in (None, ""):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise GptOssError(f"{path}: line {line}: block {text!r} is not a block depth") from None

@@ -1,6 +1,7 @@
 """``gptoss quality-gate``: quality CSVs + budgets per variant → a JSON verdict and a Markdown summary; exit 1 on
 any breach. A budget is ``VARIANT:STATISTIC=VALUE``; :data:`DIRECTIONS` says which way each statistic may go. A
-budgeted statistic the CSVs lack for its variant fails, and so does a NaN value.
+budgeted statistic the CSVs lack for its variant fails, and so does a NaN value. The top-1 agreement per block
+depth (rows with a ``block``) has no budget: the verdict and the summary report it.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -92,12 +94,14 @@ def evaluate(rows: list[dict], budgets: Budgets) -> dict:
         graphs = sorted({tuple(r.get(key, "") for key in GRAPH_KEYS) for r in rows if r["variant"] == variant})
         if len(graphs) > 1:
             problems.append(f"{variant}: its rows measure {len(graphs)} different pairs of graphs; re-run quality")
-        measured = {r["statistic"]: r["value"] for r in rows if r["variant"] == variant and r["prompt_id"] == TEXT_ID}
+        mine = [r for r in rows if r["variant"] == variant and r["prompt_id"] == TEXT_ID]
+        measured = {r["statistic"]: r["value"] for r in mine if r.get("block") is None}
         variants[variant] = {
             "passed": all(s["passed"] for s in statistics.values()) and len(graphs) == 1,
             "statistics": statistics,
             "measured": {k: None if math.isnan(v) else v for k, v in sorted(measured.items())},
             "graphs": dict(zip(GRAPH_KEYS, graphs[0], strict=True)) if len(graphs) == 1 else None,
+            "top1_agreement_by_depth": by_depth(mine),
         }
     unbudgeted = sorted({r["variant"] for r in rows} - set(budgets))
     return {
@@ -109,7 +113,35 @@ def evaluate(rows: list[dict], budgets: Budgets) -> dict:
     }
 
 
-def summary_markdown(verdict: dict) -> str:
+def by_depth(rows: list[dict]) -> list[dict]:
+    """The per-depth rows (a ``block``) as ``{block, value, positions}``, by depth; NaN as None."""
+    depth = sorted((r for r in rows if r.get("block") is not None), key=lambda r: r["block"])
+    return [
+        {"block": r["block"], "value": None if math.isnan(r["value"]) else r["value"], "positions": r["positions"]}
+        for r in depth
+    ]
+
+
+def depth_markdown(verdict: dict, figure: str | None = None) -> list[str]:
+    """The summary's section on the top-1 agreement per block depth: a table per variant that has it."""
+    measured = {v: e for v, e in verdict["variants"].items() if e.get("top1_agreement_by_depth")}
+    if not measured:
+        return []
+    lines = ["", "## Top-1 agreement per block depth", ""]
+    lines += ["Logit lens: the hidden state after each block through the exact model's final norm and unembedding, in"]
+    lines += ["the exact model and in the variant; the share of scored positions whose argmax agrees. The last row is"]
+    lines += ["`top1_agreement`, through the variant's own head."]
+    for variant, entry in measured.items():
+        lines += ["", f"### {variant}", "", "| block depth | top-1 agreement | positions |", "|---|---|---|"]
+        for d in entry["top1_agreement_by_depth"]:
+            value = "NaN" if d["value"] is None else f"{d['value']:.4f}"
+            lines.append(f"| {d['block']} | {value} | {d['positions']} |")
+        if (own := entry["measured"].get("top1_agreement")) is not None:
+            lines.append(f"| head (`top1_agreement`) | {own:.4f} | |")
+    return lines + ([] if figure is None else ["", f"![top-1 agreement per block depth]({figure})"])
+
+
+def summary_markdown(verdict: dict, figure: str | None = None) -> str:
     lines = [f"# Quality gate: {'PASSED' if verdict['passed'] else 'FAILED'}", ""]
     lines += ["| variant | statistic | worst value | where | budget | ok |", "|---|---|---|---|---|---|"]
     for variant, v in verdict["variants"].items():
@@ -119,20 +151,28 @@ def summary_markdown(verdict: dict) -> str:
             where = f"{s['prompt_id']} ({s['positions']})" if s["rows"] else ""
             ok = "yes" if s["passed"] else "**NO**"
             lines.append(f"| {variant} | {statistic} | {value} | {where} | {sign} {s['budget']:g} | {ok} |")
+    lines += depth_markdown(verdict, figure)
     if verdict["problems"]:
         lines += ["", "## Problems", ""] + [f"- {p}" for p in verdict["problems"]]
     return "\n".join(lines) + "\n"
 
 
 def quality_gate(
-    csv_paths: Sequence[Path], budgets: Budgets, verdict_path: Path, summary_path: Path | None = None
+    csv_paths: Sequence[Path],
+    budgets: Budgets,
+    verdict_path: Path,
+    summary_path: Path | None = None,
+    depth_figure: Path | None = None,
 ) -> dict:
-    """Write the verdict and summary; raise ``GptOssError`` (exit 1) naming the first breach if any."""
+    """Write the verdict and summary (linking ``depth_figure``, the per-depth plot, if given); raise
+    ``GptOssError`` (exit 1) naming the first breach if any."""
     verdict = evaluate(read_rows(csv_paths), budgets)
     with atomic_output(Path(verdict_path)) as tmp:
         tmp.write_text(json.dumps(verdict, indent=2, sort_keys=True, allow_nan=False) + "\n")
-    with atomic_output(Path(summary_path or Path(verdict_path).with_suffix(".md"))) as tmp:
-        tmp.write_text(summary_markdown(verdict))
+    summary = Path(summary_path or Path(verdict_path).with_suffix(".md"))
+    figure = None if depth_figure is None else os.path.relpath(depth_figure, summary.parent)
+    with atomic_output(summary) as tmp:
+        tmp.write_text(summary_markdown(verdict, figure))
     if not verdict["passed"]:
         raise GptOssError(f"quality gate failed: {verdict['problems'][0]}")
     log.info("quality gate passed: %s", ", ".join(sorted(verdict["variants"])))

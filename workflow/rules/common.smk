@@ -362,6 +362,11 @@ def variant_folder(name, variant):
     return f"{RESULTS}/{name}/variants/{variant}"
 
 
+def variant_probe_folder(name, variant):
+    """A variant's probe: its whole-sequence graph with hidden-state outputs, for the top-1 per block depth."""
+    return f"{RESULTS}/{name}/probes/{variant}"
+
+
 def quality_csv(name, variant):
     return f"{RESULTS}/{name}/quality/{variant}.csv"
 
@@ -375,11 +380,21 @@ def variant_promotions():
     return {f"{tag}-{v}": (name, v) for tag, name in promotions().items() for v in variants()}
 
 
-def variant_export_flags(wildcards):
+def quantization_flags():
     q = config["quantization"]
+    return f"--block-size {q['block_size']} --accuracy-level {q['accuracy_level']} --expert-scales {q['expert_scales']}"
+
+
+def variant_export_flags(wildcards):
     length = config["context_length"]
-    flags = f"--block-size {q['block_size']} --accuracy-level {q['accuracy_level']} --expert-scales {q['expert_scales']}"
-    return flags + (f" --context-length {length}" if length else "")
+    return quantization_flags() + (f" --context-length {length}" if length else "")
+
+
+def probe_length():
+    """The probe's fixed sequence length: the quality stage's chunk length (shortened, as there, to the scored
+    text's first max_tokens - 1 tokens)."""
+    q = config["quality"]
+    return min(q["chunk_length"], q["max_tokens"] - 1) if q["max_tokens"] else q["chunk_length"]
 
 
 def quality_flags():

@@ -4,6 +4,9 @@
 # `llama-perplexity --kl-divergence` does (KL divergence, same top, delta-p, perplexity ratio, greedy agreement);
 # the quality gate holds each variant to its budgets (`quality_budgets`), and a passing variant is promoted as
 # {tag}-{variant}. A variant over budget stops at its own gate; the exact graph's promotion does not wait for it.
+# Each variant also has a probe (`export --stage debug --variant`: its whole-sequence graph with hidden-state
+# outputs, in chunks of the quality stage's length), from which the quality stage reads the top-1 agreement per
+# block depth (a logit lens with the exact head); the probe is measured, never promoted.
 
 
 rule export_variant:
@@ -32,11 +35,40 @@ rule export_variant:
         "--output {output}/model.onnx {params.flags} > {log} 2>&1"
 
 
+rule export_variant_probe:
+    input:
+        unpack(params_inputs),
+    output:
+        directory(variant_probe_folder("{checkpoint}", "{variant}")),
+    log:
+        f"{RESULTS}/{{checkpoint}}/logs/export_variant_probe_{{variant}}.log",
+    benchmark:
+        f"{RESULTS}/{{checkpoint}}/benchmarks/export_variant_probe_{{variant}}.tsv"
+    wildcard_constraints:
+        variant=one_of(variants()),
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=mem_mb("export_variant"),
+        runtime=runtime("export_variant"),
+    params:
+        flags=lambda wildcards: quantization_flags(),
+        length=lambda wildcards: probe_length(),
+    message:
+        "{wildcards.checkpoint}: exporting the probe of the {wildcards.variant} variant (hidden states, for quality)"
+    shell:
+        "gptoss export --stage debug --variant {wildcards.variant} --sequence-length {params.length} "
+        "--params {input.params} --config {input.config} --output {output}/model.onnx {params.flags} > {log} 2>&1"
+
+
 rule quality:
     input:
+        unpack(params_inputs),
         exact=graph_path("{checkpoint}", "decoder"),
         weights=weights_path("{checkpoint}"),
         variant=variant_folder("{checkpoint}", "{variant}"),
+        probe=variant_probe_folder("{checkpoint}", "{variant}"),
     output:
         csv=quality_csv("{checkpoint}", "{variant}"),
         kld=f"{RESULTS}/{{checkpoint}}/quality/{{variant}}_kld.npy",
@@ -61,7 +93,7 @@ rule quality:
     shell:
         "gptoss quality --exact {params.exact} --variant {input.variant} --variant-name {wildcards.variant} "
         "{params.prompts} {params.flags} --threads {threads} --csv {output.csv} --kld-values {output.kld} "
-        "> {log} 2>&1"
+        "--probe {input.probe} --params {input.params} --config {input.config} > {log} 2>&1"
 
 
 rule quality_gate:
@@ -72,6 +104,7 @@ rule quality_gate:
         verdict=quality_verdict_path("{checkpoint}", "{variant}"),
         summary=f"{RESULTS}/{{checkpoint}}/gate/quality_{{variant}}.md",
         plot=f"{RESULTS}/{{checkpoint}}/gate/quality_{{variant}}_kld.png",
+        depth_plot=f"{RESULTS}/{{checkpoint}}/gate/quality_{{variant}}_depth.png",
     log:
         f"{RESULTS}/{{checkpoint}}/logs/quality_gate_{{variant}}.log",
     benchmark:
@@ -90,7 +123,8 @@ rule quality_gate:
         "{wildcards.checkpoint}: quality gate of the {wildcards.variant} variant ({params.budgets})"
     shell:
         "gptoss quality-gate --csv {input.csv} {params.budgets} --verdict {output.verdict} --summary {output.summary} "
-        "--plot {output.plot} --kld-values {wildcards.variant}={input.kld} > {log} 2>&1 "
+        "--plot {output.plot} --kld-values {wildcards.variant}={input.kld} --depth-plot {output.depth_plot} "
+        "> {log} 2>&1 "
         "|| {{ msg=$(tail -n 1 {log}); cat {output.summary} >> {log} 2>/dev/null || true; "
         'echo "$msg" >&2; echo "quality gate details: {log}" >&2; exit 1; }}'
 
