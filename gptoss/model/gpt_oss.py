@@ -148,11 +148,13 @@ def _head(head: tuple[RMSNorm, Linear], x: jax.Array) -> jax.Array:
 
 def _run(jit: bool, step: Callable, module: object, *args: jax.Array, static: tuple = ()):
     """``step(module, *args, *static)``, called as it is or as a jitted program with the module's weights as
-    arguments (``static``: arguments the program is compiled for)."""
+    arguments (``static``: arguments the program is compiled for), waited for."""
     if not jit:
         return step(module, *args, *static)
     graphdef, state = nnx.split(module)
-    return _jitted(step, static, graphdef, state, *args)
+    # Wait for the piece: JAX dispatches asynchronously, and a caller streaming its weights (StreamedModel) would
+    # otherwise read the next pieces while this one still runs, holding every pending piece's weights at once.
+    return jax.block_until_ready(_jitted(step, static, graphdef, state, *args))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
