@@ -152,15 +152,25 @@ def estimate_config(
 # --- parity in segments ----------------------------------------------------------------------------------------
 # A segment's parity job (config `parity_segment_blocks`): ONNX Runtime maps and runs only the segment's pieces;
 # the JAX side, in a process of its own before it, streams every piece up to the segment's last, one at a time.
-# Peak = fixed + the larger of: per_segment × the segment's MB (ONNX Runtime), per_piece × the largest piece's
-# MB (JAX holds one piece, and decodes or casts its experts a slice at a time: gptoss.model.experts.cast_slices).
+# Peak = fixed + the larger of: ONNX Runtime's side, per_segment × the segment's MB + per_experts × one block's
+# experts MB (the debug graph computes every expert of a block for its taps, decoding their MXFP4 to float32), and
+# the JAX side, which holds one piece at a time: the largest of SEGMENT_PIECES × each piece's MB that it runs.
 SEGMENT_MEMORY = {
-    #                  fixed, per_segment, per_piece (stored MB of the largest piece JAX holds)
-    "parity_segment": (600, 1.1, 2.0),
+    #                        fixed, per_segment, per_experts
+    "parity_segment": (600, 0.9, 0.0),  # canonical
+    "parity_segment_debug": (600, 0.9, 3.0),
     "export_segment": (500, 0.0, 0.0),  # tracing only, like the whole graph's export
 }
+# The JAX side's MB per stored MB of the piece it holds: the embedding is gathered from, a block's experts are
+# decoded a slice at a time, the unembedding is cast to float32 for its matmul.
+SEGMENT_PIECES = {"embedding": 0.7, "block": 1.5, "head": 1.5}
 # Minutes: fixed + per_gb × GB the job reads (ONNX Runtime: the segment; JAX: every piece up to its last).
-SEGMENT_RUNTIME = {"parity_segment": (5, 1.0), "export_segment": (5, 0.0), "manifest": (5, 0.1)}
+SEGMENT_RUNTIME = {
+    "parity_segment": (5, 1.0),
+    "parity_segment_debug": (5, 1.0),
+    "export_segment": (5, 0.0),
+    "manifest": (5, 0.1),
+}
 
 
 def piece_mb(cfg: GptOssConfig, weight_format: str) -> tuple[float, float, float]:
@@ -172,24 +182,35 @@ def piece_mb(cfg: GptOssConfig, weight_format: str) -> tuple[float, float, float
     return embedding, block, head
 
 
+def experts_mb(cfg: GptOssConfig, weight_format: str) -> float:
+    """Stored MB of one block's experts."""
+    per_weight = {"mxfp4": 17 / 32, "bfloat16": 2, "float32": 4}[weight_format]
+    return 3 * cfg.num_local_experts * cfg.hidden_size * cfg.intermediate_size * per_weight / 1e6
+
+
 def segment_mb(cfg: GptOssConfig, weight_format: str, first: int, last: int) -> float:
     """Stored MB of the pieces of ranks ``first`` to ``last`` (0 the embedding, i + 1 block i, layers + 1 the head)."""
     embedding, block, head = piece_mb(cfg, weight_format)
-    layers = cfg.num_hidden_layers
-    blocks = max(0, min(last, layers) - max(first, 1) + 1)
-    return embedding * (first == 0) + block * blocks + head * (last == layers + 1)
+    return embedding * (first == 0) + block * _blocks(cfg, first, last) + head * (last == cfg.num_hidden_layers + 1)
+
+
+def _blocks(cfg: GptOssConfig, first: int, last: int) -> int:
+    return max(0, min(last, cfg.num_hidden_layers) - max(first, 1) + 1)
 
 
 def estimate_segment_mem_mb(
     cfg: GptOssConfig, weight_format: str, step: str, first: int, last: int, attempt: int = 1
 ) -> int:
-    """Peak resident memory in MB of ``step`` (parity_segment, export_segment) for the segment of ranks ``first``
-    to ``last``; each attempt after the first asks ``MEMORY_PER_RETRY`` more."""
+    """Peak resident memory in MB of ``step`` (parity_segment, parity_segment_debug, export_segment) for the
+    segment of ranks ``first`` to ``last``; each attempt after the first asks ``MEMORY_PER_RETRY`` more."""
     _check(weight_format, "parity", attempt)
-    fixed, per_segment, per_piece = SEGMENT_MEMORY[step]
+    fixed, per_segment, per_experts = SEGMENT_MEMORY[step]
     embedding, block, head = piece_mb(cfg, weight_format)
-    largest = max([embedding] + [block] * (last > 0) + [head] * (last == cfg.num_hidden_layers + 1))
-    estimate = fixed + max(per_segment * segment_mb(cfg, weight_format, first, last), per_piece * largest)
+    onnx_side = per_segment * segment_mb(cfg, weight_format, first, last)
+    onnx_side += per_experts * experts_mb(cfg, weight_format) * (_blocks(cfg, first, last) > 0)
+    pieces = {"embedding": embedding, "block": block * (last > 0), "head": head * (last > cfg.num_hidden_layers)}
+    jax_side = max(SEGMENT_PIECES[name] * mb for name, mb in pieces.items()) if per_segment else 0.0
+    estimate = fixed + max(onnx_side, jax_side)
     return int(estimate * (1 + MEMORY_PER_RETRY * (attempt - 1)))
 
 

@@ -257,10 +257,33 @@ def test_a_segments_memory_and_time_follow_its_size_depth_and_attempt():
 
     cfg = preset_config("gpt-oss-20b", 24)
     whole = estimate_mem_mb(cfg, "mxfp4", "parity")
-    small, large = (estimate_segment_mem_mb(cfg, "mxfp4", "parity_segment", 1, n) for n in (4, 12))
+    small, large = (estimate_segment_mem_mb(cfg, "mxfp4", "parity_segment_debug", 1, n) for n in (4, 12))
     assert small < large < whole
     retries = [estimate_segment_mem_mb(cfg, "mxfp4", "parity_segment", 1, 4, attempt) for attempt in (1, 2, 3)]
     assert retries == sorted(retries) and len(set(retries)) == 3
     shallow, deep = (estimate_segment_runtime_min(cfg, "mxfp4", "parity_segment", f, f + 3) for f in (1, 21))
     assert shallow < deep
     assert estimate_segment_runtime_min(cfg, "mxfp4", "parity_segment", 1, 4, 2) >= 2 * shallow
+
+
+# Kernel peak RSS of every segment job of the 24-layer gpt-oss-20b (mxfp4) in segments of 4 blocks,
+# docs/performance.md ("Parity in segments"), measured 2026-12-01: (step, first rank, last rank) -> GB.
+MEASURED_SEGMENT_PEAK_GB = [
+    ("parity_segment_debug", 0, 0, 1.40),
+    ("parity_segment_debug", 1, 4, 3.60),
+    ("parity_segment_debug", 5, 8, 3.62),
+    ("parity_segment_debug", 21, 24, 3.27),
+    ("parity_segment_debug", 25, 25, 2.52),
+    ("parity_segment", 0, 0, 1.40),
+    ("parity_segment", 1, 4, 2.02),
+    ("parity_segment", 21, 24, 2.34),
+    ("parity_segment", 25, 25, 2.52),
+]
+
+
+@pytest.mark.parametrize(("step", "first", "last", "measured_gb"), MEASURED_SEGMENT_PEAK_GB)
+def test_segment_memory_model_is_within_20_percent_of_every_measured_peak(step, first, last, measured_gb):
+    from gptoss.resources import estimate_segment_mem_mb
+
+    estimate_gb = estimate_segment_mem_mb(preset_config("gpt-oss-20b", 24), "mxfp4", step, first, last) / 1000
+    assert abs(estimate_gb - measured_gb) <= 0.2 * measured_gb, f"{estimate_gb:.2f} GB estimated"

@@ -504,7 +504,8 @@ def segment_estimate(estimate, step):
         cfg, weight_format = model_config(name), checkpoints()[name]["weight_format"]
         segment = parse_segment(wildcards.segment, cfg.num_hidden_layers) if "segment" in wildcards.keys() else None
         first, last = (segment.first, segment.last) if segment else (0, cfg.num_hidden_layers + 1)
-        return estimate(cfg, weight_format, step, first, last, attempt)
+        debug = step == "parity_segment" and "stage" in wildcards.keys() and wildcards.stage == "debug"  # its taps
+        return estimate(cfg, weight_format, f"{step}_debug" if debug else step, first, last, attempt)
 
     return resource
 
