@@ -379,6 +379,7 @@ if [[ $rc != 0 ]]; then
 fi
 check_run "$TOY" passed
 test -s "$TOY/$PROMOTED/manifest.json" && test -s "$TOY/$PROMOTED/model.onnx.data"
+cp "$TOY/results/toy/gate/verdict.json" "$STATE/verdict_unsegmented.json" # 4b's failing gate removes it; 4d compares
 echo "promoted: $(cd "$TOY/$PROMOTED" && echo *)"
 grep '^Elapsed time' "$TOY/stderr.log" || true
 
@@ -430,6 +431,7 @@ fi
 # one segment graph is tampered: that segment's parity re-runs, and the gate must refuse, naming the segment and
 # the tensor.
 step "toy DAG on SLURM: parity in segments, then a tampered segment"
+RUN_TIMEOUT=1200 # about 30 SLURM jobs: one per segment graph and per segment's parity (about 7 min here)
 SEG=$(fresh_copy segments)
 rc=$(snakemake_in "$SEG" --workflow-profile profiles/slurm promote_baseline2 --configfile config/toy.yaml \
     --config parity_segment_blocks=1)
@@ -439,7 +441,7 @@ if [[ $rc != 0 ]]; then
     exit 1
 fi
 check_run "$SEG" passed
-.venv/bin/python - "$TOY/results/toy/gate/verdict.json" "$SEG/results/toy/gate/verdict.json" <<'EOF'
+.venv/bin/python - "$STATE/verdict_unsegmented.json" "$SEG/results/toy/gate/verdict.json" <<'EOF'
 import json
 import sys
 
