@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,8 +22,6 @@ from onnx import TensorProto
 from gptoss.errors import GptOssError
 from gptoss.files import atomic_output, sha256
 from gptoss.segment_plan import Segment
-
-log = logging.getLogger("gptoss.segments")
 
 # The segment a graph is, as metadata (JSON): name, ranks first and last, the value entering it.
 SEGMENT_KEY = "gptoss.segment"
