@@ -109,8 +109,10 @@ def _parity(args: argparse.Namespace) -> None:
         if is_segment(args.onnx):  # the sha256 of every weight it reads goes beside the CSV (.tensors.json)
             from gptoss.proof.parity import parity_segment
 
-            rows = parity_segment(params, args.onnx, results, request, args.threads)
+            rows = parity_segment(params, args.onnx, results, request, args.threads, args.entering, args.leaving)
         else:
+            if args.entering or args.leaving:
+                raise GptOssError(f"--entering and --leaving are for a segment graph; {args.onnx} is a whole graph")
             rows = parity(params, args.onnx, results, request, args.threads)
     if failed := sum(not r["passed"] for r in rows):
         log.warning("%d of %d rows exceed their tolerance (the gate decides)", failed, len(rows))
@@ -320,6 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare-block-debug", action="store_true")
     p.add_argument("--csv", type=Path, required=True)
     p.add_argument("--logits-diffs", type=Path, help="also save every logits |diff| (.npz)")
+    carry = "(a segment graph) the .carry.npz the segment before it left: ONNX Runtime continues from ONNX "
+    carry += "Runtime's state, JAX from JAX's"
+    p.add_argument("--entering", type=Path, metavar="CARRY", help=carry)
+    p.add_argument("--leaving", type=Path, metavar="CARRY", help="(a segment graph) default: beside --csv")
     Tolerances.add_arguments(p)
 
     p = sub.add_parser("manifest", help="the sha256 of every tensor of a whole graph, for the gate of its segments")

@@ -151,7 +151,8 @@ def estimate_config(
 
 # --- parity in segments ----------------------------------------------------------------------------------------
 # A segment's parity job (config `parity_segment_blocks`): ONNX Runtime maps and runs only the segment's pieces;
-# the JAX side, in a process of its own before it, streams every piece up to the segment's last, one at a time.
+# the JAX side, in a process of its own before it, streams the segment's pieces, one at a time, from the state the
+# segment before it left.
 # Peak = fixed + the larger of: ONNX Runtime's side, per_segment × the segment's MB + per_experts × one block's
 # experts MB (the debug graph computes every expert of a block for its taps, decoding their MXFP4 to float32), and
 # the JAX side, which holds one piece at a time: the largest of SEGMENT_PIECES × each piece's MB that it runs.
@@ -164,7 +165,7 @@ SEGMENT_MEMORY = {
 # The JAX side's MB per stored MB of the piece it holds: the embedding is gathered from, a block's experts are
 # decoded a slice at a time, the unembedding is cast to float32 for its matmul.
 SEGMENT_PIECES = {"embedding": 0.7, "block": 1.5, "head": 1.5}
-# Minutes: fixed + per_gb × GB the job reads (ONNX Runtime: the segment; JAX: every piece up to its last).
+# Minutes: fixed + per_gb × GB the job reads (the segment, once by each side).
 SEGMENT_RUNTIME = {
     "parity_segment": (5, 1.0),
     "parity_segment_debug": (5, 1.0),
@@ -221,7 +222,7 @@ def estimate_segment_runtime_min(
     whole graph's tensors); attempt N gets N times the first's."""
     _check(weight_format, "parity", attempt)
     fixed, per_gb = SEGMENT_RUNTIME[step]
-    read = segment_mb(cfg, weight_format, 0, last) + segment_mb(cfg, weight_format, first, last)
+    read = 2 * segment_mb(cfg, weight_format, first, last)
     if step == "manifest":
         read = params_mb(cfg, weight_format)
     return math.ceil((fixed + per_gb * read / 1e3) * attempt)

@@ -1,5 +1,6 @@
 """Parity in segments: the pieces a whole graph's parity is split into, one job each (config
-``parity_segment_blocks``). Pure Python: the workflow reads the plan while it parses the Snakefile.
+``parity_segment_blocks``), and the names of the files each segment has. Pure Python: the workflow reads the plan
+and the names while it parses the Snakefile.
 
 A piece is named by its *ranks*: 0 is the embedding, ``i + 1`` block ``i``, ``layers + 1`` the final norm and the
 unembedding (the head)."""
@@ -7,6 +8,7 @@ unembedding (the head)."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 from gptoss.errors import GptOssError
 
@@ -49,3 +51,25 @@ def parse_segment(name: str, layers: int) -> Segment:
         if int(first) <= int(last) < layers:
             return Segment(name, int(first) + 1, int(last) + 1)
     raise GptOssError(f"segment {name!r}: expected embed, head or blocksA-B with 0 <= A <= B < {layers}")
+
+
+def segment_path(onnx_path: Path | str, segment: str) -> Path:
+    """``onnx/debug.onnx`` → ``onnx/debug.seg_{segment}.onnx``: beside the whole graph and its weights file."""
+    return Path(onnx_path).with_name(f"{Path(onnx_path).stem}.seg_{segment}.onnx")
+
+
+def manifest_path(onnx_path: Path | str) -> Path:
+    """``onnx/debug.onnx`` → ``onnx/debug.tensors.json``: the sha256 of every tensor of the whole graph."""
+    return Path(onnx_path).with_name(f"{Path(onnx_path).stem}.tensors.json")
+
+
+def tensors_path(csv: Path | str) -> Path:
+    """``parity/debug/blocks00-03.csv`` → ``parity/debug/blocks00-03.tensors.json``: the sha256 of every weight
+    the segment's graph read in its parity run."""
+    return Path(csv).with_suffix(".tensors.json")
+
+
+def carry_path(csv: Path | str) -> Path:
+    """``parity/debug/blocks00-03.csv`` → ``parity/debug/blocks00-03.carry.npz``: the states its parity left for
+    the next segment."""
+    return Path(csv).with_suffix(".carry.npz")

@@ -426,10 +426,11 @@ fi
 
 # --- 4d. parity in segments ------------------------------------------------------------------------------------
 # In a fresh copy: `parity_segment_blocks=1` fans the debug and canonical parity out into one SLURM job per
-# segment (the embedding, each block, the head; the toy has two blocks), each on a graph of its own pieces. The
-# verdict must be the unsegmented run's (4a): passed, for the very same graphs (their sha256). Then one tensor of
-# one segment graph is tampered: that segment's parity re-runs, and the gate must refuse, naming the segment and
-# the tensor.
+# segment (the embedding, each block, the head; the toy has two blocks), each on a graph of its own pieces and
+# continuing from the states the one before it left. The verdict must be the unsegmented run's (4a): passed, the
+# same worst row of every group with the same differences, for the very same graphs (their sha256). Then one
+# tensor of one segment graph is tampered: that segment's parity re-runs, and the gate must refuse, naming the
+# segment and the tensor.
 step "toy DAG on SLURM: parity in segments, then a tampered segment"
 RUN_TIMEOUT=1200 # about 30 SLURM jobs: one per segment graph and per segment's parity (about 7 min here)
 SEG=$(fresh_copy segments)
@@ -449,7 +450,12 @@ whole, segmented = (json.load(open(path)) for path in sys.argv[1:])
 jobs = {stage: len(found) for stage, found in segmented["segments"].items()}
 assert segmented["passed"] and jobs == {"debug": 4, "canonical": 4}, (segmented["passed"], jobs)
 assert segmented["graphs"] == whole["graphs"], (segmented["graphs"], whole["graphs"])
-print(f"segmented verdict: passed, {jobs} segments, the same {len(whole['graphs'])} graphs as the unsegmented run")
+for key in ("worst", "stages", "generation", "first_failure"):
+    assert segmented[key] == whole[key], (key, segmented[key], whole[key])
+print(
+    f"segmented verdict: passed, {jobs} segments, the same {len(whole['graphs'])} graphs, worst rows and row counts "
+    "as the unsegmented run"
+)
 EOF
 .venv/bin/python - "$SEG/results/toy/onnx/debug.seg_blocks01-01.onnx" <<'EOF'
 import sys

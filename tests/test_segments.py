@@ -19,7 +19,7 @@ from gptoss.formats.synth import synthesize
 from gptoss.graphs import weights_file
 from gptoss.graphs.export import export, export_segment
 from gptoss.graphs.names import INPUT_NAME
-from gptoss.graphs.segments import is_model_weight, segment_meta, segment_path, write_manifest
+from gptoss.graphs.segments import is_model_weight, segment_meta, write_manifest
 from gptoss.graphs.trace import ExportSpec
 from gptoss.model.convert import convert
 from gptoss.model.outputs import output_names, segment_input_name, segment_output_names
@@ -29,10 +29,9 @@ from gptoss.proof.driver import JaxRequest
 from gptoss.proof.gate import gate
 from gptoss.proof.parity import parity, parity_segment
 from gptoss.proof.prompts import prompt_inputs
-from gptoss.proof.segment_coverage import tensors_path
 from gptoss.proof.tolerances import Tolerances
 from gptoss.runtimes.onnx_runtime import ort_session
-from gptoss.segment_plan import Segment, parse_segment, plan_segments
+from gptoss.segment_plan import Segment, carry_path, parse_segment, plan_segments, segment_path, tensors_path
 
 LAYERS = 3
 LENGTH = 16
@@ -144,42 +143,80 @@ def test_manifest_hashes_every_tensor_as_read_with_its_external_data(whole):
     assert manifest["segments"] == [s.name for s in whole["plan"]]
 
 
-def segment_parity(whole: dict, folder: Path, out: Path, stage: str, segment: Segment) -> Path:
+PROMPTS = ["Hello world", "The quick brown fox jumps"]
+
+
+def segment_parity(
+    whole: dict, folder: Path, out: Path, stage: str, segment: Segment, entering: Path | None = None
+) -> Path:
+    """One segment's parity, continuing from ``entering`` (its carry lands beside the CSV)."""
     params = whole["params"]
-    prompts = prompt_inputs(params, ["Hello world", "The quick brown fox jumps"], [], None, LENGTH)
+    prompts = prompt_inputs(params, PROMPTS, [], None, LENGTH)
     csv = out / stage / f"{segment.name}.csv"
     debug = stage == "debug"
     request = JaxRequest(prompts, LENGTH, debug, debug)
-    parity_segment(params, segment_path(folder / f"{stage}.onnx", segment.name), Results(csv), request)
+    parity_segment(params, segment_path(folder / f"{stage}.onnx", segment.name), Results(csv), request, None, entering)
     return csv
+
+
+def chained_parity(whole: dict, out: Path, stage: str) -> list[Path]:
+    """Every segment's parity in order, each from the carry the one before it left."""
+    csvs: list[Path] = []
+    for segment in whole["plan"]:
+        entering = carry_path(csvs[-1]) if csvs else None
+        csvs.append(segment_parity(whole, whole["folder"], out, stage, segment, entering))
+    return csvs
+
+
+def read_csv(paths: list[Path]) -> dict[tuple[str, str], dict]:
+    import csv
+
+    return {(r["prompt_id"], r["tensor"]): r for p in paths for r in csv.DictReader(open(p))}
 
 
 @pytest.fixture(scope="module")
 def segmented(whole, tmp_path_factory) -> dict:
-    """Segmented parity of the debug graph, and the whole graph's parity, on the same prompts."""
+    """Chained segmented parity of the debug and canonical graphs, and the whole graphs' parity, on the same
+    prompts."""
     out = tmp_path_factory.mktemp("parity")
-    csvs = [segment_parity(whole, whole["folder"], out, "debug", s) for s in whole["plan"]]
     params = whole["params"]
-    prompts = prompt_inputs(params, ["Hello world", "The quick brown fox jumps"], [], None, LENGTH)
-    parity(params, whole["folder"] / "debug.onnx", Results(out / "whole.csv"), JaxRequest(prompts, LENGTH, True, True))
+    prompts = prompt_inputs(params, PROMPTS, [], None, LENGTH)
+    csvs = {}
+    for stage in ("debug", "canonical"):
+        csvs[stage] = chained_parity(whole, out, stage)
+        debug = stage == "debug"
+        request = JaxRequest(prompts, LENGTH, debug, debug)
+        parity(params, whole["folder"] / f"{stage}.onnx", Results(out / f"whole_{stage}.csv"), request)
     return {"out": out, "csvs": csvs}
 
 
+@pytest.mark.parametrize("stage", ["debug", "canonical"])
+def test_chained_segments_give_the_whole_graphs_rows(whole, segmented, stage):
+    """The same rows as the whole graph's parity, with the same differences: each segment's ONNX Runtime side
+    continues from ONNX Runtime's state, so the drift through the blocks is measured, not reset at each segment.
+    The canonical segments before the head compare nothing: the whole canonical graph outputs only logits."""
+    got = read_csv(segmented["csvs"][stage])
+    expected = read_csv([segmented["out"] / f"whole_{stage}.csv"])
+    assert got.keys() == expected.keys()
+    for key, row in expected.items():
+        for column in ("max_abs_diff", "mean_abs_diff", "cosine", "passed"):
+            assert got[key][column] == row[column], (key, column)
+    if stage == "canonical":
+        assert {tensor for _, tensor in got} == {"logits"}
+    else:  # the last block's hidden state differs from JAX's by more than the head segment's own error would
+        assert float(got[("p0", f"hidden_state_{LAYERS - 1}")]["max_abs_diff"]) > 0
+
+
 def test_segmented_parity_covers_the_whole_graph_and_the_gate_passes(whole, segmented, tmp_path):
-    manifest = whole["folder"] / "debug.tensors.json"
-    assert gate(segmented["csvs"], Tolerances(), tmp_path / "v.json", manifests={"debug": manifest}) == 0
-    verdict = json.loads((tmp_path / "v.json").read_text())
-    graph = {"stage": "debug", "onnx_sha256": sha256(whole["folder"] / "debug.onnx")}
-    assert verdict["graphs"] == [graph | {"data_sha256": sha256(whole["folder"] / "model.onnx.data")}]
-    assert [s["segment"] for s in verdict["segments"]["debug"]] == sorted(s.name for s in whole["plan"])
-
-    def tensors(paths: list[Path]) -> list[tuple[str, str]]:
-        import csv
-
-        rows = [r for p in paths for r in csv.DictReader(open(p))]
-        return sorted((r["prompt_id"], r["tensor"]) for r in rows)
-
-    assert tensors(segmented["csvs"]) == tensors([segmented["out"] / "whole.csv"])  # the same rows, in pieces
+    for stage in ("debug", "canonical"):
+        manifest = whole["folder"] / f"{stage}.tensors.json"
+        csvs = segmented["csvs"][stage]
+        assert gate(csvs, Tolerances(), tmp_path / f"{stage}.json", manifests={stage: manifest}) == 0
+        verdict = json.loads((tmp_path / f"{stage}.json").read_text())
+        graph = {"stage": stage, "onnx_sha256": sha256(whole["folder"] / f"{stage}.onnx")}
+        assert verdict["graphs"] == [graph | {"data_sha256": sha256(whole["folder"] / "model.onnx.data")}]
+        assert [s["segment"] for s in verdict["segments"][stage]] == sorted(s.name for s in whole["plan"])
+        assert len(verdict["csv_files"]) == len(whole["plan"])  # the canonical segments without rows too
 
 
 def test_gate_names_the_segment_and_tensor_whose_bytes_differ(whole, segmented, tmp_path):
@@ -194,14 +231,39 @@ def test_gate_names_the_segment_and_tensor_whose_bytes_differ(whole, segmented, 
     values = onnx.numpy_helper.to_array(sinks)
     sinks.CopyFrom(onnx.numpy_helper.from_array((values.astype("float32") + 0.5).astype(values.dtype), sinks.name))
     onnx.save(model, str(path))
-    csvs = [c for c in segmented["csvs"] if c.stem != segment.name]
-    csvs.append(segment_parity(whole, folder, tmp_path / "parity", "debug", segment))
+    out = tmp_path / "parity"
+    shutil.copytree(segmented["out"] / "debug", out / "debug")
+    csvs = [out / "debug" / f"{s.name}.csv" for s in whole["plan"]]
+    segment_parity(whole, folder, out, "debug", segment, carry_path(csvs[1]))
     manifests = {"debug": whole["folder"] / "debug.tensors.json"}
     with pytest.raises(GptOssError, match=r"debug segment blocks01-01: tensor layers\.1\.attn\.sinks is not the "):
         gate(csvs, Tolerances(), tmp_path / "v.json", manifests=manifests)
     with pytest.raises(GptOssError, match="debug segment head has no parity CSV"):
-        gate(segmented["csvs"][:-1], Tolerances(), tmp_path / "v2.json", manifests=manifests)
-    record = json.loads(tensors_path(segmented["csvs"][1]).read_text())
+        gate(segmented["csvs"]["debug"][:-1], Tolerances(), tmp_path / "v2.json", manifests=manifests)
+    record = json.loads(tensors_path(segmented["csvs"]["debug"][1]).read_text())
     assert set(record["tensors"]) == {
         n for n in json.loads(manifests["debug"].read_text())["tensors"] if n.startswith("layers.0.")
     }
+
+
+def test_gate_refuses_a_broken_chain(whole, segmented, tmp_path):
+    """A segment whose parity ran again (other prompts) after the next one started from its old carry: the gate
+    names the next segment. A carry that does not end just before the segment, or that holds other tokens, or
+    none where one is needed, is refused at once."""
+    out = tmp_path / "parity"
+    shutil.copytree(segmented["out"] / "canonical", out / "canonical")
+    csvs = [out / "canonical" / f"{s.name}.csv" for s in whole["plan"]]
+    manifests = {"canonical": whole["folder"] / "canonical.tensors.json"}
+    assert gate(csvs, Tolerances(), tmp_path / "ok.json", manifests=manifests) == 0
+    params, graphs = whole["params"], [segment_path(whole["folder"] / "canonical.onnx", s.name) for s in whole["plan"]]
+    other = JaxRequest(prompt_inputs(params, ["A different prompt", "And another one"], [], None, LENGTH), LENGTH)
+    parity_segment(params, graphs[0], Results(csvs[0]), other)  # the embedding again, other states
+    with pytest.raises(GptOssError, match="canonical segment blocks00-00: started from a state of segment embed"):
+        gate(csvs, Tolerances(), tmp_path / "broken.json", manifests=manifests)
+    with pytest.raises(GptOssError, match="does not end just before segment blocks01-01"):
+        parity_segment(params, graphs[2], Results(tmp_path / "x.csv"), other, None, carry_path(csvs[0]))
+    with pytest.raises(GptOssError, match="pass --entering"):
+        parity_segment(params, graphs[1], Results(tmp_path / "y.csv"), other)
+    request = JaxRequest(prompt_inputs(params, PROMPTS, [], None, LENGTH), LENGTH)
+    with pytest.raises(GptOssError, match="left the state of other tokens for prompt"):
+        parity_segment(params, graphs[1], Results(tmp_path / "z.csv"), request, None, carry_path(csvs[0]))

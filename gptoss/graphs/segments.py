@@ -21,7 +21,7 @@ from onnx import TensorProto
 
 from gptoss.errors import GptOssError
 from gptoss.files import atomic_output, sha256
-from gptoss.segment_plan import Segment
+from gptoss.segment_plan import Segment, manifest_path
 
 # The segment a graph is, as metadata (JSON): name, ranks first and last, the value entering it.
 SEGMENT_KEY = "gptoss.segment"
@@ -44,16 +44,6 @@ def segment_meta(model: onnx.ModelProto) -> dict | None:
 def is_segment(onnx_path: Path) -> bool:
     """Whether ``onnx_path`` is a segment graph (checked without its weights)."""
     return Path(onnx_path).is_file() and segment_meta(onnx.load(str(onnx_path), load_external_data=False)) is not None
-
-
-def segment_path(onnx_path: Path, segment: str) -> Path:
-    """``onnx/debug.onnx`` → ``onnx/debug.seg_{segment}.onnx``: beside the whole graph and its weights file."""
-    return onnx_path.with_name(f"{onnx_path.stem}.seg_{segment}.onnx")
-
-
-def manifest_path(onnx_path: Path) -> Path:
-    """``onnx/debug.onnx`` → ``onnx/debug.tensors.json``: the sha256 of every tensor of the whole graph."""
-    return onnx_path.with_name(f"{onnx_path.stem}.tensors.json")
 
 
 def mark_segment(model: ir.Model, segment: Segment, entering: str | None) -> None:

@@ -18,17 +18,16 @@ import numpy as np
 from gptoss.files import sha256
 from gptoss.graphs.names import data_path
 from gptoss.model.gpt_oss import forward, run_segment
-from gptoss.model.outputs import output_names, segment_input_name, segment_output_names
+from gptoss.model.outputs import output_names, segment_output_names
 from gptoss.model.params import Params
 from gptoss.proof.compare import Results
 from gptoss.proof.prompts import Prompt, padded
+from gptoss.proof.segment_carry import Carry
 from gptoss.runtimes.generation import Generation
 from gptoss.runtimes.jax_model import StreamedModel, jax_generate
 from gptoss.runtimes.process import in_fresh_process
 
 log = logging.getLogger("gptoss.proof")
-# The JAX side's name for the hidden state entering a segment.
-SEGMENT_INPUT = "segment_input"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +35,7 @@ class JaxRequest:
     """What the JAX side computes for every prompt: the forward pass over the prompt right-padded to
     ``sequence_length`` (none if None; hidden states and block taps on request), and ``generate_tokens`` greedy
     steps with the KV cache, ``suppress`` ids (end of sequence) never chosen. With ``segment``, the forward pass
-    runs through the segment's last piece only, and spills the state entering its first as ``SEGMENT_INPUT``."""
+    runs the segment's pieces only, from the JAX state that ``entering`` (the previous segment's carry) holds."""
 
     prompts: list[Prompt]
     sequence_length: int | None = None
@@ -44,7 +43,8 @@ class JaxRequest:
     block_debug: bool = False
     generate_tokens: int = 0
     suppress: tuple[int, ...] = ()
-    segment: tuple[int, int] | None = None  # ranks (first, last): a segment's outputs and the state entering it
+    segment: tuple[int, int] | None = None  # ranks (first, last) of a segment's pieces
+    entering: Path | None = None  # the carry (.carry.npz) of the segment before it; None for the embedding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,27 +61,19 @@ class JaxOutputs:
         return Generation.load(self.folder / f"{prompt.prompt_id}.generation.npz")
 
 
-def segment_forward(model: StreamedModel, ids: jnp.ndarray, request: JaxRequest) -> dict[str, jnp.ndarray]:
-    """The segment's outputs (:func:`gptoss.model.outputs.segment_output_names`) and, as ``SEGMENT_INPUT``, the
-    state entering it: the pieces before it run first, one at a time, without taps."""
-    first, last = request.segment
-    entering = run_segment(model, ids, None, 0, first - 1)[segment_input_name(first)] if first else None
-    outputs = run_segment(model, ids, entering, first, last, request.block_debug)
-    return outputs | ({SEGMENT_INPUT: entering} if first else {})
-
-
 def run_jax_side(params: Params, request: JaxRequest, folder: Path) -> None:
     """The JAX side of :func:`compare`, in its own process: every prompt's outputs to ``folder``."""
     model = StreamedModel(params)
     names = output_names(model.cfg, request.hidden_states, request.block_debug)
+    carried = Carry.load(request.entering) if request.entering is not None else None
     if request.segment is not None:
-        first, last = request.segment
-        names = segment_output_names(model.cfg, first, last, request.block_debug) + ([SEGMENT_INPUT] if first else [])
+        names = segment_output_names(model.cfg, *request.segment, request.block_debug)
     for prompt in request.prompts:
         if request.sequence_length is not None:
             ids = jnp.asarray(padded(prompt, request.sequence_length))
             if request.segment is not None:
-                outputs = segment_forward(model, ids, request)
+                hidden = carried.state("jax", prompt, request.entering) if carried else None
+                outputs = run_segment(model, ids, hidden, *request.segment, request.block_debug)
             else:
                 outputs = forward(model, ids, request.hidden_states, request.block_debug)
             np.savez(folder / f"{prompt.prompt_id}.npz", **{n: np.asarray(outputs[n]) for n in names})

@@ -40,14 +40,18 @@ def _describe(row: dict, tol: Tolerances) -> str:
 
 
 def evaluate(
-    rows: list[dict], tol: Tolerances, expect_stages: Sequence[str], manifests: Mapping[str, Path] | None = None
+    rows: list[dict],
+    tol: Tolerances,
+    expect_stages: Sequence[str],
+    manifests: Mapping[str, Path] | None = None,
+    csv_paths: Sequence[Path] = (),
 ) -> dict:
     """The verdict as a dict (deterministic: no timestamps). ``manifests``: stage → the whole graph's tensor
     manifest, for the stages whose CSVs are segments (:mod:`gptoss.proof.segment_coverage`)."""
     stages = sorted({r["stage"] for r in rows})
     problems, whole_graphs, segments = [], [], {}
     for stage, manifest in (manifests or {}).items():
-        found, graph, segments[stage] = check_coverage(rows, stage, manifest)
+        found, graph, segments[stage] = check_coverage(rows, stage, manifest, csv_paths)
         problems += found
         whole_graphs.append(graph)
     problems += [f"expected stage {stage!r} has no rows" for stage in expect_stages if stage not in stages]
@@ -86,7 +90,10 @@ def evaluate(
         "worst": worst,
         "graphs": [{"stage": s, "onnx_sha256": o, "data_sha256": d} for s, o, d in graphs],
         "generation": generation_summary(rows, tol),
-        "csv_files": [{"path": str(p), "sha256": sha256(Path(p))} for p in sorted({r["source"] for r in rows})],
+        "csv_files": [
+            {"path": str(p), "sha256": sha256(Path(p))}
+            for p in sorted({r["source"] for r in rows} | set(map(str, csv_paths)))
+        ],
     }
     return verdict | ({"segments": segments} if segments else {})
 
@@ -137,7 +144,7 @@ def gate(
     manifests: Mapping[str, Path] | None = None,
 ) -> int:
     """Write the verdict and summary; raise ``GptOssError`` (exit 1) naming the worst breach if it failed."""
-    verdict = evaluate(read_rows(csv_paths), tol, expect_stages, manifests)
+    verdict = evaluate(read_rows(csv_paths), tol, expect_stages, manifests, csv_paths)
     with atomic_output(verdict_path) as tmp:
         tmp.write_text(json.dumps(verdict, indent=2, sort_keys=True) + "\n")
     with atomic_output(summary_path or verdict_path.with_suffix(".md")) as tmp:

@@ -20,17 +20,18 @@ from gptoss.files import atomic_output, sha256
 from gptoss.graphs.genai import GENAI_CONFIG, check_folder
 from gptoss.graphs.names import INPUT_NAME
 from gptoss.graphs.segments import segment_meta, tensor_sha256s
-from gptoss.model.outputs import output_names, segment_output_names
+from gptoss.model.outputs import output_names, segment_input_name, segment_output_names
 from gptoss.model.params import Params
 from gptoss.proof.compare import Results, compare_prompt, logits_diff, logits_row, step_rows, token_row
-from gptoss.proof.driver import SEGMENT_INPUT, JaxOutputs, JaxRequest, compare
+from gptoss.proof.driver import JaxOutputs, JaxRequest, compare
 from gptoss.proof.prompts import Prompt, padded
-from gptoss.proof.segment_coverage import tensors_path
+from gptoss.proof.segment_carry import Carry
 from gptoss.proof.tolerances import Tolerances
 from gptoss.runtimes.genai import genai_generate_all
 from gptoss.runtimes.generation import Generation
 from gptoss.runtimes.onnx_runtime import batched_ort_run, ort_generate, ort_session
 from gptoss.runtimes.process import in_fresh_process
+from gptoss.segment_plan import carry_path, tensors_path
 
 log = logging.getLogger("gptoss.parity")
 
@@ -81,48 +82,86 @@ def parity(
 
 
 def parity_segment(
-    params: Params, onnx_path: Path, results: Results, request: JaxRequest, threads: int | None = None
+    params: Params,
+    onnx_path: Path,
+    results: Results,
+    request: JaxRequest,
+    threads: int | None = None,
+    entering: Path | None = None,
+    leaving: Path | None = None,
 ) -> list[dict]:
-    """A segment graph (``gptoss export --segment-blocks``) against the JAX model: every prompt's state entering
-    the segment, computed by JAX, fed to both sides; its outputs compared in the whole graph's rows. The sha256 of
-    every weight the segment graph reads goes beside the CSV (:func:`tensors_path`), and that file's sha256 into
-    the rows' ``data_sha256``: the gate checks them against the whole graph's."""
+    """A segment graph (``gptoss export --segment``) against the JAX model, continuing from ``entering``, the carry
+    the previous segment's parity left (:mod:`gptoss.proof.segment_carry`; none for the embedding): ONNX Runtime
+    from ONNX Runtime's state, JAX from JAX's, so the rows are the whole graph's rows for the outputs the whole
+    graph has. The states leaving the segment go to ``leaving`` (default: beside the CSV). The sha256 of every
+    weight the segment graph reads goes beside the CSV (:func:`tensors_path`), and that file's sha256 into the
+    rows' ``data_sha256``: the gate checks them against the whole graph's."""
     model = onnx.load(str(onnx_path), load_external_data=False)
     meta = segment_meta(model)
     if meta is None:
         raise GptOssError(f"{onnx_path} is a whole graph, not a segment graph: run parity without --segment")
+    cfg = params.model_config
     debug = request.hidden_states or request.block_debug
     stage = "debug" if debug else "canonical"
     first, last = meta["first"], meta["last"]
-    wanted = segment_output_names(params.model_config, first, last, debug)
+    wanted = segment_output_names(cfg, first, last, debug)
     check_graph(onnx_path, wanted, request.sequence_length)
-    request = dataclasses.replace(request, segment=(first, last))
-    entering = meta["input"]
+    carried = _entering_carry(meta, entering)
+    request = dataclasses.replace(request, segment=(first, last), entering=entering if carried else None)
+    whole_outputs = set(output_names(cfg, request.hidden_states, request.block_debug))
+    leaving_name = segment_input_name(last + 1) if last <= cfg.num_hidden_layers else None
     record = {"stage": stage, "segment": meta["name"], "onnx": onnx_path.name, "onnx_sha256": sha256(onnx_path)}
     record |= tensor_sha256s(model, onnx_path.parent)
+    record["entering"] = {"segment": carried.segment, "sha256": sha256(entering)} if carried else None
     del model
     with atomic_output(tensors_path(results.csv)) as tmp:
         tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
     provenance = dict(onnx_sha256=record["onnx_sha256"], data_sha256=sha256(tensors_path(results.csv)))
+    carry = Carry(meta["name"], last, provenance["data_sha256"])
 
     def onnx_runtime_side(jax: JaxOutputs) -> tuple[list[dict], dict[str, np.ndarray]]:
         log.info("ONNX Runtime side: %s (segment %s)", onnx_path, meta["name"])
         session = ort_session(onnx_path, threads)
-        fed = {i.name for i in session.get_inputs()}
         rows, diffs = [], {}
         for prompt in request.prompts:
+            feeds = {INPUT_NAME: padded(prompt, request.sequence_length)}
+            if carried:
+                feeds[meta["input"]] = carried.state("onnxruntime", prompt, entering)
+            fed = {i.name for i in session.get_inputs()}
+            got = dict(zip(wanted, session.run(wanted, {k: v for k, v in feeds.items() if k in fed}), strict=True))
             with jax.forward(prompt) as ref:
-                feeds = {INPUT_NAME: padded(prompt, request.sequence_length)}
-                if entering:
-                    feeds[entering] = ref[SEGMENT_INPUT]
-                got = dict(zip(wanted, session.run(wanted, {k: v for k, v in feeds.items() if k in fed}), strict=True))
-                rows += compare_prompt(stage, prompt, ref, got, results.tolerances)
+                compared = {name: value for name, value in got.items() if name in whole_outputs}
+                rows += compare_prompt(stage, prompt, ref, compared, results.tolerances)
                 if "logits" in got:
                     diffs[prompt.prompt_id] = logits_diff(prompt, ref, got)
+                if leaving_name:
+                    carry.add(prompt, jax=ref[leaving_name], onnxruntime=got[leaving_name])
             del got
         return rows, diffs
 
-    return compare(stage, params, request, onnx_runtime_side, results, onnx_path, provenance)
+    rows = compare(stage, params, request, onnx_runtime_side, results, onnx_path, provenance)
+    carry.save(leaving or carry_path(results.csv))
+    return rows
+
+
+def _entering_carry(meta: dict, entering: Path | None) -> Carry | None:
+    """The carry a segment starts from: none for the embedding, else the one the segment just before it left."""
+    if meta["first"] == 0:
+        if entering is not None:
+            raise GptOssError(f"segment {meta['name']} is the embedding: it starts from the prompt, not --entering")
+        return None
+    if entering is None:
+        raise GptOssError(
+            f"segment {meta['name']} continues from the segment before it: pass --entering with the .carry.npz "
+            "that segment's parity left"
+        )
+    carried = Carry.load(entering)
+    if carried.last != meta["first"] - 1:
+        raise GptOssError(
+            f"{entering}: the state leaving segment {carried.segment}, which does not end just before segment "
+            f"{meta['name']}"
+        )
+    return carried
 
 
 def parity_decoder(

@@ -23,6 +23,7 @@ from gptoss.resources import (
     estimate_threads,
     parity_step,
 )
+import gptoss.segment_plan as segment_files
 from gptoss.segment_plan import parse_segment, plan_segments
 from gptoss.stages import STAGES
 
@@ -235,17 +236,34 @@ def parity_csv(name, stage):
 
 def segment_graph_path(name, stage, segment):
     """A segment's graph, beside the whole graph whose weights file it reads."""
-    return f"{RESULTS}/{name}/onnx/{stage}.seg_{segment}.onnx"
+    return str(segment_files.segment_path(graph_path(name, stage), segment))
 
 
 def manifest_path(name, stage):
     """The sha256 of every tensor of the whole graph, which the gate holds the segments to."""
-    return f"{RESULTS}/{name}/onnx/{stage}.tensors.json"
+    return str(segment_files.manifest_path(graph_path(name, stage)))
 
 
 def segment_csv(name, stage, segment):
-    """A segment's parity CSV (with its .tensors.json beside it)."""
+    """A segment's parity CSV (with its .tensors.json and .carry.npz beside it)."""
     return f"{RESULTS}/{name}/parity/{stage}/{segment}.csv"
+
+
+def segment_tensors(name, stage, segment):
+    """The sha256 of every weight the segment's parity read."""
+    return str(segment_files.tensors_path(segment_csv(name, stage, segment)))
+
+
+def segment_carry(name, stage, segment):
+    """The states a segment's parity leaves for the next segment."""
+    return str(segment_files.carry_path(segment_csv(name, stage, segment)))
+
+
+def entering_carry(wildcards):
+    """The carry a segment's parity starts from: the one the segment before it left (none for the embedding)."""
+    names = segment_names(wildcards.checkpoint)
+    index = names.index(wildcards.segment)
+    return [segment_carry(wildcards.checkpoint, wildcards.stage, names[index - 1])] if index else []
 
 
 def gate_csvs(name):

@@ -1,9 +1,10 @@
 # Parity in segments (`parity_segment_blocks: N`; 0, the default, keeps one parity job per graph): the debug and
-# canonical graphs' parity fans out into one job per segment (the embedding, N blocks at a time, the head), so
-# that no job holds the whole model. Each segment's graph is traced alone, beside the whole graph, and reads the
-# same weights file; its parity feeds both sides JAX's hidden state entering it. The whole graph's tensor
-# manifest holds the sha256 of its every tensor: the gate refuses a tensor that no segment read, or read as other
-# bytes. The decoder's greedy generation needs the whole model and stays one job.
+# canonical graphs' parity runs as one job per segment (the embedding, N blocks at a time, the head), so that no
+# job holds the whole model. Each segment's graph is traced alone, beside the whole graph, and reads the same
+# weights file. Each segment's parity continues from the states the one before it left (its .carry.npz): ONNX
+# Runtime from ONNX Runtime's, JAX from JAX's, so the segments' rows are the whole graph's. The whole graph's
+# tensor manifest holds the sha256 of its every tensor: the gate refuses a tensor that no segment read, or read
+# as other bytes, and a broken chain. The decoder's greedy generation needs the whole model and stays one job.
 
 
 rule export_segment:
@@ -66,9 +67,11 @@ rule parity_segment:
     input:
         unpack(params_inputs),
         segment=segment_graph_path("{checkpoint}", "{stage}", "{segment}"),
+        entering=entering_carry,
     output:
         csv=segment_csv("{checkpoint}", "{stage}", "{segment}"),
-        tensors=f"{RESULTS}/{{checkpoint}}/parity/{{stage}}/{{segment}}.tensors.json",
+        tensors=segment_tensors("{checkpoint}", "{stage}", "{segment}"),
+        carry=segment_carry("{checkpoint}", "{stage}", "{segment}"),
         diffs=f"{RESULTS}/{{checkpoint}}/parity/{{stage}}/{{segment}}_logits_diff.npz",
     log:
         f"{RESULTS}/{{checkpoint}}/logs/parity_{{stage}}_{{segment}}.log",
@@ -87,9 +90,11 @@ rule parity_segment:
         sequence_length=config["sequence_length"],
         prompts=prompt_args(),
         tolerances=tolerance_args(),
+        entering=lambda wildcards, input: f"--entering {input.entering}" if input.entering else "",
     message:
         "{wildcards.checkpoint}: parity of segment {wildcards.segment} of the {wildcards.stage} graph"
     shell:
         "gptoss parity --stage {wildcards.stage} --params {input.params} --config {input.config} "
-        "--onnx {input.segment} --sequence-length {params.sequence_length} {params.prompts} {params.tolerances} "
-        "--threads {threads} --csv {output.csv} --logits-diffs {output.diffs} > {log} 2>&1"
+        "--onnx {input.segment} {params.entering} --sequence-length {params.sequence_length} {params.prompts} "
+        "{params.tolerances} --threads {threads} --csv {output.csv} --leaving {output.carry} "
+        "--logits-diffs {output.diffs} > {log} 2>&1"
