@@ -9,8 +9,7 @@
 
 rule export_segment:
     input:
-        unpack(graph_inputs),
-        whole=graph_path("{checkpoint}", "{stage}"),
+        unpack(graph_inputs),  # the weights file only: a segment's chain need not wait for the whole graph's trace
     output:
         segment_graph_path("{checkpoint}", "{stage}", "{segment}"),
     log:
