@@ -367,3 +367,21 @@ def test_segmented_parity_fans_out_one_job_per_segment(workdir: Path):
         for segment in ("embed", "blocks00-00", "blocks01-01", "head"):
             graph = f"results/gpt-oss-20b/onnx/{stage}.seg_{segment}.onnx"
             assert f"--segment {segment} --params" in text and f"--onnx {graph}" in text, (stage, segment)
+
+
+def test_depth_agreement_can_be_switched_off(workdir: Path):
+    """`quality: {depth_agreement: false}`: no variant probe (as much disk as the variant again), the quality stage
+    without --probe and its gate without the per-depth figure; the other quality keys keep their values."""
+    config = ["--configfile", "config/toy-mxfp4.yaml"]
+    proc = snakemake(
+        "-n", "-p", "promote_baseline2", *config, "--config", "quality={depth_agreement: false}", cwd=workdir
+    )
+    assert proc.returncode == 0, output(proc)
+    text = proc.stdout + proc.stderr
+    assert "export_variant_probe" not in job_counts(text), job_counts(text)
+    quality = [line for line in text.splitlines() if "gptoss quality " in line]
+    assert len(quality) == 2 and all("--max-tokens 1024" in q and "--probe" not in q for q in quality), quality
+    assert "gptoss quality-gate" in text and "--depth-plot" not in text
+    proc = snakemake("-n", "-p", "promote_baseline2", *config, cwd=workdir)  # the default measures it
+    assert job_counts(proc.stdout + proc.stderr)["export_variant_probe"] == 2, output(proc)
+    assert "--probe results/toy-mxfp4/probes/q4" in proc.stdout + proc.stderr

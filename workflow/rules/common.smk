@@ -51,10 +51,13 @@ def find_gptoss_next_to_snakemake():
 
 
 def numbers_from_strings(cfg):
-    """Make numbers of the numeric values that arrive as strings: `--config KEY={...}` hands nested values
-    over as strings, and YAML reads a float without a dot (1e-4) as one. Anything else is left to the schema."""
+    """Make numbers (and booleans) of the values that arrive as strings: `--config KEY={...}` hands nested
+    values over as strings, and YAML reads a float without a dot (1e-4) as one. Anything else is left to the
+    schema."""
 
     def number(value, kind):
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
         try:
             return kind(value) if isinstance(value, str) else value
         except ValueError:
@@ -415,6 +418,33 @@ def probe_length():
     return min(q["chunk_length"], q["max_tokens"] - 1) if q["max_tokens"] else q["chunk_length"]
 
 
+def depth_agreement():
+    """Whether the quality stage measures the top-1 agreement per block depth (each variant's probe)."""
+    return config["quality"]["depth_agreement"]
+
+
+def probe_inputs(wildcards):
+    """The variant's probe, when the quality stage measures the top-1 agreement per block depth."""
+    return {"probe": variant_probe_folder(wildcards.checkpoint, wildcards.variant)} if depth_agreement() else {}
+
+
+def probe_flags(wildcards, input):
+    """The probe and the exact params whose hidden states it is compared with (the logit lens)."""
+    return f"--probe {input.probe} --params {input.params} --config {input.config}" if depth_agreement() else ""
+
+
+def quality_gate_figures():
+    """The quality gate's figures: the KLD histogram, and the per-depth figure when measured."""
+    figures = {"plot": f"{RESULTS}/{{checkpoint}}/gate/quality_{{variant}}_kld.png"}
+    if depth_agreement():
+        figures["depth_plot"] = f"{RESULTS}/{{checkpoint}}/gate/quality_{{variant}}_depth.png"
+    return figures
+
+
+def depth_plot_flag(wildcards, output):
+    return f"--depth-plot {output.depth_plot}" if depth_agreement() else ""
+
+
 def quality_flags():
     """The evaluation's settings, and the near-tie margin of the greedy comparison (the tolerances')."""
     q = config["quality"]
@@ -514,8 +544,9 @@ def runtime(step):
     return job_estimate(estimate_runtime_min, step)
 
 
-def segment_estimate(estimate, step):
-    """A resources function of a segment's job: ``estimate`` of ``step`` for its {segment} of its checkpoint."""
+def segment_estimate(estimate, step, **extra):
+    """A resources function of a segment's job: ``estimate`` of ``step`` for its {segment} of its checkpoint
+    (``extra``: more keyword arguments of ``estimate``)."""
 
     def resource(wildcards, attempt):
         name = job_checkpoint(wildcards)
@@ -523,13 +554,15 @@ def segment_estimate(estimate, step):
         segment = parse_segment(wildcards.segment, cfg.num_hidden_layers) if "segment" in wildcards.keys() else None
         first, last = (segment.first, segment.last) if segment else (0, cfg.num_hidden_layers + 1)
         debug = step == "parity_segment" and "stage" in wildcards.keys() and wildcards.stage == "debug"  # its taps
-        return estimate(cfg, weight_format, f"{step}_debug" if debug else step, first, last, attempt)
+        return estimate(cfg, weight_format, f"{step}_debug" if debug else step, first, last, attempt, **extra)
 
     return resource
 
 
 def segment_mem_mb(step):
-    return segment_estimate(estimate_segment_mem_mb, step)
+    """The experts that the parity's tokens (prompts × sequence length) are routed to stay resident."""
+    tokens = len(config["prompts"]) * config["sequence_length"]
+    return segment_estimate(estimate_segment_mem_mb, step, tokens=tokens)
 
 
 def segment_runtime(step):

@@ -6,7 +6,8 @@
 # {tag}-{variant}. A variant over budget stops at its own gate; the exact graph's promotion does not wait for it.
 # Each variant also has a probe (`export --stage debug --variant`: its whole-sequence graph with hidden-state
 # outputs, in chunks of the quality stage's length), from which the quality stage reads the top-1 agreement per
-# block depth (a logit lens with the exact head); the probe is measured, never promoted.
+# block depth (a logit lens with the exact head); the probe is measured, never promoted
+# (`quality: {depth_agreement: false}` skips it).
 
 
 rule export_variant:
@@ -65,10 +66,10 @@ rule export_variant_probe:
 rule quality:
     input:
         unpack(params_inputs),
+        unpack(probe_inputs),
         exact=graph_path("{checkpoint}", "decoder"),
         weights=weights_path("{checkpoint}"),
         variant=variant_folder("{checkpoint}", "{variant}"),
-        probe=variant_probe_folder("{checkpoint}", "{variant}"),
     output:
         csv=quality_csv("{checkpoint}", "{variant}"),
         kld=f"{RESULTS}/{{checkpoint}}/quality/{{variant}}_kld.npy",
@@ -88,12 +89,13 @@ rule quality:
         exact=lambda wildcards, input: os.path.dirname(input.exact),
         prompts=prompt_args(),
         flags=quality_flags(),
+        probe=probe_flags,
     message:
         "{wildcards.checkpoint}: quality of the {wildcards.variant} variant against the exact decoder"
     shell:
         "gptoss quality --exact {params.exact} --variant {input.variant} --variant-name {wildcards.variant} "
         "{params.prompts} {params.flags} --threads {threads} --csv {output.csv} --kld-values {output.kld} "
-        "--probe {input.probe} --params {input.params} --config {input.config} > {log} 2>&1"
+        "{params.probe} > {log} 2>&1"
 
 
 rule quality_gate:
@@ -103,8 +105,7 @@ rule quality_gate:
     output:
         verdict=quality_verdict_path("{checkpoint}", "{variant}"),
         summary=f"{RESULTS}/{{checkpoint}}/gate/quality_{{variant}}.md",
-        plot=f"{RESULTS}/{{checkpoint}}/gate/quality_{{variant}}_kld.png",
-        depth_plot=f"{RESULTS}/{{checkpoint}}/gate/quality_{{variant}}_depth.png",
+        **quality_gate_figures(),
     log:
         f"{RESULTS}/{{checkpoint}}/logs/quality_gate_{{variant}}.log",
     benchmark:
@@ -119,11 +120,12 @@ rule quality_gate:
         runtime=runtime("quality_gate"),
     params:
         budgets=lambda wildcards: budget_args(wildcards.variant),
+        depth_plot=depth_plot_flag,
     message:
         "{wildcards.checkpoint}: quality gate of the {wildcards.variant} variant ({params.budgets})"
     shell:
         "gptoss quality-gate --csv {input.csv} {params.budgets} --verdict {output.verdict} --summary {output.summary} "
-        "--plot {output.plot} --kld-values {wildcards.variant}={input.kld} --depth-plot {output.depth_plot} "
+        "--plot {output.plot} --kld-values {wildcards.variant}={input.kld} {params.depth_plot} "
         "> {log} 2>&1 "
         "|| {{ msg=$(tail -n 1 {log}); cat {output.summary} >> {log} 2>/dev/null || true; "
         'echo "$msg" >&2; echo "quality gate details: {log}" >&2; exit 1; }}'
