@@ -150,22 +150,22 @@ def estimate_config(
 
 
 # --- parity in segments ----------------------------------------------------------------------------------------
-# A segment's parity job (config `parity_segment_blocks`): ONNX Runtime maps and runs only the segment's pieces;
-# the JAX side, in a process of its own before it, streams the segment's pieces, one at a time, from the state the
-# segment before it left.
-# Peak = fixed + the larger of: ONNX Runtime's side, per_segment × the segment's MB + per_experts × one block's
-# experts MB (the debug graph computes every expert of a block for its taps, decoding their MXFP4 to float32), and
-# the JAX side, which holds one piece at a time: the largest of SEGMENT_PIECES × each piece's MB that it runs.
+# A segment's parity job (config `parity_segment_blocks`). ONNX Runtime maps the weights file and runs only the
+# segment's pieces; the pages it touches stay resident: in the debug graph every weight of the segment (its taps
+# compute every expert) plus a working set that does not grow with the number of experts (measured alike at 32 and
+# 128 experts per block); in the canonical graph the head, each block's attention, and the experts its tokens are
+# routed to (:func:`routed_fraction`); the embedding only gathers rows. The JAX side, in a process of its own
+# before it, streams the segment's pieces from the state the segment before it left, holding one piece at a time:
+# SEGMENT_PIECES × that piece's MB. Peak = fixed + the larger of the two sides.
 SEGMENT_MEMORY = {
-    #                        fixed, per_segment, per_experts
-    "parity_segment": (600, 0.9, 0.0),  # canonical
-    "parity_segment_debug": (600, 0.9, 3.0),
-    "export_segment": (500, 0.0, 0.0),  # tracing only, like the whole graph's export
+    #                        fixed, debug working set MB
+    "parity_segment": (600, 0.0),  # canonical
+    "parity_segment_debug": (600, 1200.0),
+    "export_segment": (500, None),  # tracing only, like the whole graph's export
 }
 # The JAX side's MB per stored MB of the piece it holds: the embedding is gathered from, a block's experts are
-# decoded a slice at a time, the unembedding is cast to float32 for its matmul.
-SEGMENT_PIECES = {"embedding": 0.7, "block": 1.5, "head": 1.5}
-# Minutes: fixed + per_gb × GB the job reads (the segment, once by each side).
+# decoded a slice at a time, the unembedding is cast to float32 a slice at a time for its matmul.
+SEGMENT_PIECES = {"embedding": 0.7, "block": 1.2, "head": 1.15}
 SEGMENT_RUNTIME = {
     "parity_segment": (5, 1.0),
     "parity_segment_debug": (5, 1.0),
@@ -199,19 +199,30 @@ def _blocks(cfg: GptOssConfig, first: int, last: int) -> int:
     return max(0, min(last, cfg.num_hidden_layers) - max(first, 1) + 1)
 
 
+def routed_fraction(cfg: GptOssConfig, tokens: int) -> float:
+    """The expected fraction of a block's experts that ``tokens`` positions are routed to (each picks
+    ``num_experts_per_tok`` of ``num_local_experts``; taken as independent)."""
+    return 1 - (1 - cfg.num_experts_per_tok / cfg.num_local_experts) ** tokens
+
+
 def estimate_segment_mem_mb(
-    cfg: GptOssConfig, weight_format: str, step: str, first: int, last: int, attempt: int = 1
+    cfg: GptOssConfig, weight_format: str, step: str, first: int, last: int, attempt: int = 1, tokens: int = 32
 ) -> int:
     """Peak resident memory in MB of ``step`` (parity_segment, parity_segment_debug, export_segment) for the
-    segment of ranks ``first`` to ``last``; each attempt after the first asks ``MEMORY_PER_RETRY`` more."""
+    segment of ranks ``first`` to ``last``, whose parity runs ``tokens`` positions (prompts × sequence length);
+    each attempt after the first asks ``MEMORY_PER_RETRY`` more."""
     _check(weight_format, "parity", attempt)
-    fixed, per_segment, per_experts = SEGMENT_MEMORY[step]
-    embedding, block, head = piece_mb(cfg, weight_format)
-    onnx_side = per_segment * segment_mb(cfg, weight_format, first, last)
-    onnx_side += per_experts * experts_mb(cfg, weight_format) * (_blocks(cfg, first, last) > 0)
-    pieces = {"embedding": embedding, "block": block * (last > 0), "head": head * (last > cfg.num_hidden_layers)}
-    jax_side = max(SEGMENT_PIECES[name] * mb for name, mb in pieces.items()) if per_segment else 0.0
-    estimate = fixed + max(onnx_side, jax_side)
+    fixed, working = SEGMENT_MEMORY[step]
+    estimate = fixed
+    if working is not None:
+        embedding, block, head = piece_mb(cfg, weight_format)
+        blocks, has_head = _blocks(cfg, first, last), last > cfg.num_hidden_layers
+        routed = 1.0 if working else routed_fraction(cfg, tokens)
+        experts = experts_mb(cfg, weight_format)
+        onnx_side = blocks * (block - (1 - routed) * experts) + head * has_head + working * (blocks > 0)
+        pieces = {"embedding": embedding * (first == 0), "block": block * (blocks > 0), "head": head * has_head}
+        jax_side = max(SEGMENT_PIECES[name] * mb for name, mb in pieces.items())
+        estimate += max(onnx_side, jax_side)
     return int(estimate * (1 + MEMORY_PER_RETRY * (attempt - 1)))
 
 

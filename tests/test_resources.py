@@ -269,24 +269,59 @@ def test_a_segments_memory_and_time_follow_its_size_and_attempt():
     assert estimate_segment_runtime_min(cfg, "mxfp4", "parity_segment", 1, 4, 2) >= 2 * shallow
 
 
-# Kernel peak RSS of every segment job of the 24-layer gpt-oss-20b (mxfp4) in segments of 4 blocks,
-# docs/performance.md ("Parity in segments"), measured 2026-12-01: (step, first rank, last rank) -> GB.
+# Kernel peak RSS of segment jobs, docs/performance.md ("Parity in segments"), measured 2026-12-01 with one
+# prompt of 32 positions: the 24-layer gpt-oss-20b in segments of 4 blocks and gpt-oss-120b's shapes (10 layers)
+# in segments of 2. (preset, layers, step, first rank, last rank) -> GB.
 MEASURED_SEGMENT_PEAK_GB = [
-    ("parity_segment_debug", 0, 0, 1.40),
-    ("parity_segment_debug", 1, 4, 3.60),
-    ("parity_segment_debug", 5, 8, 3.62),
-    ("parity_segment_debug", 21, 24, 3.27),
-    ("parity_segment_debug", 25, 25, 2.52),
-    ("parity_segment", 0, 0, 1.40),
-    ("parity_segment", 1, 4, 2.02),
-    ("parity_segment", 21, 24, 2.34),
-    ("parity_segment", 25, 25, 2.52),
+    ("gpt-oss-20b", 24, "parity_segment_debug", 0, 0, 1.40),
+    ("gpt-oss-20b", 24, "parity_segment_debug", 1, 4, 3.63),
+    ("gpt-oss-20b", 24, "parity_segment_debug", 21, 24, 3.62),
+    ("gpt-oss-20b", 24, "parity_segment_debug", 25, 25, 1.93),
+    ("gpt-oss-20b", 24, "parity_segment", 0, 0, 1.40),
+    ("gpt-oss-20b", 24, "parity_segment", 1, 4, 2.16),
+    ("gpt-oss-20b", 24, "parity_segment", 21, 24, 2.39),
+    ("gpt-oss-20b", 24, "parity_segment", 25, 25, 1.93),
+    ("gpt-oss-120b", 10, "parity_segment_debug", 0, 0, 1.40),
+    ("gpt-oss-120b", 10, "parity_segment_debug", 1, 2, 5.35),
+    ("gpt-oss-120b", 10, "parity_segment_debug", 9, 10, 5.35),
+    ("gpt-oss-120b", 10, "parity_segment_debug", 11, 11, 1.93),
+    ("gpt-oss-120b", 10, "parity_segment", 0, 0, 1.40),
+    ("gpt-oss-120b", 10, "parity_segment", 1, 2, 2.67),
+    ("gpt-oss-120b", 10, "parity_segment", 7, 8, 2.76),
+    ("gpt-oss-120b", 10, "parity_segment", 11, 11, 1.93),
 ]
 
 
-@pytest.mark.parametrize(("step", "first", "last", "measured_gb"), MEASURED_SEGMENT_PEAK_GB)
-def test_segment_memory_model_is_within_20_percent_of_every_measured_peak(step, first, last, measured_gb):
+@pytest.mark.parametrize(("preset", "layers", "step", "first", "last", "measured_gb"), MEASURED_SEGMENT_PEAK_GB)
+def test_segment_memory_model_is_within_20_percent_of_every_measured_peak(preset, layers, step, first, last,
+                                                                          measured_gb):  # fmt: skip
     from gptoss.resources import estimate_segment_mem_mb
 
-    estimate_gb = estimate_segment_mem_mb(preset_config("gpt-oss-20b", 24), "mxfp4", step, first, last) / 1000
+    estimate_gb = estimate_segment_mem_mb(preset_config(preset, layers), "mxfp4", step, first, last) / 1000
     assert abs(estimate_gb - measured_gb) <= 0.2 * measured_gb, f"{estimate_gb:.2f} GB estimated"
+
+
+def test_the_whole_120bs_segments_are_predicted_as_the_measured_ones():
+    """A segment's estimate depends on its pieces, not on the model's depth: each segment of 2 blocks of the
+    36-layer gpt-oss-120b is predicted as the 10-layer run's, which were measured."""
+    from gptoss.resources import estimate_segment_mem_mb
+    from gptoss.segment_plan import plan_segments
+
+    full, measured = preset_config("gpt-oss-120b", 36), preset_config("gpt-oss-120b", 10)
+    for step in ("parity_segment", "parity_segment_debug"):
+        like = {s.name[:6]: estimate_segment_mem_mb(measured, "mxfp4", step, s.first, s.last)
+                for s in plan_segments(10, 2)}  # fmt: skip
+        for segment in plan_segments(36, 2):
+            assert estimate_segment_mem_mb(full, "mxfp4", step, segment.first, segment.last) == like[segment.name[:6]]
+
+
+def test_canonical_segments_hold_the_experts_their_tokens_are_routed_to():
+    """The canonical graph touches only the routed experts' pages: more tokens, more of them, up to all (the
+    debug graph computes every expert whatever the tokens)."""
+    from gptoss.resources import estimate_segment_mem_mb, routed_fraction
+
+    cfg = preset_config("gpt-oss-120b", 4)
+    assert 0.6 < routed_fraction(cfg, 32) < 0.7 and routed_fraction(cfg, 4096) > 0.999
+    few, many = (estimate_segment_mem_mb(cfg, "mxfp4", "parity_segment", 1, 2, tokens=n) for n in (32, 4096))
+    debug = [estimate_segment_mem_mb(cfg, "mxfp4", "parity_segment_debug", 1, 2, tokens=n) for n in (32, 4096)]
+    assert few < many < debug[0] == debug[1]
