@@ -99,7 +99,9 @@ def parity_segment(
     model = onnx.load(str(onnx_path), load_external_data=False)
     meta = segment_meta(model)
     if meta is None:
-        raise GptOssError(f"{onnx_path} is a whole graph, not a segment graph: run parity without --segment")
+        raise GptOssError(
+            f"{onnx_path} is a whole graph, not a segment graph: run parity without --entering and --leaving"
+        )
     cfg = params.model_config
     debug = request.hidden_states or request.block_debug
     stage = "debug" if debug else "canonical"
