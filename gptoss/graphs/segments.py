@@ -1,7 +1,7 @@
 """Parity in segments (:mod:`gptoss.segment_plan`): the files that tie each segment graph to the whole graph.
 
 A segment graph (traced by :func:`gptoss.graphs.trace.build_segment_onnx`, written by
-:func:`gptoss.graphs.export.export_segments`) sits beside the whole graph and reads the same ``model.onnx.data``;
+:func:`gptoss.graphs.export.export_segment`) sits beside the whole graph and reads the same ``model.onnx.data``;
 its metadata says which segment it is. The whole graph's *manifest* holds the sha256 of every tensor it reads, and
 each segment's parity run records the sha256 of every tensor the segment graph reads (:func:`tensor_sha256s`, the
 bytes as ONNX Runtime reads them): the gate compares the two, so the proof covers every byte of the promoted
