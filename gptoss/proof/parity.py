@@ -109,7 +109,7 @@ def parity_segment(
     wanted = segment_output_names(cfg, first, last, debug)
     check_graph(onnx_path, wanted, request.sequence_length)
     carried = _entering_carry(meta, entering)
-    request = dataclasses.replace(request, segment=(first, last), entering=entering if carried else None)
+    request = dataclasses.replace(request, segment=(first, last), entering=entering)
     whole_outputs = set(output_names(cfg, request.hidden_states, request.block_debug))
     leaving_name = segment_input_name(last + 1) if last <= cfg.num_hidden_layers else None
     record = {"stage": stage, "segment": meta["name"], "onnx": onnx_path.name, "onnx_sha256": sha256(onnx_path)}

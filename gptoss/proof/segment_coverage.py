@@ -36,16 +36,17 @@ def check_coverage(
     manifest = _read(Path(manifest_path), "tensor manifest")
     whole, problems, segments, records = manifest["tensors"], [], [], {}
     covered: set[str] = set()
-    sources = {r["source"] for r in rows if r["stage"] == stage}
-    sources |= {str(p) for p in csv_paths if _stage_of(tensors_path(Path(p))) == stage}
-    for source in sorted(sources):
+    with_rows = {r["source"] for r in rows if r["stage"] == stage}
+    for source in sorted(with_rows | set(map(str, csv_paths))):
         sidecar = tensors_path(Path(source))
         if not sidecar.is_file():
-            problems.append(f"{stage} CSV {source} has no {sidecar.name}: not a segment's parity")
+            if source in with_rows:
+                problems.append(f"{stage} CSV {source} has no {sidecar.name}: not a segment's parity")
             continue
-        digest = sha256(sidecar)
         record = _read(sidecar, "segment tensor record")
-        name = record["segment"]
+        if record.get("stage") != stage and source not in with_rows:
+            continue  # another stage's segment
+        digest, name = sha256(sidecar), record["segment"]
         records[name] = record | {"csv": Path(source), "sha256": digest}
         if any(r.get("data_sha256") != digest or r.get("onnx_sha256") != record["onnx_sha256"]
                for r in rows if r["source"] == source):  # fmt: skip
@@ -73,10 +74,6 @@ def check_coverage(
         )
     graph = {"stage": stage, "onnx_sha256": manifest["onnx_sha256"], "data_sha256": manifest["data_sha256"]}
     return problems, graph, segments
-
-
-def _stage_of(sidecar: Path) -> str | None:
-    return _read(sidecar, "segment tensor record").get("stage") if sidecar.is_file() else None
 
 
 def _chain_problems(stage: str, planned: list[str], records: dict[str, dict]) -> list[str]:
