@@ -158,11 +158,11 @@ def estimate_config(
 # before it, streams the segment's pieces from the state the segment before it left, holding one piece at a time:
 # SEGMENT_PIECES × that piece's MB. Peak = fixed + the larger of the two sides.
 SEGMENT_MEMORY = {
-    #                        fixed, debug working set MB
-    "parity_segment": (600, 0.0),  # canonical
-    "parity_segment_debug": (600, 1200.0),
-    "export_segment": (500, None),  # tracing only, like the whole graph's export
+    #                        fixed MB, every expert touched (the debug taps), working set MB
+    "parity_segment": (600, False, 0.0),  # canonical
+    "parity_segment_debug": (600, True, 1200.0),
 }
+SEGMENT_EXPORT_MB = 500  # export_segment: tracing only, like the whole graph's export
 # The JAX side's MB per stored MB of the piece it holds: the embedding is gathered from, a block's experts are
 # decoded a slice at a time, the unembedding is cast to float32 a slice at a time for its matmul.
 SEGMENT_PIECES = {"embedding": 0.7, "block": 1.2, "head": 1.15}
@@ -212,17 +212,17 @@ def estimate_segment_mem_mb(
     segment of ranks ``first`` to ``last``, whose parity runs ``tokens`` positions (prompts × sequence length);
     each attempt after the first asks ``MEMORY_PER_RETRY`` more."""
     _check(weight_format, "parity", attempt)
-    fixed, working = SEGMENT_MEMORY[step]
-    estimate = fixed
-    if working is not None:
+    if step == "export_segment":
+        estimate = SEGMENT_EXPORT_MB
+    else:
+        fixed, every_expert, working = SEGMENT_MEMORY[step]
         embedding, block, head = piece_mb(cfg, weight_format)
         blocks, has_head = _blocks(cfg, first, last), last > cfg.num_hidden_layers
-        routed = 1.0 if working else routed_fraction(cfg, tokens)
-        experts = experts_mb(cfg, weight_format)
-        onnx_side = blocks * (block - (1 - routed) * experts) + head * has_head + working * (blocks > 0)
+        untouched = 0.0 if every_expert else (1 - routed_fraction(cfg, tokens)) * experts_mb(cfg, weight_format)
+        onnx_side = blocks * (block - untouched) + head * has_head + working * (blocks > 0)
         pieces = {"embedding": embedding * (first == 0), "block": block * (blocks > 0), "head": head * has_head}
         jax_side = max(SEGMENT_PIECES[name] * mb for name, mb in pieces.items())
-        estimate += max(onnx_side, jax_side)
+        estimate = fixed + max(onnx_side, jax_side)
     return int(estimate * (1 + MEMORY_PER_RETRY * (attempt - 1)))
 
 
